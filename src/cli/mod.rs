@@ -1,0 +1,204 @@
+//! The `illmrec` command line: one subcommand per stage, all reading one job file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::config::JobConfig;
+use crate::data::{self, Split};
+use crate::eval::{self, EvalResult, Protocol};
+use crate::store::Store;
+use crate::train::{self, ModelKind};
+
+/// The job `illmrec run` runs when no --job is given: synthetic catalog -> prepare -> Pop and
+/// SASRec -> evaluation table.
+pub const DEFAULT_JOB: &str = include_str!("../../jobs/demo.yaml");
+
+#[derive(Parser)]
+#[command(name = "illmrec", version, about = "Image-token LLM recommenders: data, training, evaluation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write the synthetic catalog the job's `data.synth` section describes (Amazon layout).
+    Synth {
+        #[arg(long)]
+        job: PathBuf,
+    },
+    /// Ingest, filter and split the job's data into a snapshot under the storage root.
+    Prepare {
+        #[arg(long)]
+        job: PathBuf,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Train a model on the job's latest snapshot.
+    Train {
+        #[arg(long)]
+        job: PathBuf,
+        #[arg(long)]
+        model: ModelKind,
+    },
+    /// Evaluate a trained model.
+    Eval {
+        #[arg(long)]
+        job: PathBuf,
+        #[arg(long)]
+        model: ModelKind,
+        /// full, sampled:100, sampled:29, ... (repeatable; default: the job's `eval.protocols`).
+        #[arg(long)]
+        protocol: Vec<Protocol>,
+        #[arg(long, default_value = "test")]
+        split: Split,
+        /// One JSON object per protocol: {"model", "protocol", "users", "metrics"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the whole job: synth (if configured), prepare, train every model in `train.models`,
+    /// evaluate them all. Without --job, runs the embedded default job.
+    Run {
+        #[arg(long)]
+        job: Option<PathBuf>,
+        /// Override `storage.root`.
+        #[arg(long)]
+        root: Option<String>,
+    },
+}
+
+pub fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Synth { job } => {
+            let job = load(&job)?;
+            synth(&job)
+        }
+        Command::Prepare { job, json } => {
+            let job = load(&job)?;
+            let report = data::prepare::prepare(&job.name, &job.data, &open_store(&job)?, &job.telemetry)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report.manifest)?);
+            } else {
+                println!("{report}");
+            }
+            Ok(())
+        }
+        Command::Train { job, model } => {
+            let job = load(&job)?;
+            let report = train::train(&job, &open_store(&job)?, model)?;
+            println!("{} -> runs/{}", report.summary, report.run_id);
+            Ok(())
+        }
+        Command::Eval { job, model, protocol, split, json } => {
+            let job = load(&job)?;
+            let protocols = if protocol.is_empty() { job.eval.protocols.clone() } else { protocol };
+            let store = open_store(&job)?;
+            let ds = data::snapshot::load(&store, &job.name)?;
+            let results = evaluate(&job, &store, &ds, model, split, &protocols)?;
+            if json {
+                for r in &results {
+                    println!("{}", r.to_json());
+                }
+            } else {
+                print!("{}", eval::markdown_table(&results));
+            }
+            Ok(())
+        }
+        Command::Run { job, root } => {
+            let mut job = match job {
+                Some(path) => load(&path)?,
+                None => {
+                    let job = JobConfig::from_str_with_base(
+                        DEFAULT_JOB,
+                        Path::new("<embedded jobs/demo.yaml>"),
+                        Path::new("."),
+                    )?;
+                    crate::telemetry::init_logging(&job.telemetry.level);
+                    job
+                }
+            };
+            if let Some(root) = root {
+                job.storage.root = root;
+            }
+            run(&job)
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<JobConfig> {
+    let job = JobConfig::load(path)?;
+    crate::telemetry::init_logging(&job.telemetry.level);
+    Ok(job)
+}
+
+fn open_store(job: &JobConfig) -> Result<Store> {
+    Store::open(&job.storage.root).context("opening the storage root (storage.root)")
+}
+
+fn synth(job: &JobConfig) -> Result<()> {
+    let cfg = job.data.synth.as_ref().context("the job has no `data.synth` section")?;
+    let started = std::time::Instant::now();
+    let r = data::synth::generate(cfg, &job.telemetry)?;
+    println!(
+        "synth: {} items ({} with images), {} users, {} interactions -> {} in {:.1}s",
+        r.items,
+        r.images,
+        r.users,
+        r.interactions,
+        cfg.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Evaluates one trained model under `protocols` and saves the results in the run's report folder.
+fn evaluate(
+    job: &JobConfig,
+    store: &Store,
+    ds: &data::Dataset,
+    model: ModelKind,
+    split: Split,
+    protocols: &[Protocol],
+) -> Result<Vec<EvalResult>> {
+    let scorer = train::load_scorer(job, store, model, ds)?;
+    let users = job.eval.users.pick(ds.num_users(), job.eval.seed);
+    let plan = eval::Plan { split, protocols, ks: &job.eval.ks, users: &users, batch_size: job.eval.batch_size };
+    let metrics = eval::evaluate(scorer.as_ref(), ds, &plan, Some(&job.telemetry))?;
+    let results: Vec<EvalResult> = protocols
+        .iter()
+        .zip(metrics)
+        .map(|(p, m)| EvalResult { model: model.to_string(), protocol: *p, split, users: users.len(), metrics: m })
+        .collect();
+    let json: Vec<serde_json::Value> = results.iter().map(EvalResult::to_json).collect();
+    let name = format!("eval-{}.json", if split == Split::Test { "test" } else { "valid" });
+    train::runs::put_report(store, &train::run_id(job, model), &name, serde_json::to_vec_pretty(&json)?)?;
+    Ok(results)
+}
+
+fn run(job: &JobConfig) -> Result<()> {
+    let started = std::time::Instant::now();
+    if job.data.synth.is_some() {
+        synth(job)?;
+    }
+    let store = open_store(job)?;
+    let prepared = data::prepare::prepare(&job.name, &job.data, &store, &job.telemetry)?;
+    println!("{prepared}");
+    let ds = data::snapshot::load(&store, &job.name)?;
+    let mut results = Vec::new();
+    for name in &job.train.models {
+        let kind: ModelKind = name.parse().map_err(anyhow::Error::msg)?;
+        let t = std::time::Instant::now();
+        let report = train::train(job, &store, kind)?;
+        println!("{} ({:.1}s)", report.summary, t.elapsed().as_secs_f64());
+        results.extend(evaluate(job, &store, &ds, kind, Split::Test, &job.eval.protocols)?);
+    }
+    let table = eval::markdown_table(&results);
+    store.put(&crate::store::key(&["reports", &job.name, "results.md"]), table.clone())?;
+    println!("\ntest split, {} users, {} items:\n{table}", ds.num_users(), ds.num_items());
+    println!("done in {:.1}s; everything is under {}", started.elapsed().as_secs_f64(), store.url());
+    Ok(())
+}

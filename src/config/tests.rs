@@ -1,0 +1,94 @@
+use super::*;
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    if let Some(parent) = p.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const DATA: &str = "data:\n  source:\n    recbole: {dir: x, name: ml-100k}\n";
+
+#[test]
+fn presets_merge_key_by_key_and_the_job_wins() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "configs/small.yaml", "model:\n  sasrec: {hidden: 32, blocks: 1}\ntrain:\n  sasrec: {epochs: 7}\n");
+    let job = write(
+        d.path(),
+        "jobs/j.yaml",
+        &format!("name: j\ninclude: [../configs/small.yaml]\n{DATA}model:\n  sasrec: {{blocks: 3}}\n"),
+    );
+    let cfg = JobConfig::load(&job).unwrap();
+    assert_eq!(cfg.model.sasrec.hidden, 32);
+    assert_eq!(cfg.model.sasrec.blocks, 3);
+    assert_eq!(cfg.train.sasrec.epochs, 7);
+    assert_eq!(cfg.data.k_core, 5, "defaults fill what no file sets");
+}
+
+#[test]
+fn unknown_key_names_the_file_that_set_it_and_the_key() {
+    let d = tempfile::tempdir().unwrap();
+    let preset = write(d.path(), "p.yaml", "train:\n  sasrec: {epoch: 3}\n");
+    let job = write(d.path(), "j.yaml", &format!("name: j\ninclude: p.yaml\n{DATA}"));
+    let err = JobConfig::load(&job).unwrap_err();
+    let ConfigError::Key { file, key, message } = &err else { panic!("{err}") };
+    assert_eq!(file, &preset);
+    assert_eq!(key, "train.sasrec.epoch");
+    assert!(message.contains("unknown field"), "{message}");
+
+    let job = write(d.path(), "j2.yaml", &format!("name: j\n{DATA}  kcore: 3\n"));
+    let err = JobConfig::load(&job).unwrap_err().to_string();
+    assert!(err.contains("j2.yaml") && err.contains("`data.kcore`"), "{err}");
+}
+
+#[test]
+fn wrong_type_and_invalid_value_name_the_key() {
+    let d = tempfile::tempdir().unwrap();
+    let job = write(d.path(), "j.yaml", &format!("name: j\n{DATA}  negatives: many\n"));
+    let err = JobConfig::load(&job).unwrap_err().to_string();
+    assert!(err.contains("key `data.negatives`"), "{err}");
+
+    let job = write(d.path(), "k.yaml", &format!("name: j\n{DATA}  k_core: 0\n"));
+    let err = JobConfig::load(&job).unwrap_err().to_string();
+    assert!(err.contains("k.yaml") && err.contains("key `data.k_core`: must be at least 1"), "{err}");
+
+    let job = write(d.path(), "e.yaml", &format!("name: j\n{DATA}eval:\n  protocols: [full, sampled:x]\n"));
+    let err = JobConfig::load(&job).unwrap_err().to_string();
+    assert!(err.contains("eval.protocols") && err.contains("sampled:x"), "{err}");
+}
+
+#[test]
+fn missing_section_include_cycle_and_bad_yaml_are_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let job = write(d.path(), "j.yaml", "name: j\n");
+    let err = JobConfig::load(&job).unwrap_err().to_string();
+    assert!(err.contains("missing field `data`"), "{err}");
+
+    write(d.path(), "a.yaml", "include: b.yaml\n");
+    let b = write(d.path(), "b.yaml", "include: a.yaml\n");
+    let err = JobConfig::load(&b).unwrap_err();
+    assert!(matches!(err, ConfigError::IncludeCycle { .. }), "{err}");
+
+    let job = write(d.path(), "y.yaml", "name: [unclosed\n");
+    let err = JobConfig::load(&job).unwrap_err().to_string();
+    assert!(err.contains("y.yaml: invalid YAML"), "{err}");
+}
+
+#[test]
+fn shipped_jobs_and_presets_load() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for dir in ["jobs", "configs"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if dir == "jobs" {
+                JobConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            } else {
+                // Presets are fragments: they must parse as YAML mappings.
+                let v: Value = serde_norway::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+                assert!(v.is_mapping(), "{}", path.display());
+            }
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! Data: ingest (RecBole atomic files, Amazon Reviews 2018, synthetic catalogs), k-core filtering,
+//! the leave-one-out split, sampled negatives, and the snapshot every later stage reads.
+
+pub mod amazon;
+mod config;
+mod dataset;
+mod error;
+pub mod ingest;
+pub mod kcore;
+pub mod negatives;
+pub mod prepare;
+pub mod recbole;
+pub mod snapshot;
+pub mod synth;
+
+pub use config::{DataConfig, OnBadRecord, SourceConfig, SynthConfig};
+pub use dataset::{Dataset, Item, Negatives, Split};
+pub use error::{DataError, Result};

@@ -1,0 +1,15 @@
+//! illmrec: image-token LLM recommenders. Stages (one module each): data -> features -> train ->
+//! eval, on a storage root, started from one YAML job file.
+
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod dist;
+pub mod eval;
+pub mod features;
+pub mod model;
+pub mod seed;
+pub mod store;
+pub mod telemetry;
+pub mod tensorfile;
+pub mod train;

@@ -1,0 +1,310 @@
+//! SASRec (Kang & McAuley, 2018): a causal self-attention encoder over a user's item sequence. The
+//! hidden state at the last position scores every item by a dot product with the item-embedding
+//! table, which is also the CF feature I-LLMRec uses.
+//!
+//! Layout per block, as in the reference implementation: Q = LN(x); x = Q + MHA(Q, x, x);
+//! x = LN(x); x = x + FFN(x); x *= mask. A final LN gives the sequence's hidden states.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor, Var, D};
+use serde::{Deserialize, Serialize};
+
+use super::layers::{const_var, dropout, layer_norm, linear, xavier_var};
+use super::{HostTensor, ModelError, Result, Scorer};
+use crate::config::Invalid;
+use crate::seed::Rng;
+
+const LN_EPS: f64 = 1e-8;
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SasRecConfig {
+    #[serde(default = "d_hidden")]
+    pub hidden: usize,
+    #[serde(default = "d_blocks")]
+    pub blocks: usize,
+    #[serde(default = "d_heads")]
+    pub heads: usize,
+    #[serde(default = "d_max_len")]
+    pub max_len: usize,
+    #[serde(default = "d_dropout")]
+    pub dropout: f64,
+}
+
+fn d_hidden() -> usize {
+    50
+}
+fn d_blocks() -> usize {
+    2
+}
+fn d_heads() -> usize {
+    1
+}
+fn d_max_len() -> usize {
+    50
+}
+fn d_dropout() -> f64 {
+    0.2
+}
+
+impl Default for SasRecConfig {
+    fn default() -> Self {
+        Self { hidden: d_hidden(), blocks: d_blocks(), heads: d_heads(), max_len: d_max_len(), dropout: d_dropout() }
+    }
+}
+
+impl SasRecConfig {
+    pub fn validate(&self) -> std::result::Result<(), Invalid> {
+        if self.hidden == 0 || self.heads == 0 || self.hidden % self.heads != 0 {
+            return Err(Invalid::new(
+                "heads",
+                format!("hidden ({}) must be a positive multiple of heads ({})", self.hidden, self.heads),
+            ));
+        }
+        if self.blocks == 0 || self.max_len == 0 {
+            return Err(Invalid::new("blocks", "blocks and max_len must be at least 1"));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Invalid::new("dropout", "must be in [0, 1)"));
+        }
+        Ok(())
+    }
+}
+
+/// A batch of left-padded sequences of length `max_len` (0 = padding), kept on the host too.
+pub struct Batch {
+    pub ids: Vec<u32>,
+    pub rows: usize,
+}
+
+impl Batch {
+    /// The last `max_len` items of each sequence, left-padded with 0.
+    pub fn from_sequences(seqs: &[&[u32]], max_len: usize) -> Self {
+        let mut ids = vec![0u32; seqs.len() * max_len];
+        for (r, s) in seqs.iter().enumerate() {
+            let tail = &s[s.len().saturating_sub(max_len)..];
+            ids[r * max_len + max_len - tail.len()..(r + 1) * max_len].copy_from_slice(tail);
+        }
+        Self { ids, rows: seqs.len() }
+    }
+}
+
+pub struct SasRec {
+    pub cfg: SasRecConfig,
+    pub num_items: usize,
+    device: Device,
+    /// Every trainable tensor, in a fixed order; names are the checkpoint's tensor names.
+    vars: Vec<(String, Var)>,
+}
+
+/// Indices into `vars` of one block's tensors, in `BLOCK_PARAMS` order.
+const BLOCK_PARAMS: [&str; 16] = [
+    "attn_ln.w",
+    "attn_ln.b",
+    "wq",
+    "bq",
+    "wk",
+    "bk",
+    "wv",
+    "bv",
+    "wo",
+    "bo",
+    "ffn_ln.w",
+    "ffn_ln.b",
+    "w1",
+    "b1",
+    "w2",
+    "b2",
+];
+
+impl SasRec {
+    /// A freshly initialised model: xavier-normal matrices and embeddings (padding row zero), zero
+    /// biases, unit layer-norm weights; all drawn from `rng`.
+    pub fn new(cfg: SasRecConfig, num_items: usize, rng: &mut Rng, device: &Device) -> Result<Self> {
+        let h = cfg.hidden;
+        let mut vars = Vec::new();
+        let item = xavier_var(num_items + 1, h, rng, device)?;
+        let mask: Vec<f32> = (0..=num_items).map(|i| if i == 0 { 0.0 } else { 1.0 }).collect();
+        item.set(&item.as_tensor().broadcast_mul(&Tensor::from_vec(mask, (num_items + 1, 1), device)?)?)?;
+        vars.push(("item_emb".to_string(), item));
+        vars.push(("pos_emb".to_string(), xavier_var(cfg.max_len, h, rng, device)?));
+        for b in 0..cfg.blocks {
+            for name in BLOCK_PARAMS {
+                let v = match name {
+                    "attn_ln.w" | "ffn_ln.w" => const_var(h, 1.0, device)?,
+                    n if n.starts_with('b') || n.ends_with(".b") => const_var(h, 0.0, device)?,
+                    _ => xavier_var(h, h, rng, device)?,
+                };
+                vars.push((format!("block{b}.{name}"), v));
+            }
+        }
+        vars.push(("last_ln.w".to_string(), const_var(h, 1.0, device)?));
+        vars.push(("last_ln.b".to_string(), const_var(h, 0.0, device)?));
+        Ok(Self { cfg, num_items, device: device.clone(), vars })
+    }
+
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    fn t(&self, i: usize) -> &Tensor {
+        self.vars[i].1.as_tensor()
+    }
+
+    pub fn item_embeddings(&self) -> &Tensor {
+        self.t(0)
+    }
+
+    /// Hidden states [rows, max_len, hidden]; dropout is applied when `rng` is given (training).
+    pub fn forward(&self, batch: &Batch, mut rng: Option<&mut Rng>) -> Result<Tensor> {
+        let (l, h, heads) = (self.cfg.max_len, self.cfg.hidden, self.cfg.heads);
+        let b = batch.rows;
+        let p = self.cfg.dropout;
+        let ids = Tensor::from_vec(batch.ids.clone(), b * l, &self.device)?;
+        let keep: Vec<f32> = batch.ids.iter().map(|&i| if i == 0 { 0.0 } else { 1.0 }).collect();
+        let timeline = Tensor::from_vec(keep, (b, l, 1), &self.device)?;
+        let mut x = self.t(0).index_select(&ids, 0)?.reshape((b, l, h))?.affine((h as f64).sqrt(), 0.0)?;
+        x = x.broadcast_add(self.t(1))?;
+        x = dropout(&x, p, rng.as_deref_mut())?.broadcast_mul(&timeline)?;
+        let causal = causal_mask(l, &self.device)?;
+        let d = h / heads;
+        for blk in 0..self.cfg.blocks {
+            let o = 2 + blk * BLOCK_PARAMS.len();
+            let q_in = layer_norm(&x, self.t(o), self.t(o + 1), LN_EPS)?;
+            let split = |t: Tensor| -> candle_core::Result<Tensor> {
+                t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()
+            };
+            let q = split(linear(&q_in, self.t(o + 2), self.t(o + 3))?)?;
+            let k = split(linear(&x, self.t(o + 4), self.t(o + 5))?)?;
+            let v = split(linear(&x, self.t(o + 6), self.t(o + 7))?)?;
+            let scores = q
+                .matmul(&k.transpose(2, 3)?.contiguous()?)?
+                .affine(1.0 / (d as f64).sqrt(), 0.0)?
+                .broadcast_add(&causal)?;
+            let attn = dropout(&candle_nn::ops::softmax(&scores, D::Minus1)?, p, rng.as_deref_mut())?;
+            let ctx = attn.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, l, h))?;
+            x = (q_in + linear(&ctx, self.t(o + 8), self.t(o + 9))?)?;
+            x = layer_norm(&x, self.t(o + 10), self.t(o + 11), LN_EPS)?;
+            let inner = dropout(&linear(&x, self.t(o + 12), self.t(o + 13))?, p, rng.as_deref_mut())?.relu()?;
+            let ffn = dropout(&linear(&inner, self.t(o + 14), self.t(o + 15))?, p, rng.as_deref_mut())?;
+            x = (x + ffn)?.broadcast_mul(&timeline)?;
+        }
+        let n = self.vars.len();
+        Ok(layer_norm(&x, self.t(n - 2), self.t(n - 1), LN_EPS)?)
+    }
+
+    /// The training loss for one batch: BCE of the next item (positive) and one sampled negative at
+    /// every non-padded position.
+    pub fn loss(&self, input: &Batch, positives: &[u32], negatives: &[u32], rng: &mut Rng) -> Result<Tensor> {
+        let (b, l, h) = (input.rows, self.cfg.max_len, self.cfg.hidden);
+        let states = self.forward(input, Some(rng))?;
+        let logits = |items: &[u32]| -> candle_core::Result<Tensor> {
+            let ids = Tensor::from_vec(items.to_vec(), b * l, &self.device)?;
+            let emb = self.t(0).index_select(&ids, 0)?.reshape((b, l, h))?;
+            (&states * emb)?.sum(D::Minus1)
+        };
+        let weight: Vec<f32> = positives.iter().map(|&p| if p == 0 { 0.0 } else { 1.0 }).collect();
+        let count = weight.iter().sum::<f32>() as f64;
+        let weight = Tensor::from_vec(weight, (b, l), &self.device)?;
+        let pos = super::layers::bce_with_logits(&logits(positives)?, 1.0, &weight, count)?;
+        let neg = super::layers::bce_with_logits(&logits(negatives)?, 0.0, &weight, count)?;
+        Ok((pos + neg)?)
+    }
+
+    /// Host copies of every tensor, for checkpoints.
+    pub fn to_host(&self) -> Result<Vec<HostTensor>> {
+        self.vars
+            .iter()
+            .map(|(name, v)| {
+                let t = v.as_tensor();
+                Ok(HostTensor {
+                    name: name.clone(),
+                    shape: t.dims().to_vec(),
+                    values: t.flatten_all()?.to_vec1::<f32>()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Overwrites every tensor from host copies (names and shapes must match).
+    pub fn load_host(&self, tensors: &[HostTensor]) -> Result<()> {
+        let by_name: HashMap<&str, &HostTensor> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+        for (name, var) in &self.vars {
+            let t = by_name
+                .get(name.as_str())
+                .ok_or_else(|| ModelError::Invalid(format!("checkpoint has no tensor `{name}`")))?;
+            if t.shape.as_slice() != var.as_tensor().dims() {
+                return Err(ModelError::Invalid(format!(
+                    "tensor `{name}` has shape {:?}, the model needs {:?}",
+                    t.shape,
+                    var.as_tensor().dims()
+                )));
+            }
+            var.set(&Tensor::from_vec(t.values.clone(), t.shape.as_slice(), &self.device)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// [l, l] additive mask: 0 where a position may attend (itself and earlier), a large negative elsewhere.
+fn causal_mask(l: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let m: Vec<f32> = (0..l * l).map(|i| if i % l > i / l { -1e9 } else { 0.0 }).collect();
+    Tensor::from_vec(m, (l, l), device)
+}
+
+impl Scorer for SasRec {
+    fn score(&self, histories: &[&[u32]]) -> Result<Vec<f32>> {
+        let batch = Batch::from_sequences(histories, self.cfg.max_len);
+        let states = self.forward(&batch, None)?;
+        let last = states.narrow(1, self.cfg.max_len - 1, 1)?.squeeze(1)?;
+        let scores = last.matmul(&self.item_embeddings().t()?)?;
+        Ok(scores.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> SasRec {
+        let cfg = SasRecConfig { hidden: 8, blocks: 2, heads: 2, max_len: 5, dropout: 0.2 };
+        SasRec::new(cfg, 12, &mut crate::seed::stream(1, "t", 0), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn batches_are_left_padded_to_the_last_items() {
+        let b = Batch::from_sequences(&[&[1, 2], &[1, 2, 3, 4, 5, 6, 7]], 4);
+        assert_eq!(b.ids, vec![0, 0, 1, 2, 4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn every_parameter_gets_a_finite_gradient() {
+        let m = tiny();
+        let input = Batch::from_sequences(&[&[1, 2, 3], &[4, 5, 6, 7, 8]], 5);
+        let pos = Batch::from_sequences(&[&[2, 3, 9], &[5, 6, 7, 8, 10]], 5).ids;
+        let neg = vec![11u32; pos.len()];
+        let loss = m.loss(&input, &pos, &neg, &mut crate::seed::stream(1, "d", 0)).unwrap();
+        let grads = loss.backward().unwrap();
+        for (name, v) in m.vars() {
+            let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+            let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(g.iter().all(|x| x.is_finite()), "{name}");
+            // A key bias shifts every score of a query equally, and softmax ignores such shifts:
+            // its gradient is zero by design.
+            if !name.ends_with(".bk") {
+                assert!(g.iter().any(|&x| x != 0.0), "zero gradient for {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn scores_depend_only_on_the_past_and_ignore_padding() {
+        let m = tiny();
+        // Longer-than-max_len history: only the last 5 items count.
+        let a = m.score(&[&[9, 1, 2, 3, 4, 5]]).unwrap();
+        let b = m.score(&[&[1, 2, 3, 4, 5]]).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 13);
+    }
+}

@@ -1,0 +1,71 @@
+//! Logs and progress for people. Logs go to stderr through `tracing` (level from the job's
+//! `telemetry.level`, overridden by RUST_LOG); progress is a bar on a terminal and a periodic log line
+//! elsewhere (Slurm and Kubernetes logs), where bars turn into noise.
+
+mod progress;
+
+pub use progress::Progress;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Invalid;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// error, warn, info, debug or trace.
+    #[serde(default = "default_level")]
+    pub level: String,
+    #[serde(default)]
+    pub progress: ProgressMode,
+    /// Seconds between progress lines when not on a terminal.
+    #[serde(default = "default_log_every")]
+    pub log_every_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProgressMode {
+    /// A bar on a terminal, log lines otherwise.
+    #[default]
+    Auto,
+    Bar,
+    Log,
+    Off,
+}
+
+fn default_level() -> String {
+    "info".into()
+}
+fn default_log_every() -> u64 {
+    10
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self { level: default_level(), progress: ProgressMode::Auto, log_every_secs: default_log_every() }
+    }
+}
+
+impl TelemetryConfig {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if !["error", "warn", "info", "debug", "trace"].contains(&self.level.as_str()) {
+            return Err(Invalid::new(
+                "level",
+                format!("`{}` is not one of error, warn, info, debug, trace", self.level),
+            ));
+        }
+        if self.log_every_secs == 0 {
+            return Err(Invalid::new("log_every_secs", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Installs the log subscriber once per process; later calls are no-ops.
+pub fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}

@@ -1,0 +1,85 @@
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{ProgressMode, TelemetryConfig};
+
+/// Progress of one stage: a bar on a terminal, a log line every few seconds otherwise.
+pub struct Progress {
+    label: String,
+    total: u64,
+    done: u64,
+    bar: Option<ProgressBar>,
+    log_every: Option<Duration>,
+    started: Instant,
+    last_log: Instant,
+    message: String,
+}
+
+impl Progress {
+    pub fn new(cfg: &TelemetryConfig, label: &str, total: u64) -> Self {
+        let on_terminal = std::io::stderr().is_terminal();
+        let use_bar = match cfg.progress {
+            ProgressMode::Bar => true,
+            ProgressMode::Auto => on_terminal,
+            ProgressMode::Log | ProgressMode::Off => false,
+        };
+        let bar = use_bar.then(|| {
+            let b = ProgressBar::new(total);
+            let style =
+                ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> ");
+            b.set_style(style);
+            b.set_prefix(label.to_string());
+            b
+        });
+        let log_every =
+            (!use_bar && cfg.progress != ProgressMode::Off).then(|| Duration::from_secs(cfg.log_every_secs));
+        let now = Instant::now();
+        Self {
+            label: label.into(),
+            total,
+            done: 0,
+            bar,
+            log_every,
+            started: now,
+            last_log: now,
+            message: String::new(),
+        }
+    }
+
+    pub fn set_message(&mut self, msg: String) {
+        if let Some(b) = &self.bar {
+            b.set_message(msg.clone());
+        }
+        self.message = msg;
+    }
+
+    pub fn inc(&mut self, n: u64) {
+        self.done += n;
+        if let Some(b) = &self.bar {
+            b.inc(n);
+        }
+        if let Some(every) = self.log_every {
+            if self.last_log.elapsed() >= every {
+                self.last_log = Instant::now();
+                self.log_line();
+            }
+        }
+    }
+
+    fn log_line(&self) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let rate = self.done as f64 / elapsed.max(1e-9);
+        let eta = if rate > 0.0 { (self.total.saturating_sub(self.done)) as f64 / rate } else { f64::NAN };
+        tracing::info!("{}: {}/{} ({rate:.1}/s, eta {eta:.0}s) {}", self.label, self.done, self.total, self.message);
+    }
+
+    pub fn finish(self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

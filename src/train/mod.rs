@@ -1,0 +1,181 @@
+//! Training: fits a model on the job's latest dataset snapshot and saves it as a run
+//! (`runs/<job name>-<model>/`), and loads saved runs back for evaluation.
+
+mod config;
+pub mod optim;
+pub mod runs;
+pub mod sasrec;
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::Device;
+use serde_json::json;
+
+pub use config::{SasRecTrainConfig, TrainConfig};
+
+use crate::config::JobConfig;
+use crate::data::{DataError, Dataset};
+use crate::eval::EvalError;
+use crate::features::FeatureTable;
+use crate::model::pop::Pop;
+use crate::model::{HostTensor, ModelError, SasRec, Scorer};
+use crate::store::{key, Store, StoreError};
+use crate::tensorfile::{to_bytes, Array, TensorFile, TensorFileError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Eval(#[from] EvalError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    TensorFile(#[from] TensorFileError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<candle_core::Error> for TrainError {
+    fn from(e: candle_core::Error) -> Self {
+        TrainError::Model(ModelError::Candle(e))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, TrainError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    Pop,
+    Sasrec,
+}
+
+impl FromStr for ModelKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "pop" => Ok(ModelKind::Pop),
+            "sasrec" => Ok(ModelKind::Sasrec),
+            _ => Err(format!("unknown model `{s}` (pop, sasrec)")),
+        }
+    }
+}
+
+impl fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ModelKind::Pop => "pop",
+            ModelKind::Sasrec => "sasrec",
+        })
+    }
+}
+
+pub fn run_id(job: &JobConfig, kind: ModelKind) -> String {
+    format!("{}-{kind}", job.name)
+}
+
+/// What a training run produced, for the terminal.
+pub struct TrainReport {
+    pub run_id: String,
+    pub summary: String,
+}
+
+/// Fits `kind` on the latest snapshot of the job's dataset and saves it.
+pub fn train(job: &JobConfig, store: &Store, kind: ModelKind) -> Result<TrainReport> {
+    let ds = crate::data::snapshot::load(store, &job.name)?;
+    let id = run_id(job, kind);
+    let mut state =
+        json!({"model": kind.to_string(), "dataset": ds.name, "dataset_key": ds.key, "num_items": ds.num_items()});
+    let (tensors, summary) = match kind {
+        ModelKind::Pop => {
+            let pop = Pop::fit(ds.num_items(), (0..ds.num_users()).map(|u| ds.train(u)));
+            let bytes = to_bytes(vec![("counts".into(), Array::F32(&pop.counts, vec![pop.counts.len()]))], None);
+            (bytes, format!("pop: counted {} training interactions", pop.counts.iter().sum::<f32>()))
+        }
+        ModelKind::Sasrec => {
+            let (model, report) =
+                sasrec::fit(&ds, &job.model.sasrec, &job.train.sasrec, job.train.seed, &job.telemetry)?;
+            state["config"] = serde_json::to_value(&job.model.sasrec).unwrap_or_default();
+            state["fit"] = serde_json::to_value(&report).unwrap_or_default();
+            let weights = model.to_host()?;
+            let bytes = to_bytes(
+                weights.iter().map(|t| (t.name.clone(), Array::F32(&t.values, t.shape.clone()))).collect(),
+                None,
+            );
+            save_cf_table(store, &id, &ds, &model)?;
+            let summary = format!(
+                "sasrec: {} epochs ({} steps) in {:.1}s, best valid ndcg@10 {:.4} at epoch {}, final loss {:.4}",
+                report.epochs_run,
+                report.steps,
+                report.seconds,
+                report.best_valid_ndcg10,
+                report.best_epoch,
+                report.last_loss
+            );
+            (bytes, summary)
+        }
+    };
+    runs::save(store, &id, 1, tensors, &state)?;
+    Ok(TrainReport { run_id: id, summary })
+}
+
+/// SASRec's item embeddings (rows 1..=N) as a feature table keyed by the items' source ids.
+fn save_cf_table(store: &Store, run_id: &str, ds: &Dataset, model: &SasRec) -> Result<()> {
+    let emb = model.item_embeddings().narrow(0, 1, ds.num_items())?;
+    let table = FeatureTable::new(
+        ds.items.iter().map(|i| i.id.clone()).collect(),
+        model.cfg.hidden,
+        emb.flatten_all()?.to_vec1::<f32>()?,
+    )
+    .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    store.put(&key(&[&runs::dir(run_id), "features", "cf.safetensors"]), table.to_bytes())?;
+    Ok(())
+}
+
+/// Loads the latest checkpoint of the job's `kind` run, checking it was trained on `ds`.
+pub fn load_scorer(job: &JobConfig, store: &Store, kind: ModelKind, ds: &Dataset) -> Result<Box<dyn Scorer>> {
+    let id = run_id(job, kind);
+    let ckpt = runs::load_latest(store, &id)?.ok_or_else(|| {
+        TrainError::Invalid(format!(
+            "no trained `{kind}` under {}/runs/{id}: run `illmrec train --job FILE --model {kind}` first",
+            store.url()
+        ))
+    })?;
+    let trained_on = ckpt.state["dataset_key"].as_str().unwrap_or("?");
+    if trained_on != ds.key {
+        return Err(TrainError::Invalid(format!(
+            "run {id} was trained on dataset snapshot {trained_on}, but the latest snapshot is {}: train again",
+            ds.key
+        )));
+    }
+    let tf = TensorFile::parse(&ckpt.tensors, &format!("runs/{id} checkpoint {}", ckpt.step))?;
+    match kind {
+        ModelKind::Pop => {
+            let (_, counts) = tf.f32("counts")?;
+            if counts.len() != ds.num_items() + 1 {
+                return Err(TrainError::Invalid(format!(
+                    "run {id}: {} item counts for {} items",
+                    counts.len(),
+                    ds.num_items()
+                )));
+            }
+            Ok(Box::new(Pop { counts }))
+        }
+        ModelKind::Sasrec => {
+            let cfg = serde_json::from_value(ckpt.state["config"].clone())
+                .map_err(|e| TrainError::Invalid(format!("run {id}: state.json config: {e}")))?;
+            // The initial values are overwritten by the checkpoint's.
+            let model = SasRec::new(cfg, ds.num_items(), &mut crate::seed::stream(0, "sasrec/load", 0), &Device::Cpu)?;
+            let weights = tf
+                .names()
+                .into_iter()
+                .map(|name| tf.f32(&name).map(|(shape, values)| HostTensor { name, shape, values }))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            model.load_host(&weights)?;
+            Ok(Box::new(model))
+        }
+    }
+}
