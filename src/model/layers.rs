@@ -44,8 +44,8 @@ pub fn bce_with_logits(logits: &Tensor, target: f64, weight: &Tensor, weight_sum
     (per * weight)?.sum_all()?.affine(1.0 / weight_sum.max(1.0), 0.0)
 }
 
-/// A trainable tensor drawn from N(0, std^2) with a seeded stream (Box-Muller).
-pub fn normal_var(shape: impl Into<Shape>, std: f64, rng: &mut Rng, device: &Device) -> candle_core::Result<Var> {
+/// A tensor drawn from N(0, std^2) with a seeded stream (Box-Muller).
+pub fn normal_tensor(shape: impl Into<Shape>, std: f64, rng: &mut Rng, device: &Device) -> candle_core::Result<Tensor> {
     let shape = shape.into();
     let values: Vec<f32> = (0..shape.elem_count())
         .map(|_| {
@@ -54,7 +54,12 @@ pub fn normal_var(shape: impl Into<Shape>, std: f64, rng: &mut Rng, device: &Dev
             ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
         })
         .collect();
-    Var::from_tensor(&Tensor::from_vec(values, shape, device)?)
+    Tensor::from_vec(values, shape, device)
+}
+
+/// A trainable tensor drawn from N(0, std^2) with a seeded stream.
+pub fn normal_var(shape: impl Into<Shape>, std: f64, rng: &mut Rng, device: &Device) -> candle_core::Result<Var> {
+    Var::from_tensor(&normal_tensor(shape, std, rng, device)?)
 }
 
 /// Xavier-normal init for a [fan_a, fan_b] matrix, as the reference SASRec initialises its weights.

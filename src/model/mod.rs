@@ -1,6 +1,7 @@
 //! Models and what they share: the `Scorer` view evaluation uses, and the `model` job section.
 
 pub mod layers;
+pub mod llm;
 pub mod pop;
 pub mod sasrec;
 

@@ -1,0 +1,111 @@
+//! The frozen LLM: a Llama-family decoder plus its tokenizer, loaded from a Hugging Face directory,
+//! a GGUF file (dequantized to plain tensors), or built tiny and random from a seed for tests.
+
+mod frozen;
+mod llama;
+mod load;
+pub mod tiny;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+pub use frozen::FrozenLinear;
+pub use llama::{embed_with, rms_norm, Llama, LlamaConfig};
+pub use tiny::TinyLlmConfig;
+
+use crate::config::Invalid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LlmError {
+    #[error("{path}: {reason}")]
+    Load { path: PathBuf, reason: String },
+    #[error("the model's configuration is invalid: {0}")]
+    Config(String),
+    #[error("the checkpoint has no weight `{0}`")]
+    MissingWeight(String),
+    #[error("weight `{name}` has shape {found:?}, the configuration needs {expected:?}")]
+    WeightShape { name: String, found: Vec<usize>, expected: Vec<usize> },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Where the LLM comes from (`model.llm` in a job).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum LlmSource {
+    /// A Hugging Face directory: config.json, *.safetensors (sharded or not), tokenizer.json.
+    Hf { dir: PathBuf },
+    /// A GGUF file of a `llama` architecture model; weights are dequantized to f32 and the tokenizer
+    /// is built from the file's metadata.
+    Gguf { file: PathBuf },
+    /// A tiny random model built from a seed (tests, the demo).
+    Tiny(TinyLlmConfig),
+}
+
+impl Default for LlmSource {
+    fn default() -> Self {
+        LlmSource::Tiny(TinyLlmConfig::default())
+    }
+}
+
+impl LlmSource {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        match self {
+            LlmSource::Tiny(t) => t.validate().map_err(|e| Invalid::new(format!("tiny.{}", e.key), e.message)),
+            LlmSource::Hf { dir } if dir.as_os_str().is_empty() => Err(Invalid::new("hf.dir", "must not be empty")),
+            LlmSource::Gguf { file } if file.as_os_str().is_empty() => {
+                Err(Invalid::new("gguf.file", "must not be empty"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A loaded LLM: the frozen decoder, its tokenizer and the ids of its special tokens.
+pub struct Llm {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub bos: Option<u32>,
+    pub eos: u32,
+    /// A short description for reports ("gguf SmolLM2-135M-Instruct.Q4_1.gguf", "tiny seed 1").
+    pub name: String,
+}
+
+impl Llm {
+    /// Loads the model `source` names in `dtype` (f32 on CPU: candle has no fast bf16 CPU matmul).
+    pub fn load(source: &LlmSource, dtype: DType, device: &Device) -> Result<Self, LlmError> {
+        match source {
+            LlmSource::Hf { dir } => load::hf_dir(dir, dtype, device),
+            LlmSource::Gguf { file } => load::gguf(file, dtype, device),
+            LlmSource::Tiny(cfg) => tiny::build(cfg, dtype, device),
+        }
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.model.cfg.hidden_size
+    }
+
+    /// Token ids of `text`, without special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, LlmError> {
+        let enc = self.tokenizer.encode(text, false).map_err(|e| LlmError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String, LlmError> {
+        self.tokenizer.decode(ids, false).map_err(|e| LlmError::Tokenizer(e.to_string()))
+    }
+
+    /// Embeddings `[rows, len, hidden]` of token ids given row-major.
+    pub fn embed_ids(&self, ids: Vec<u32>, rows: usize) -> candle_core::Result<Tensor> {
+        let len = ids.len() / rows.max(1);
+        self.model.embed(&Tensor::from_vec(ids, (rows, len), self.model.device())?)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,95 @@
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::*;
+
+fn tiny(dtype: DType) -> Llm {
+    Llm::load(&LlmSource::Tiny(TinyLlmConfig::default()), dtype, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn tiny_tokenizer_is_deterministic_and_round_trips() {
+    let (a, b) = (tiny::tokenizer(1024).unwrap(), tiny::tokenizer(1024).unwrap());
+    assert_eq!(a.to_string(false).unwrap(), b.to_string(false).unwrap());
+    let llm = tiny(DType::F32);
+    let text = "{Title: Kalo Classic red Lamp B123, Visual representation: ";
+    let ids = llm.encode(text).unwrap();
+    assert!(ids.len() < text.len() / 2, "BPE merges common words: {} tokens", ids.len());
+    assert_eq!(llm.decode(&ids).unwrap(), text);
+    // Text outside the training corpus still encodes, byte by byte at worst.
+    assert_eq!(llm.decode(&llm.encode("Zürich ☃").unwrap()).unwrap(), "Zürich ☃");
+}
+
+/// Sum of hidden states times fixed random weights: a scalar that depends on every output.
+fn probe_loss(llm: &Llm, x: &Tensor, probe: &Tensor) -> Tensor {
+    (llm.model.forward_embeds(x).unwrap() * probe).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn gradient_with_respect_to_input_embeddings_matches_finite_differences() {
+    let llm = tiny(DType::F64);
+    let dev = Device::Cpu;
+    let h = llm.hidden_size();
+    let mut rng = crate::seed::stream(3, "fd", 0);
+    let x0 = crate::model::layers::normal_tensor((2, 5, h), 1.0, &mut rng, &dev).unwrap().to_dtype(DType::F64).unwrap();
+    let probe =
+        crate::model::layers::normal_tensor((2, 5, h), 1.0, &mut rng, &dev).unwrap().to_dtype(DType::F64).unwrap();
+    let x = Var::from_tensor(&x0).unwrap();
+    let grads = probe_loss(&llm, x.as_tensor(), &probe).backward().unwrap();
+    let g = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let base = x0.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let eps = 1e-5;
+    let mut worst: f64 = 0.0;
+    // Coordinates in both rows, early and late positions.
+    for idx in [0, 7, h + 3, 4 * h + 1, 5 * h + 2, 9 * h + h - 1] {
+        let eval = |delta: f64| {
+            let mut v = base.clone();
+            v[idx] += delta;
+            let xt = Tensor::from_vec(v, (2, 5, h), &dev).unwrap();
+            probe_loss(&llm, &xt, &probe).to_scalar::<f64>().unwrap()
+        };
+        let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
+        let rel = (numeric - g[idx]).abs() / numeric.abs().max(1e-3);
+        worst = worst.max(rel);
+        assert!(rel < 1e-5, "coordinate {idx}: analytic {} vs numeric {numeric}", g[idx]);
+    }
+    eprintln!("largest relative difference analytic vs finite differences: {worst:.2e}");
+}
+
+#[test]
+fn causal_positions_ignore_later_tokens_and_right_padding() {
+    let llm = tiny(DType::F32);
+    let a = llm.embed_ids(vec![5, 9, 13, 2, 2], 1).unwrap();
+    let b = llm.embed_ids(vec![5, 9, 13, 77, 101], 1).unwrap();
+    let (ha, hb) = (llm.model.forward_embeds(&a).unwrap(), llm.model.forward_embeds(&b).unwrap());
+    let first3 = |t: &Tensor| t.narrow(1, 0, 3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(first3(&ha), first3(&hb));
+}
+
+#[test]
+fn tiny_model_saved_as_a_hugging_face_directory_loads_back_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::save_hf_dir(&TinyLlmConfig::default(), dir.path()).unwrap();
+    let hf = Llm::load(&LlmSource::Hf { dir: dir.path().to_path_buf() }, DType::F32, &Device::Cpu).unwrap();
+    let mem = tiny(DType::F32);
+    assert_eq!((hf.bos, hf.eos), (mem.bos, mem.eos));
+    let ids = mem.encode("The title of the next item").unwrap();
+    assert_eq!(hf.encode("The title of the next item").unwrap(), ids);
+    let x = mem.embed_ids(ids.clone(), 1).unwrap();
+    let out = |l: &Llm| l.model.forward_embeds(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(out(&hf), out(&mem));
+}
+
+#[test]
+fn missing_model_files_name_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Llm::load(&LlmSource::Hf { dir: dir.path().to_path_buf() }, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("config.json"), "{err}");
+    let err = Llm::load(&LlmSource::Gguf { file: dir.path().join("none.gguf") }, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("none.gguf"), "{err}");
+}
