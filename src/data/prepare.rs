@@ -132,20 +132,26 @@ fn content_key(cfg: &DataConfig, raw: &RawData) -> String {
     hex::encode(&h.finalize()[..8])
 }
 
+/// A source image that decoded: where it is and the sha256 of its bytes (its content key).
+pub struct ReadableImage {
+    path: PathBuf,
+    sha256: String,
+}
+
 /// Decodes the images of `items`; unreadable ones go through the bad-record policy.
 fn check_images(
     images: &BTreeMap<String, PathBuf>,
     items: &BTreeSet<&str>,
     bad: &mut BadRecords,
     telemetry: &TelemetryConfig,
-) -> Result<BTreeMap<String, PathBuf>> {
+) -> Result<BTreeMap<String, ReadableImage>> {
     let todo: Vec<(&String, &PathBuf)> = images.iter().filter(|(id, _)| items.contains(id.as_str())).collect();
     let mut progress = Progress::new(telemetry, "images", todo.len() as u64);
     let mut ok = BTreeMap::new();
     for (id, path) in todo {
         match decode_image(path) {
-            Ok(()) => {
-                ok.insert(id.clone(), path.clone());
+            Ok(sha256) => {
+                ok.insert(id.clone(), ReadableImage { path: path.clone(), sha256 });
             }
             Err(reason) => bad.bad_file(path, "unreadable image", reason)?,
         }
@@ -155,23 +161,27 @@ fn check_images(
     Ok(ok)
 }
 
-fn decode_image(path: &Path) -> std::result::Result<(), String> {
+/// Decodes an image fully (a truncated file fails here, not in a later stage) and hashes its bytes.
+fn decode_image(path: &Path) -> std::result::Result<String, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
     let reader =
-        image::ImageReader::open(path).map_err(|e| e.to_string())?.with_guessed_format().map_err(|e| e.to_string())?;
-    reader.decode().map(|_| ()).map_err(|e| e.to_string())
+        image::ImageReader::new(std::io::Cursor::new(&bytes)).with_guessed_format().map_err(|e| e.to_string())?;
+    reader.decode().map_err(|e| e.to_string())?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
 }
 
 fn copy_images(
     store: &Store,
     m: &Manifest,
     items: &[Item],
-    readable: &BTreeMap<String, PathBuf>,
+    readable: &BTreeMap<String, ReadableImage>,
     telemetry: &TelemetryConfig,
 ) -> Result<()> {
     let base = snapshot::dir(&m.name, &m.key);
     let mut progress = Progress::new(telemetry, "copy images", m.items_with_image as u64);
     for it in items {
-        if let (Some(image_key), Some(path)) = (&it.image, readable.get(&it.id)) {
+        if let (Some(image_key), Some(img)) = (&it.image, readable.get(&it.id)) {
+            let path = &img.path;
             let bytes = std::fs::read(path).map_err(|source| DataError::Io { file: path.clone(), source })?;
             store.put(&key(&[&base, image_key]), bytes)?;
             progress.inc(1);
@@ -188,7 +198,7 @@ type Indexed = (Vec<Item>, Vec<String>, Vec<Vec<u32>>, Vec<Vec<i64>>);
 fn index(
     kept: &[RawInteraction],
     metas: &BTreeMap<String, super::ingest::ItemMeta>,
-    readable: &BTreeMap<String, PathBuf>,
+    readable: &BTreeMap<String, ReadableImage>,
 ) -> Indexed {
     let item_ids: BTreeSet<&str> = kept.iter().map(|i| i.item.as_str()).collect();
     let item_index: HashMap<&str, u32> = item_ids.iter().enumerate().map(|(n, id)| (*id, n as u32 + 1)).collect();
@@ -196,9 +206,10 @@ fn index(
         .iter()
         .map(|id| {
             let index = item_index[id];
-            let image = readable.get(*id).map(|p| {
-                let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("img").to_ascii_lowercase();
-                format!("images/{index}.{ext}")
+            // Named by content, so the image feature cache can key on the file name.
+            let image = readable.get(*id).map(|img| {
+                let ext = img.path.extension().and_then(|e| e.to_str()).unwrap_or("img").to_ascii_lowercase();
+                format!("images/{}.{ext}", img.sha256)
             });
             Item { index, id: id.to_string(), meta: metas.get(*id).cloned().unwrap_or_default(), image }
         })

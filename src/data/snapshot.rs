@@ -5,7 +5,7 @@
 //! datasets/<name>/<key>/items.jsonl            one item per line, 1-based index, metadata, image key
 //! datasets/<name>/<key>/sequences.jsonl        one user per line: chronological item indices, timestamps
 //! datasets/<name>/<key>/negatives.safetensors  `valid` and `test`: u32 [users, negatives]
-//! datasets/<name>/<key>/images/<index>.<ext>   item images as read from the source
+//! datasets/<name>/<key>/images/<sha256>.<ext>  item images as read from the source, named by content
 //! datasets/<name>/LATEST                       the key; written last, so a snapshot exists once named
 //! ```
 //! `<key>` hashes the sources and the data section of the job, so preparing again reuses it.
@@ -19,7 +19,7 @@ use super::kcore::Counts;
 use crate::store::{key, Store};
 use crate::tensorfile::{to_bytes, Array, TensorFile};
 
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {

@@ -20,7 +20,7 @@ use crate::eval::EvalError;
 use crate::features::FeatureTable;
 use crate::model::pop::Pop;
 use crate::model::{HostTensor, ModelError, SasRec, Scorer};
-use crate::store::{key, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::tensorfile::{to_bytes, Array, TensorFile, TensorFileError};
 
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +131,7 @@ fn save_cf_table(store: &Store, run_id: &str, ds: &Dataset, model: &SasRec) -> R
         emb.flatten_all()?.to_vec1::<f32>()?,
     )
     .map_err(|e| TrainError::Invalid(e.to_string()))?;
-    store.put(&key(&[&runs::dir(run_id), "features", "cf.safetensors"]), table.to_bytes())?;
+    store.put(&crate::features::cf_table_key(run_id), table.to_bytes())?;
     Ok(())
 }
 
