@@ -9,9 +9,11 @@ pub mod ingest;
 pub mod kcore;
 pub mod negatives;
 pub mod prepare;
+pub mod prompt;
 pub mod recbole;
 pub mod snapshot;
 pub mod synth;
+pub mod windows;
 
 pub use config::{DataConfig, OnBadRecord, SourceConfig, SynthConfig};
 pub use dataset::{Dataset, Item, Negatives, Split};

@@ -1,5 +1,6 @@
 //! Models and what they share: the `Scorer` view evaluation uses, and the `model` job section.
 
+pub mod illmrec;
 pub mod layers;
 pub mod llm;
 pub mod pop;
@@ -27,6 +28,37 @@ pub struct HostTensor {
     pub name: String,
     pub shape: Vec<usize>,
     pub values: Vec<f32>,
+}
+
+/// Host copies of named trainable tensors (as f32), for checkpoints.
+pub fn vars_to_host(vars: &[(String, candle_core::Var)]) -> Result<Vec<HostTensor>> {
+    vars.iter()
+        .map(|(name, v)| {
+            let t = v.as_tensor().to_dtype(candle_core::DType::F32)?;
+            Ok(HostTensor { name: name.clone(), shape: t.dims().to_vec(), values: t.flatten_all()?.to_vec1::<f32>()? })
+        })
+        .collect()
+}
+
+/// Overwrites named trainable tensors from host copies; every name must be there with its shape.
+pub fn load_host_into(vars: &[(String, candle_core::Var)], tensors: &[HostTensor]) -> Result<()> {
+    let by_name: std::collections::HashMap<&str, &HostTensor> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    for (name, var) in vars {
+        let t = by_name
+            .get(name.as_str())
+            .ok_or_else(|| ModelError::Invalid(format!("checkpoint has no tensor `{name}`")))?;
+        if t.shape.as_slice() != var.as_tensor().dims() {
+            return Err(ModelError::Invalid(format!(
+                "tensor `{name}` has shape {:?}, the model needs {:?}",
+                t.shape,
+                var.as_tensor().dims()
+            )));
+        }
+        let value = candle_core::Tensor::from_slice(&t.values, t.shape.as_slice(), var.as_tensor().device())?
+            .to_dtype(var.as_tensor().dtype())?;
+        var.set(&value)?;
+    }
+    Ok(())
 }
 
 /// A trained recommender as evaluation sees it.

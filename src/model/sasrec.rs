@@ -5,13 +5,11 @@
 //! Layout per block, as in the reference implementation: Q = LN(x); x = Q + MHA(Q, x, x);
 //! x = LN(x); x = x + FFN(x); x *= mask. A final LN gives the sequence's hidden states.
 
-use std::collections::HashMap;
-
 use candle_core::{Device, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
 use super::layers::{const_var, dropout, layer_norm, linear, xavier_var};
-use super::{HostTensor, ModelError, Result, Scorer};
+use super::{HostTensor, Result, Scorer};
 use crate::config::Invalid;
 use crate::seed::Rng;
 
@@ -214,36 +212,12 @@ impl SasRec {
 
     /// Host copies of every tensor, for checkpoints.
     pub fn to_host(&self) -> Result<Vec<HostTensor>> {
-        self.vars
-            .iter()
-            .map(|(name, v)| {
-                let t = v.as_tensor();
-                Ok(HostTensor {
-                    name: name.clone(),
-                    shape: t.dims().to_vec(),
-                    values: t.flatten_all()?.to_vec1::<f32>()?,
-                })
-            })
-            .collect()
+        super::vars_to_host(&self.vars)
     }
 
     /// Overwrites every tensor from host copies (names and shapes must match).
     pub fn load_host(&self, tensors: &[HostTensor]) -> Result<()> {
-        let by_name: HashMap<&str, &HostTensor> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
-        for (name, var) in &self.vars {
-            let t = by_name
-                .get(name.as_str())
-                .ok_or_else(|| ModelError::Invalid(format!("checkpoint has no tensor `{name}`")))?;
-            if t.shape.as_slice() != var.as_tensor().dims() {
-                return Err(ModelError::Invalid(format!(
-                    "tensor `{name}` has shape {:?}, the model needs {:?}",
-                    t.shape,
-                    var.as_tensor().dims()
-                )));
-            }
-            var.set(&Tensor::from_vec(t.values.clone(), t.shape.as_slice(), &self.device)?)?;
-        }
-        Ok(())
+        super::load_host_into(&self.vars, tensors)
     }
 }
 

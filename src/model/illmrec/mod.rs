@@ -1,0 +1,449 @@
+//! I-LLMRec's trainable parts around the frozen LLM (illmrec-method.md, "Trainable parts", "Loss"):
+//! the adaptor that turns an item feature into one LLM token, the learnable [REC] vector, user- and
+//! item-side projection heads per feature type, the two losses, and retrieval scores.
+
+pub mod batch;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::Rng as _;
+use serde::{Deserialize, Serialize};
+
+use super::layers::{bce_with_logits, layer_norm, linear};
+use super::llm::{embed_with, Llm};
+use super::{HostTensor, ModelError, Result};
+use crate::config::Invalid;
+use crate::data::prompt::Variant;
+use crate::features::{FeatureKind, ItemFeatures};
+use crate::seed::Rng;
+use batch::EncodedBatch;
+
+/// The `model.illmrec` section.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IllmRecConfig {
+    /// The feature each history item's token is made from (the paper: image).
+    #[serde(default = "d_token")]
+    pub token_feature: FeatureKind,
+    /// Used through its own adaptor for items that lack the token feature (the paper's missing-image
+    /// case: text).
+    #[serde(default = "d_fallback")]
+    pub fallback_feature: Option<FeatureKind>,
+    /// Feature types with a retrieval head pair; an item's score is the mean over those it has.
+    #[serde(default = "d_retrieval")]
+    pub retrieval: Vec<FeatureKind>,
+    #[serde(default = "d_512")]
+    pub adaptor_hidden: usize,
+    #[serde(default = "d_512")]
+    pub head_dim: usize,
+    /// History items in a prompt at most (training windows are capped at this or half of it).
+    #[serde(default = "d_history")]
+    pub max_history: usize,
+    /// Words of an item's description in the description variants.
+    #[serde(default = "d_desc_words")]
+    pub max_description_words: usize,
+    /// Also tune the LLM's input-embedding matrix, as the authors' code does (the LM head stays frozen).
+    #[serde(default)]
+    pub train_input_embeddings: bool,
+}
+
+fn d_token() -> FeatureKind {
+    FeatureKind::Image
+}
+fn d_fallback() -> Option<FeatureKind> {
+    Some(FeatureKind::Text)
+}
+fn d_retrieval() -> Vec<FeatureKind> {
+    vec![FeatureKind::Image]
+}
+fn d_512() -> usize {
+    512
+}
+fn d_history() -> usize {
+    10
+}
+fn d_desc_words() -> usize {
+    100
+}
+
+impl Default for IllmRecConfig {
+    fn default() -> Self {
+        Self {
+            token_feature: d_token(),
+            fallback_feature: d_fallback(),
+            retrieval: d_retrieval(),
+            adaptor_hidden: d_512(),
+            head_dim: d_512(),
+            max_history: d_history(),
+            max_description_words: d_desc_words(),
+            train_input_embeddings: false,
+        }
+    }
+}
+
+impl IllmRecConfig {
+    pub fn validate(&self) -> std::result::Result<(), Invalid> {
+        if self.retrieval.is_empty() {
+            return Err(Invalid::new("retrieval", "needs at least one feature type"));
+        }
+        if self.fallback_feature == Some(self.token_feature) {
+            return Err(Invalid::new("fallback_feature", "must differ from token_feature"));
+        }
+        if self.adaptor_hidden == 0 || self.head_dim == 0 {
+            return Err(Invalid::new("head_dim", "adaptor_hidden and head_dim must be positive"));
+        }
+        if self.max_history < 2 {
+            return Err(Invalid::new("max_history", "must be at least 2"));
+        }
+        Ok(())
+    }
+
+    /// Every feature type the model reads, for a prompt variant.
+    pub fn feature_kinds(&self, variant: Variant) -> Vec<FeatureKind> {
+        let mut k: Vec<FeatureKind> = self.retrieval.clone();
+        if variant.has_item_token() {
+            k.push(self.token_feature);
+            k.extend(self.fallback_feature);
+        }
+        k.sort();
+        k.dedup();
+        k
+    }
+}
+
+/// Item features on the model's device, with a mask of the items that have them.
+pub struct FeatureMatrix {
+    pub kind: FeatureKind,
+    pub values: Tensor,
+    pub present: Vec<bool>,
+    pub present_t: Tensor,
+}
+
+impl FeatureMatrix {
+    pub fn new(f: &ItemFeatures, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        let rows = f.present.len();
+        let values = Tensor::from_slice(&f.values, (rows, f.dim), device)?.to_dtype(dtype)?;
+        let mask: Vec<f32> = f.present.iter().map(|&p| if p { 1.0 } else { 0.0 }).collect();
+        let present_t = Tensor::from_vec(mask, rows, device)?.to_dtype(dtype)?;
+        Ok(Self { kind: f.kind, values, present: f.present.clone(), present_t })
+    }
+
+    fn dim(&self) -> usize {
+        self.values.dim(1).unwrap_or(0)
+    }
+}
+
+pub type Features = BTreeMap<FeatureKind, FeatureMatrix>;
+
+#[derive(Clone, Copy)]
+enum Activation {
+    Gelu,
+    Relu,
+}
+
+/// Linear(in -> mid) -> LayerNorm -> activation -> Linear(mid -> out): the adaptor (GELU, eps 1e-8)
+/// and the projection heads (ReLU, mid = 2 * out) share this shape.
+struct TwoLayer {
+    w1: Var,
+    b1: Var,
+    ln_w: Var,
+    ln_b: Var,
+    w2: Var,
+    b2: Var,
+    act: Activation,
+    eps: f64,
+}
+
+/// PyTorch's default Linear init: weight and bias uniform in ±1/sqrt(fan_in).
+fn uniform(shape: &[usize], bound: f64, rng: &mut Rng, dtype: DType, device: &Device) -> Result<Var> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound) as f32).collect();
+    Ok(Var::from_tensor(&Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?)?)
+}
+
+impl TwoLayer {
+    fn new(
+        dims: (usize, usize, usize),
+        act: Activation,
+        eps: f64,
+        rng: &mut Rng,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (i, m, o) = dims;
+        let (bi, bm) = (1.0 / (i as f64).sqrt(), 1.0 / (m as f64).sqrt());
+        let cst = |n: usize, v: f64| -> Result<Var> {
+            Ok(Var::from_tensor(&Tensor::ones(n, dtype, device)?.affine(v, 0.0)?)?)
+        };
+        Ok(Self {
+            w1: uniform(&[i, m], bi, rng, dtype, device)?,
+            b1: uniform(&[m], bi, rng, dtype, device)?,
+            ln_w: cst(m, 1.0)?,
+            ln_b: cst(m, 0.0)?,
+            w2: uniform(&[m, o], bm, rng, dtype, device)?,
+            b2: uniform(&[o], bm, rng, dtype, device)?,
+            act,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = layer_norm(&linear(x, &self.w1, &self.b1)?, &self.ln_w, &self.ln_b, self.eps)?;
+        let h = match self.act {
+            Activation::Gelu => h.gelu_erf()?,
+            Activation::Relu => h.relu()?,
+        };
+        linear(&h, &self.w2, &self.b2)
+    }
+
+    fn named(&self, prefix: &str, out: &mut Vec<(String, Var)>) {
+        for (n, v) in [
+            ("w1", &self.w1),
+            ("b1", &self.b1),
+            ("ln_w", &self.ln_w),
+            ("ln_b", &self.ln_b),
+            ("w2", &self.w2),
+            ("b2", &self.b2),
+        ] {
+            out.push((format!("{prefix}.{n}"), v.clone()));
+        }
+    }
+}
+
+/// The trainable set of one I-LLMRec model.
+pub struct IllmRec {
+    pub cfg: IllmRecConfig,
+    pub variant: Variant,
+    adaptor: Option<TwoLayer>,
+    fallback: Option<TwoLayer>,
+    rec: Var,
+    user_heads: Vec<(FeatureKind, TwoLayer)>,
+    item_heads: Vec<(FeatureKind, TwoLayer)>,
+    embeddings: Option<Var>,
+    /// Every trainable tensor with its checkpoint name, in a fixed order (the all-reduce order).
+    vars: Vec<(String, Var)>,
+}
+
+impl IllmRec {
+    /// A freshly initialised trainable set for an LLM of `llm`'s width and the given feature
+    /// dimensions.
+    pub fn new(
+        cfg: &IllmRecConfig,
+        variant: Variant,
+        llm: &Llm,
+        dims: &BTreeMap<FeatureKind, usize>,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        let (h, dtype, device) = (llm.hidden_size(), llm.model.dtype(), llm.model.device().clone());
+        let dim = |k: FeatureKind| {
+            dims.get(&k).copied().ok_or_else(|| ModelError::Invalid(format!("no {k} features are loaded")))
+        };
+        let mut vars = Vec::new();
+        let adapt = |kind: FeatureKind, name: &str, rng: &mut Rng, vars: &mut Vec<(String, Var)>| -> Result<TwoLayer> {
+            let a = TwoLayer::new((dim(kind)?, cfg.adaptor_hidden, h), Activation::Gelu, 1e-8, rng, dtype, &device)?;
+            a.named(name, vars);
+            Ok(a)
+        };
+        let (adaptor, fallback) = if variant.has_item_token() {
+            let a = adapt(cfg.token_feature, "adaptor", rng, &mut vars)?;
+            let f = match cfg.fallback_feature {
+                Some(k) => Some(adapt(k, "fallback_adaptor", rng, &mut vars)?),
+                None => None,
+            };
+            (Some(a), f)
+        } else {
+            (None, None)
+        };
+        let bound = (6.0 / (1 + h) as f64).sqrt();
+        let rec = uniform(&[h], bound, rng, dtype, &device)?;
+        vars.push(("rec".to_string(), rec.clone()));
+        let d = cfg.head_dim;
+        let (mut user_heads, mut item_heads) = (Vec::new(), Vec::new());
+        for &k in &cfg.retrieval {
+            let u = TwoLayer::new((h, 2 * d, d), Activation::Relu, 1e-5, rng, dtype, &device)?;
+            u.named(&format!("user_head.{k}"), &mut vars);
+            user_heads.push((k, u));
+            let i = TwoLayer::new((dim(k)?, 2 * d, d), Activation::Relu, 1e-5, rng, dtype, &device)?;
+            i.named(&format!("item_head.{k}"), &mut vars);
+            item_heads.push((k, i));
+        }
+        let embeddings = if cfg.train_input_embeddings {
+            let e = Var::from_tensor(llm.model.embedding_matrix())?;
+            vars.push(("input_embeddings".to_string(), e.clone()));
+            Some(e)
+        } else {
+            None
+        };
+        Ok(Self { cfg: cfg.clone(), variant, adaptor, fallback, rec, user_heads, item_heads, embeddings, vars })
+    }
+
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// Trainable values in all.
+    pub fn num_parameters(&self) -> usize {
+        self.vars.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Input embeddings `[rows, len, hidden]`: token embeddings with item-token slots and [REC]
+    /// overwritten by the adaptor's outputs and the [REC] vector.
+    fn inputs(&self, llm: &Llm, b: &EncodedBatch, feats: &Features) -> Result<Tensor> {
+        let device = llm.model.device();
+        let h = llm.hidden_size();
+        let ids = Tensor::from_slice(&b.ids, (b.rows, b.len), device)?;
+        let tokens = match &self.embeddings {
+            Some(e) => embed_with(e.as_tensor(), &ids)?,
+            None => llm.model.embed(&ids)?,
+        };
+        let tokens = tokens.reshape((b.rows * b.len, h))?;
+        let mut positions: Vec<u32> = b.slot_pos.clone();
+        positions.extend(&b.rec_pos);
+        if positions.is_empty() {
+            return Ok(tokens.reshape((b.rows, b.len, h))?);
+        }
+        let mut keep = vec![1f32; b.rows * b.len];
+        for &p in &positions {
+            keep[p as usize] = 0.0;
+        }
+        let keep = Tensor::from_vec(keep, (b.rows * b.len, 1), device)?.to_dtype(tokens.dtype())?;
+        let mut values = Vec::new();
+        if !b.slot_items.is_empty() {
+            values.push(self.item_tokens(&b.slot_items, feats, device)?);
+        }
+        if !b.rec_pos.is_empty() {
+            values.push(self.rec.as_tensor().unsqueeze(0)?.broadcast_as((b.rec_pos.len(), h))?.contiguous()?);
+        }
+        let values = Tensor::cat(&values, 0)?;
+        let positions = Tensor::from_vec(positions, values.dim(0)?, device)?;
+        let x = tokens.broadcast_mul(&keep)?.index_add(&positions, &values, 0)?;
+        Ok(x.reshape((b.rows, b.len, h))?)
+    }
+
+    /// The adapted token of each item: from the token feature, or through the fallback adaptor for
+    /// items that lack it.
+    fn item_tokens(&self, items: &[u32], feats: &Features, device: &Device) -> Result<Tensor> {
+        let adaptor =
+            self.adaptor.as_ref().ok_or_else(|| ModelError::Invalid("this variant has no item tokens".into()))?;
+        let token = feature(feats, self.cfg.token_feature)?;
+        let idx = Tensor::from_slice(items, items.len(), device)?;
+        let primary = adaptor.forward(&token.values.index_select(&idx, 0)?)?;
+        let missing: Vec<u32> = items.iter().copied().filter(|&i| !token.present[i as usize]).collect();
+        if missing.is_empty() {
+            return Ok(primary);
+        }
+        let (Some(fb), Some(kind)) = (&self.fallback, self.cfg.fallback_feature) else {
+            return Err(ModelError::Invalid(format!(
+                "item {} has no {} feature and model.illmrec.fallback_feature is not set",
+                missing[0], self.cfg.token_feature
+            )));
+        };
+        let alt = fb.forward(&feature(feats, kind)?.values.index_select(&idx, 0)?)?;
+        let m = token.present_t.index_select(&idx, 0)?.unsqueeze(1)?;
+        let one_minus = m.affine(-1.0, 1.0)?;
+        Ok((primary.broadcast_mul(&m)? + alt.broadcast_mul(&one_minus)?)?)
+    }
+
+    /// The user states: final hidden states at the [REC] positions, `[rows, hidden]`.
+    pub fn user_states(&self, llm: &Llm, b: &EncodedBatch, feats: &Features) -> Result<Tensor> {
+        let x = self.inputs(llm, b, feats)?;
+        let hidden = llm.model.forward_embeds(&x)?;
+        let flat = hidden.reshape((b.rows * b.len, llm.hidden_size()))?;
+        let idx = Tensor::from_slice(&b.rec_pos, b.rec_pos.len(), llm.model.device())?;
+        Ok(flat.index_select(&idx, 0)?)
+    }
+
+    /// L_RERI: per feature type, BCE of the target (label 1) and one negative (label 0) under the
+    /// dot product of the user and item heads; mean over feature types and users. A term whose item
+    /// lacks the feature counts as 0.
+    pub fn retrieval_loss(&self, h: &Tensor, targets: &[u32], negatives: &[u32], feats: &Features) -> Result<Tensor> {
+        let device = h.device();
+        let rows = targets.len();
+        let mut total: Option<Tensor> = None;
+        for ((kind, user), (_, item)) in self.user_heads.iter().zip(&self.item_heads) {
+            let f = feature(feats, *kind)?;
+            let u = user.forward(h)?;
+            let mut term = None;
+            for (items, label) in [(targets, 1.0), (negatives, 0.0)] {
+                let idx = Tensor::from_slice(items, rows, device)?;
+                let logits = (&u * item.forward(&f.values.index_select(&idx, 0)?)?)?.sum(D::Minus1)?;
+                let w = f.present_t.index_select(&idx, 0)?;
+                let l = bce_with_logits(&logits, label, &w, rows as f64)?;
+                term = Some(match term {
+                    None => l,
+                    Some(t) => (t + l)?,
+                });
+            }
+            let term = term.ok_or_else(|| ModelError::Invalid("empty retrieval loss".into()))?;
+            total = Some(match total {
+                None => term,
+                Some(t) => (t + term)?,
+            });
+        }
+        let total = total.ok_or_else(|| ModelError::Invalid("no retrieval heads".into()))?;
+        Ok(total.affine(1.0 / self.user_heads.len() as f64, 0.0)?)
+    }
+
+    /// L_RISA: causal-LM cross-entropy on the answer tokens (and EOS), a mean over rows of per-row
+    /// means. The LM head is applied only at the supervised positions.
+    pub fn alignment_loss(&self, llm: &Llm, b: &EncodedBatch, feats: &Features) -> Result<Tensor> {
+        let device = llm.model.device();
+        let x = self.inputs(llm, b, feats)?;
+        let hidden = llm.model.forward_embeds(&x)?.reshape((b.rows * b.len, llm.hidden_size()))?;
+        let n = b.label_pos.len();
+        let at = hidden.index_select(&Tensor::from_slice(&b.label_pos, n, device)?, 0)?;
+        let log_probs = candle_nn::ops::log_softmax(&llm.model.logits(&at)?, D::Minus1)?;
+        let picked = log_probs.gather(&Tensor::from_slice(&b.label_ids, (n, 1), device)?, 1)?.squeeze(1)?;
+        let w = Tensor::from_slice(&b.label_weights, n, device)?.to_dtype(picked.dtype())?;
+        Ok((picked * w)?.sum_all()?.neg()?)
+    }
+
+    /// Item-side embeddings of every item for each retrieval feature type: `[items + 1, head_dim]`.
+    pub fn item_embeddings(&self, feats: &Features) -> Result<Vec<Tensor>> {
+        self.item_heads.iter().map(|(k, head)| Ok(head.forward(&feature(feats, *k)?.values)?.detach())).collect()
+    }
+
+    /// Scores `[rows, items + 1]`: the mean, over the retrieval feature types an item has, of the dot
+    /// product of the user's and the item's head outputs.
+    pub fn scores(&self, h: &Tensor, item_embs: &[Tensor], feats: &Features) -> Result<Tensor> {
+        let mut sum: Option<Tensor> = None;
+        let mut count: Option<Tensor> = None;
+        for (((kind, user), emb), _) in self.user_heads.iter().zip(item_embs).zip(&self.item_heads) {
+            let f = feature(feats, *kind)?;
+            let s = user.forward(h)?.matmul(&emb.t()?)?.broadcast_mul(&f.present_t.unsqueeze(0)?)?;
+            sum = Some(match sum {
+                None => s,
+                Some(t) => (t + s)?,
+            });
+            count = Some(match count {
+                None => f.present_t.clone(),
+                Some(c) => (c + &f.present_t)?,
+            });
+        }
+        let (sum, count) = sum.zip(count).ok_or_else(|| ModelError::Invalid("no retrieval heads".into()))?;
+        Ok(sum.broadcast_div(&count.clamp(1.0, f64::MAX)?.unsqueeze(0)?)?)
+    }
+
+    pub fn to_host(&self) -> Result<Vec<HostTensor>> {
+        super::vars_to_host(&self.vars)
+    }
+
+    pub fn load_host(&self, tensors: &[HostTensor]) -> Result<()> {
+        super::load_host_into(&self.vars, tensors)
+    }
+}
+
+fn feature(feats: &Features, kind: FeatureKind) -> Result<&FeatureMatrix> {
+    feats.get(&kind).ok_or_else(|| ModelError::Invalid(format!("no {kind} features are loaded")))
+}
+
+impl FeatureMatrix {
+    /// Feature dimensions of a feature set, for `IllmRec::new`.
+    pub fn dims(feats: &Features) -> BTreeMap<FeatureKind, usize> {
+        feats.iter().map(|(k, f)| (*k, f.dim())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

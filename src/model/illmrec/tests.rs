@@ -1,0 +1,171 @@
+//! The backward through the frozen LLM: every trainable tensor gets a gradient, the LLM's weights get
+//! none, and the analytic gradient agrees with finite differences on the tiny model in f64.
+
+use super::batch::{encode, EncodedBatch};
+use super::*;
+use crate::data::ingest::ItemMeta;
+use crate::data::prompt::{PromptBuilder, Property};
+use crate::data::Item;
+use crate::model::layers::normal_tensor;
+use crate::model::llm::{LlmSource, TinyLlmConfig};
+
+const ITEMS: usize = 6;
+
+fn items() -> Vec<Item> {
+    (1..=ITEMS as u32)
+        .map(|i| {
+            let meta = ItemMeta { title: format!("Item {i}"), brand: "Kalo".into(), ..Default::default() };
+            Item { index: i, id: format!("i{i}"), meta, image: None }
+        })
+        .collect()
+}
+
+/// Random image (8-d) and text (6-d) features; item 3 has no image.
+fn features(dtype: DType) -> Features {
+    let mut out = Features::new();
+    for (kind, dim) in [(FeatureKind::Image, 8), (FeatureKind::Text, 6)] {
+        let mut rng = crate::seed::stream(5, kind.name(), 0);
+        let mut values =
+            normal_tensor((ITEMS + 1) * dim, 1.0, &mut rng, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+        let mut present = vec![true; ITEMS + 1];
+        present[0] = false;
+        if kind == FeatureKind::Image {
+            present[3] = false;
+            values[3 * dim..4 * dim].iter_mut().for_each(|v| *v = 0.0);
+        }
+        let f = ItemFeatures { kind, encoder: "test".into(), dim, values, present };
+        out.insert(kind, FeatureMatrix::new(&f, dtype, &Device::Cpu).unwrap());
+    }
+    out
+}
+
+fn cfg() -> IllmRecConfig {
+    IllmRecConfig {
+        retrieval: vec![FeatureKind::Image, FeatureKind::Text],
+        adaptor_hidden: 16,
+        head_dim: 8,
+        ..Default::default()
+    }
+}
+
+struct Setup {
+    llm: Llm,
+    model: IllmRec,
+    feats: Features,
+    retrieval: EncodedBatch,
+    alignment: EncodedBatch,
+}
+
+fn setup(dtype: DType, cfg: IllmRecConfig) -> Setup {
+    let llm = Llm::load(&LlmSource::Tiny(TinyLlmConfig::default()), dtype, &Device::Cpu).unwrap();
+    let feats = features(dtype);
+    let model =
+        IllmRec::new(&cfg, Variant::Image, &llm, &FeatureMatrix::dims(&feats), &mut crate::seed::stream(1, "init", 0))
+            .unwrap();
+    let items = items();
+    let b = PromptBuilder { variant: Variant::Image, max_description_words: 10 };
+    let histories: [Vec<&Item>; 2] = [vec![&items[0], &items[2]], vec![&items[1], &items[3], &items[4]]];
+    let enc = |p| encode(&llm, &p).unwrap();
+    let retrieval = EncodedBatch::new(&histories.iter().map(|h| enc(b.retrieval(h))).collect::<Vec<_>>(), llm.eos);
+    let alignment = EncodedBatch::new(
+        &histories.iter().map(|h| enc(b.alignment(h, &items[5], Property::Brand, 1))).collect::<Vec<_>>(),
+        llm.eos,
+    );
+    Setup { llm, model, feats, retrieval, alignment }
+}
+
+fn loss(s: &Setup) -> Tensor {
+    let h = s.model.user_states(&s.llm, &s.retrieval, &s.feats).unwrap();
+    let reri = s.model.retrieval_loss(&h, &[6, 5], &[1, 3], &s.feats).unwrap();
+    let risa = s.model.alignment_loss(&s.llm, &s.alignment, &s.feats).unwrap();
+    (reri + risa).unwrap()
+}
+
+#[test]
+fn every_trainable_tensor_gets_a_finite_nonzero_gradient_and_the_llm_none() {
+    let s = setup(DType::F32, cfg());
+    let before: Vec<f32> = s.llm.model.embedding_matrix().flatten_all().unwrap().to_vec1().unwrap();
+    let grads = loss(&s).backward().unwrap();
+    for (name, v) in s.model.vars() {
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(g.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
+        assert!(g.iter().any(|&x| x != 0.0), "{name}: zero gradient");
+    }
+    assert!(grads.get(s.llm.model.embedding_matrix()).is_none(), "the frozen LLM must get no gradient");
+    let mut opt = crate::train::optim::AdamW::new(
+        &s.model.vars().iter().map(|(_, v)| v).collect::<Vec<_>>(),
+        1e-2,
+        [0.9, 0.999],
+        0.0,
+    )
+    .unwrap();
+    opt.step(&s.model.vars().iter().map(|(_, v)| v).collect::<Vec<_>>(), &grads).unwrap();
+    let after: Vec<f32> = s.llm.model.embedding_matrix().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(before == after, "LLM weights changed");
+}
+
+#[test]
+fn tuning_input_embeddings_adds_them_to_the_trainable_set() {
+    let s = setup(DType::F32, IllmRecConfig { train_input_embeddings: true, ..cfg() });
+    let grads = loss(&s).backward().unwrap();
+    let (_, e) = s.model.vars().iter().find(|(n, _)| n == "input_embeddings").unwrap();
+    let g: Vec<f32> = grads.get(e.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(g.iter().any(|&x| x != 0.0));
+}
+
+#[test]
+fn gradient_matches_finite_differences_through_the_frozen_llm() {
+    let s = setup(DType::F64, cfg());
+    let grads = loss(&s).backward().unwrap();
+    let mut worst: f64 = 0.0;
+    // One coordinate of each kind of trainable tensor, upstream of the LLM (adaptor, fallback, [REC])
+    // and downstream of it (heads).
+    for (name, coord) in [
+        ("adaptor.w1", 5),
+        ("adaptor.b2", 3),
+        ("fallback_adaptor.w2", 17),
+        ("rec", 7),
+        ("user_head.image.w1", 2),
+        ("item_head.text.b1", 4),
+    ] {
+        let (_, var) = s.model.vars().iter().find(|(n, _)| n == name).unwrap();
+        let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()[coord];
+        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let eval = |delta: f64| {
+            let mut v = base.clone();
+            v[coord] += delta;
+            var.set(&Tensor::from_vec(v, var.as_tensor().shape(), &Device::Cpu).unwrap()).unwrap();
+            let l = loss(&s).to_scalar::<f64>().unwrap();
+            var.set(&Tensor::from_vec(base.clone(), var.as_tensor().shape(), &Device::Cpu).unwrap()).unwrap();
+            l
+        };
+        let eps = 1e-6;
+        let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
+        let rel = (numeric - analytic).abs() / numeric.abs().max(1e-4);
+        worst = worst.max(rel);
+        assert!(rel < 1e-4, "{name}[{coord}]: analytic {analytic} vs numeric {numeric}");
+    }
+    eprintln!("largest relative difference analytic vs finite differences: {worst:.2e}");
+}
+
+#[test]
+fn scores_average_over_the_feature_types_an_item_has() {
+    let s = setup(DType::F32, cfg());
+    let h = s.model.user_states(&s.llm, &s.retrieval, &s.feats).unwrap();
+    let embs = s.model.item_embeddings(&s.feats).unwrap();
+    let scores = s.model.scores(&h, &embs, &s.feats).unwrap().to_vec2::<f32>().unwrap();
+    let per_kind: Vec<Vec<Vec<f32>>> = s
+        .model
+        .user_heads
+        .iter()
+        .zip(&embs)
+        .map(|((_, u), e)| u.forward(&h).unwrap().matmul(&e.t().unwrap()).unwrap().to_vec2::<f32>().unwrap())
+        .collect();
+    for row in 0..2 {
+        // Item 3 has no image: its score is its text score alone.
+        assert!((scores[row][3] - per_kind[1][row][3]).abs() < 1e-5);
+        let both = (per_kind[0][row][4] + per_kind[1][row][4]) / 2.0;
+        assert!((scores[row][4] - both).abs() < 1e-5);
+    }
+}
