@@ -1,6 +1,7 @@
 //! illmrec: image-token LLM recommenders. Stages (one module each): data -> features -> train ->
 //! eval, on a storage root, started from one YAML job file.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -9,6 +9,7 @@ use crate::config::JobConfig;
 use crate::data::{self, Split};
 use crate::eval::{self, EvalResult, Protocol};
 use crate::store::Store;
+use crate::train::illmrec::TrainOptions;
 use crate::train::{self, ModelKind};
 
 /// The job `illmrec run` runs when no --job is given: synthetic catalog -> prepare -> Pop and
@@ -49,8 +50,15 @@ enum Command {
     Train {
         #[arg(long)]
         job: PathBuf,
+        /// pop, sasrec, illmrec, illmrec:title, illmrec:description, illmrec:image+description
         #[arg(long)]
         model: ModelKind,
+        /// Continue the run from its LATEST checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Checkpoint and stop after this global step (the schedule still spans the whole run).
+        #[arg(long)]
+        stop_after: Option<u64>,
     },
     /// Evaluate a trained model.
     Eval {
@@ -67,6 +75,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a user's top-k items (their whole sequence is the history; their items are left out).
+    Recommend {
+        #[arg(long)]
+        job: PathBuf,
+        #[arg(long)]
+        model: ModelKind,
+        /// The user's id in the source data.
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure: `bench step` times training steps of an LLM recommender and prints where time goes.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
     /// Run the whole job: synth (if configured), prepare, train every model in `train.models`,
     /// evaluate them all. Without --job, runs the embedded default job.
     Run {
@@ -75,6 +102,24 @@ enum Command {
         /// Override `storage.root`.
         #[arg(long)]
         root: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Forward + backward + optimizer time per step and per sample, phases, tokens, peak memory.
+    Step {
+        #[arg(long)]
+        job: PathBuf,
+        #[arg(long, default_value = "illmrec")]
+        model: ModelKind,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Print JSON only.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -107,9 +152,9 @@ pub fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Train { job, model } => {
+        Command::Train { job, model, resume, stop_after } => {
             let job = load(&job)?;
-            let report = train::train(&job, &open_store(&job)?, model)?;
+            let report = train::train(&job, &open_store(&job)?, model, TrainOptions { resume, stop_after })?;
             println!("{} -> runs/{}", report.summary, report.run_id);
             Ok(())
         }
@@ -126,6 +171,39 @@ pub fn main() -> Result<()> {
             } else {
                 print!("{}", eval::markdown_table(&results));
             }
+            Ok(())
+        }
+        Command::Recommend { job, model, user, k, json } => {
+            let job = load(&job)?;
+            let store = open_store(&job)?;
+            let ds = data::snapshot::load(&store, &job.name)?;
+            let u = ds
+                .user_ids
+                .iter()
+                .position(|id| *id == user)
+                .with_context(|| format!("user `{user}` is not in dataset {} (snapshot {})", ds.name, ds.key))?;
+            let scorer = train::load_scorer(&job, &store, model, &ds)?;
+            let recs = eval::recommend::top_k(scorer.as_ref(), &ds, &ds.sequences[u], k)?;
+            if json {
+                println!("{}", serde_json::to_string(&recs)?);
+            } else {
+                println!("top {k} for user {user} ({} items in their history) by {model}:", ds.sequences[u].len());
+                for r in recs {
+                    println!("{:>3}. {:<12} {:>9.4}  {}", r.rank, r.item, r.score, r.title);
+                }
+            }
+            Ok(())
+        }
+        Command::Bench { what: BenchCommand::Step { job, model, steps, warmup, json } } => {
+            let job = load(&job)?;
+            let ModelKind::Illmrec(variant) = model else {
+                anyhow::bail!("bench step measures the LLM recommenders (illmrec, illmrec:title, ...), not {model}");
+            };
+            let r = crate::bench::step(&job, &open_store(&job)?, variant, steps, warmup)?;
+            if !json {
+                print!("{r}");
+            }
+            println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
         Command::Run { job, root } => {
@@ -214,10 +292,16 @@ fn run(job: &JobConfig) -> Result<()> {
     println!("{prepared}");
     let ds = data::snapshot::load(&store, &job.name)?;
     let mut results = Vec::new();
+    let mut features_ready = false;
     for name in &job.train.models {
         let kind: ModelKind = name.parse().map_err(anyhow::Error::msg)?;
         let t = std::time::Instant::now();
-        let report = train::train(job, &store, kind)?;
+        // Features once, before the first LLM model (after SASRec, whose item table is the CF feature).
+        if matches!(kind, ModelKind::Illmrec(_)) && !features_ready {
+            println!("features:\n{}", features(job, &store, &ds)?);
+            features_ready = true;
+        }
+        let report = train::train(job, &store, kind, TrainOptions::default())?;
         println!("{} ({:.1}s)", report.summary, t.elapsed().as_secs_f64());
         results.extend(evaluate(job, &store, &ds, kind, Split::Test, &job.eval.protocols)?);
     }

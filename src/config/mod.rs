@@ -99,6 +99,7 @@ impl JobConfig {
             check("", Err(Invalid::new("name", "must be non-empty, made of letters, digits, '-', '_' or '.'")));
         }
         check("data", self.data.validate());
+        check("features", self.features.validate());
         check("model", self.model.validate());
         check("train", self.train.validate());
         check("dist", self.dist.validate());

@@ -3,6 +3,7 @@
 
 pub mod metrics;
 pub mod protocol;
+pub mod recommend;
 pub mod users;
 
 use serde::{Deserialize, Serialize};

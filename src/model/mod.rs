@@ -73,10 +73,17 @@ pub trait Scorer {
 pub struct ModelConfig {
     #[serde(default)]
     pub sasrec: SasRecConfig,
+    /// The frozen LLM of the LLM recommenders.
+    #[serde(default)]
+    pub llm: llm::LlmSource,
+    #[serde(default)]
+    pub illmrec: illmrec::IllmRecConfig,
 }
 
 impl ModelConfig {
     pub fn validate(&self) -> std::result::Result<(), Invalid> {
-        self.sasrec.validate().map_err(|e| Invalid::new(format!("sasrec.{}", e.key), e.message))
+        self.sasrec.validate().map_err(|e| Invalid::new(format!("sasrec.{}", e.key), e.message))?;
+        self.llm.validate().map_err(|e| Invalid::new(format!("llm.{}", e.key), e.message))?;
+        self.illmrec.validate().map_err(|e| Invalid::new(format!("illmrec.{}", e.key), e.message))
     }
 }

@@ -137,6 +137,14 @@ impl Store {
         Ok(self.get_opt(key)?.map(|b| String::from_utf8_lossy(&b).trim().to_string()))
     }
 
+    /// Removes a key; removing a key that does not exist is not an error.
+    pub fn delete(&self, key: &str) -> Result<()> {
+        match self.runtime.block_on(self.inner.delete(&ObjPath::from(key))) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.io_err(key, e)),
+        }
+    }
+
     /// Keys below `prefix`, sorted.
     pub fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let prefix_path = ObjPath::from(prefix);
@@ -169,6 +177,9 @@ mod tests {
             assert!(s.get_opt("a/none").unwrap().is_none());
             assert!(matches!(s.get("a/none"), Err(StoreError::NotFound { .. })));
             assert_eq!(s.list("a").unwrap(), vec!["a/b/one.json", "a/two.json"]);
+            s.delete("a/two.json").unwrap();
+            s.delete("a/two.json").unwrap();
+            assert_eq!(s.list("a").unwrap(), vec!["a/b/one.json"]);
         }
     }
 

@@ -15,6 +15,117 @@ pub struct TrainConfig {
     pub models: Vec<String>,
     #[serde(default)]
     pub sasrec: SasRecTrainConfig,
+    #[serde(default)]
+    pub illmrec: IllmRecTrainConfig,
+}
+
+/// Training of the LLM recommenders (every prompt variant). Defaults are the paper's.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IllmRecTrainConfig {
+    #[serde(default = "d_llm_epochs")]
+    pub epochs: u64,
+    /// Users per step (per rank when distributed).
+    #[serde(default = "d_llm_batch")]
+    pub batch_size: usize,
+    #[serde(default = "d_llm_lr")]
+    pub lr: f64,
+    #[serde(default = "d_llm_betas")]
+    pub betas: [f64; 2],
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Global-norm gradient clipping; 0 turns it off.
+    #[serde(default = "d_clip")]
+    pub grad_clip: f64,
+    /// Weight of L_RISA in L = L_RERI + w * L_RISA.
+    #[serde(default = "d_risa")]
+    pub risa_weight: f64,
+    /// Stop after this many steps instead of `epochs` (the learning-rate schedule ends there too).
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    /// Steps between checkpoints (one is always written at the end).
+    #[serde(default = "d_ckpt_every")]
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (at least 2, so a damaged newest one leaves a good one).
+    #[serde(default = "d_keep")]
+    pub keep_checkpoints: usize,
+    /// Users per LLM call when scoring (evaluation, recommend).
+    #[serde(default = "d_eval_batch")]
+    pub eval_batch_size: usize,
+}
+
+fn d_llm_epochs() -> u64 {
+    8
+}
+fn d_llm_batch() -> usize {
+    8
+}
+fn d_llm_lr() -> f64 {
+    5e-5
+}
+fn d_llm_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_risa() -> f64 {
+    1.0
+}
+fn d_ckpt_every() -> u64 {
+    200
+}
+fn d_keep() -> usize {
+    2
+}
+fn d_eval_batch() -> usize {
+    16
+}
+
+impl Default for IllmRecTrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: d_llm_epochs(),
+            batch_size: d_llm_batch(),
+            lr: d_llm_lr(),
+            betas: d_llm_betas(),
+            weight_decay: 0.0,
+            grad_clip: d_clip(),
+            risa_weight: d_risa(),
+            max_steps: None,
+            checkpoint_every: d_ckpt_every(),
+            keep_checkpoints: d_keep(),
+            eval_batch_size: d_eval_batch(),
+        }
+    }
+}
+
+impl IllmRecTrainConfig {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let bad = |k: &str, m: &str| Err(Invalid::new(k, m));
+        if self.epochs == 0 || self.batch_size == 0 || self.eval_batch_size == 0 {
+            return bad("batch_size", "epochs, batch_size and eval_batch_size must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad("lr", "must be a positive number");
+        }
+        if self.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return bad("betas", "both must be in [0, 1)");
+        }
+        if self.weight_decay < 0.0 || self.grad_clip < 0.0 || self.risa_weight < 0.0 {
+            return bad("weight_decay", "weight_decay, grad_clip and risa_weight must not be negative");
+        }
+        if self.max_steps == Some(0) {
+            return bad("max_steps", "must be at least 1");
+        }
+        if self.checkpoint_every == 0 {
+            return bad("checkpoint_every", "must be at least 1");
+        }
+        if self.keep_checkpoints < 2 {
+            return bad("keep_checkpoints", "must be at least 2");
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -83,7 +194,12 @@ impl Default for SasRecTrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { seed: default_seed(), models: default_models(), sasrec: SasRecTrainConfig::default() }
+        Self {
+            seed: default_seed(),
+            models: default_models(),
+            sasrec: SasRecTrainConfig::default(),
+            illmrec: IllmRecTrainConfig::default(),
+        }
     }
 }
 
@@ -91,9 +207,13 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<(), Invalid> {
         for (i, m) in self.models.iter().enumerate() {
             if m.parse::<super::ModelKind>().is_err() {
-                return Err(Invalid::new(format!("models[{i}]"), format!("unknown model `{m}` (pop, sasrec)")));
+                return Err(Invalid::new(
+                    format!("models[{i}]"),
+                    format!("unknown model `{m}` ({})", super::MODEL_NAMES),
+                ));
             }
         }
+        self.illmrec.validate().map_err(|e| Invalid::new(format!("illmrec.{}", e.key), e.message))?;
         let s = &self.sasrec;
         let bad = |k: &str, m: &str| Err(Invalid::new(format!("sasrec.{k}"), m));
         if s.epochs == 0 {

@@ -2,6 +2,7 @@
 //! (`runs/<job name>-<model>/`), and loads saved runs back for evaluation.
 
 mod config;
+pub mod illmrec;
 pub mod optim;
 pub mod runs;
 pub mod sasrec;
@@ -12,9 +13,10 @@ use std::str::FromStr;
 use candle_core::Device;
 use serde_json::json;
 
-pub use config::{SasRecTrainConfig, TrainConfig};
+pub use config::{IllmRecTrainConfig, SasRecTrainConfig, TrainConfig};
 
 use crate::config::JobConfig;
+use crate::data::prompt::Variant;
 use crate::data::{DataError, Dataset};
 use crate::eval::EvalError;
 use crate::features::FeatureTable;
@@ -35,8 +37,17 @@ pub enum TrainError {
     Store(#[from] StoreError),
     #[error(transparent)]
     TensorFile(#[from] TensorFileError),
+    /// Boxed: feature errors carry storage errors and would make every `Result` here large.
+    #[error(transparent)]
+    Features(Box<crate::features::FeatureError>),
     #[error("{0}")]
     Invalid(String),
+}
+
+impl From<crate::features::FeatureError> for TrainError {
+    fn from(e: crate::features::FeatureError) -> Self {
+        TrainError::Features(Box::new(e))
+    }
 }
 
 impl From<candle_core::Error> for TrainError {
@@ -47,10 +58,16 @@ impl From<candle_core::Error> for TrainError {
 
 pub type Result<T> = std::result::Result<T, TrainError>;
 
+/// Models `--model` accepts.
+pub const MODEL_NAMES: &str = "pop, sasrec, illmrec, illmrec:title, illmrec:description, illmrec:image+description";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelKind {
     Pop,
     Sasrec,
+    /// An LLM recommender on the frozen LLM; `illmrec` is the image variant (I-LLMRec), the others
+    /// the prompt baselines on the same retrieval head.
+    Illmrec(Variant),
 }
 
 impl FromStr for ModelKind {
@@ -59,22 +76,29 @@ impl FromStr for ModelKind {
         match s {
             "pop" => Ok(ModelKind::Pop),
             "sasrec" => Ok(ModelKind::Sasrec),
-            _ => Err(format!("unknown model `{s}` (pop, sasrec)")),
+            "illmrec" => Ok(ModelKind::Illmrec(Variant::Image)),
+            _ => match s.strip_prefix("illmrec:").map(str::parse::<Variant>) {
+                Some(Ok(v)) => Ok(ModelKind::Illmrec(v)),
+                _ => Err(format!("unknown model `{s}` ({MODEL_NAMES})")),
+            },
         }
     }
 }
 
 impl fmt::Display for ModelKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ModelKind::Pop => "pop",
-            ModelKind::Sasrec => "sasrec",
-        })
+        match self {
+            ModelKind::Pop => f.write_str("pop"),
+            ModelKind::Sasrec => f.write_str("sasrec"),
+            ModelKind::Illmrec(Variant::Image) => f.write_str("illmrec"),
+            ModelKind::Illmrec(v) => write!(f, "illmrec:{}", v.name()),
+        }
     }
 }
 
+/// The run a model of the job is saved as: `<job>-<model>`, with `:` and `+` spelled `-`.
 pub fn run_id(job: &JobConfig, kind: ModelKind) -> String {
-    format!("{}-{kind}", job.name)
+    format!("{}-{}", job.name, kind.to_string().replace([':', '+'], "-"))
 }
 
 /// What a training run produced, for the terminal.
@@ -84,9 +108,33 @@ pub struct TrainReport {
 }
 
 /// Fits `kind` on the latest snapshot of the job's dataset and saves it.
-pub fn train(job: &JobConfig, store: &Store, kind: ModelKind) -> Result<TrainReport> {
-    let ds = crate::data::snapshot::load(store, &job.name)?;
+pub fn train(job: &JobConfig, store: &Store, kind: ModelKind, opts: illmrec::TrainOptions) -> Result<TrainReport> {
     let id = run_id(job, kind);
+    if let ModelKind::Illmrec(variant) = kind {
+        let r = illmrec::fit(job, store, variant, opts)?;
+        runs::put_report(store, &id, "fit.json", serde_json::to_vec_pretty(&r).unwrap_or_default())?;
+        let last = r.log.last().map(|l| l.losses).unwrap_or_default();
+        let resumed = r.resumed_from.map(|s| format!(" (resumed at step {s})")).unwrap_or_default();
+        let summary = format!(
+            "{kind}: steps {}..{} of {}{resumed} in {:.1}s ({:.2} samples/s), loss {:.4} (reri {:.4}, risa {:.4}); \
+             {} trainable values on {}; {:.1} tokens per item, {:.0} tokens per prompt; {} items via fallback",
+            r.first_step,
+            r.last_step,
+            r.total_steps,
+            r.seconds,
+            r.samples_per_second,
+            last.loss,
+            last.reri,
+            last.risa,
+            r.trainable_parameters,
+            r.llm,
+            r.tokens_per_item,
+            r.mean_prompt_tokens,
+            r.fallback_items
+        );
+        return Ok(TrainReport { run_id: id, summary });
+    }
+    let ds = crate::data::snapshot::load(store, &job.name)?;
     let mut state =
         json!({"model": kind.to_string(), "dataset": ds.name, "dataset_key": ds.key, "num_items": ds.num_items()});
     let (tensors, summary) = match kind {
@@ -117,11 +165,11 @@ pub fn train(job: &JobConfig, store: &Store, kind: ModelKind) -> Result<TrainRep
             );
             (bytes, summary)
         }
+        ModelKind::Illmrec(_) => unreachable!("handled above"),
     };
-    runs::save(store, &id, 1, tensors, &state)?;
+    runs::save(store, &id, 1, vec![("model.safetensors", tensors)], &state, 2)?;
     Ok(TrainReport { run_id: id, summary })
 }
-
 /// SASRec's item embeddings (rows 1..=N) as a feature table keyed by the items' source ids.
 fn save_cf_table(store: &Store, run_id: &str, ds: &Dataset, model: &SasRec) -> Result<()> {
     let emb = model.item_embeddings().narrow(0, 1, ds.num_items())?;
@@ -137,6 +185,9 @@ fn save_cf_table(store: &Store, run_id: &str, ds: &Dataset, model: &SasRec) -> R
 
 /// Loads the latest checkpoint of the job's `kind` run, checking it was trained on `ds`.
 pub fn load_scorer(job: &JobConfig, store: &Store, kind: ModelKind, ds: &Dataset) -> Result<Box<dyn Scorer>> {
+    if let ModelKind::Illmrec(variant) = kind {
+        return Ok(Box::new(illmrec::IllmRecScorer::load(job, store, ds, variant)?));
+    }
     let id = run_id(job, kind);
     let ckpt = runs::load_latest(store, &id)?.ok_or_else(|| {
         TrainError::Invalid(format!(
@@ -151,7 +202,7 @@ pub fn load_scorer(job: &JobConfig, store: &Store, kind: ModelKind, ds: &Dataset
             ds.key
         )));
     }
-    let tf = TensorFile::parse(&ckpt.tensors, &format!("runs/{id} checkpoint {}", ckpt.step))?;
+    let tf = TensorFile::parse(ckpt.file("model.safetensors")?, &format!("runs/{id} checkpoint {}", ckpt.step))?;
     match kind {
         ModelKind::Pop => {
             let (_, counts) = tf.f32("counts")?;
@@ -177,5 +228,6 @@ pub fn load_scorer(job: &JobConfig, store: &Store, kind: ModelKind, ds: &Dataset
             model.load_host(&weights)?;
             Ok(Box::new(model))
         }
+        ModelKind::Illmrec(_) => unreachable!("handled above"),
     }
 }

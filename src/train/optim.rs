@@ -1,60 +1,103 @@
-//! AdamW with its state in the open (candle-nn's keeps the moments private, so they cannot be
-//! checkpointed). With weight_decay 0 it is Adam.
+//! The optimizer and what surrounds it, on flat host vectors of the trainable set: gradients flattened
+//! in the model's fixed variable order (the buffer a data-parallel step all-reduces), global-norm
+//! clipping, and AdamW whose moments are plain vectors that checkpoints save (candle-nn's AdamW keeps
+//! them private).
 
 use candle_core::{backprop::GradStore, Tensor, Var};
 
+/// AdamW (decoupled weight decay); with weight_decay 0 it is Adam.
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdamW {
-    pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
-    /// Steps taken so far.
+    /// Updates taken so far.
     pub step: u64,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
 }
 
 impl AdamW {
-    pub fn new(vars: &[&Var], lr: f64, betas: [f64; 2], weight_decay: f64) -> candle_core::Result<Self> {
-        let zeros = |v: &&Var| v.as_tensor().zeros_like();
-        Ok(Self {
-            lr,
+    pub fn new(len: usize, betas: [f64; 2], weight_decay: f64) -> Self {
+        Self {
             beta1: betas[0],
             beta2: betas[1],
             eps: 1e-8,
             weight_decay,
             step: 0,
-            m: vars.iter().map(zeros).collect::<candle_core::Result<_>>()?,
-            v: vars.iter().map(zeros).collect::<candle_core::Result<_>>()?,
-        })
+            m: vec![0.0; len],
+            v: vec![0.0; len],
+        }
     }
 
-    /// One update of every var from its gradient; a var without a gradient counts as a zero gradient.
-    pub fn step(&mut self, vars: &[&Var], grads: &GradStore) -> candle_core::Result<()> {
+    /// One update of `params` from `grads` at learning rate `lr`.
+    pub fn update(&mut self, params: &mut [f32], grads: &[f32], lr: f64) {
+        assert_eq!(params.len(), self.m.len(), "parameter count changed under the optimizer");
+        assert_eq!(grads.len(), self.m.len(), "gradient count does not match the parameters");
         self.step += 1;
         let t = self.step as i32;
         let (c1, c2) = (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t));
-        for (i, var) in vars.iter().enumerate() {
-            let theta = var.as_tensor();
-            // Detached: a gradient still carries the op graph of the step that made it, and the
-            // moments would otherwise keep every past step's graph alive.
-            let g = match grads.get(theta) {
-                Some(g) => g.detach(),
-                None => theta.zeros_like()?,
-            };
-            self.m[i] = (self.m[i].affine(self.beta1, 0.0)? + g.affine(1.0 - self.beta1, 0.0)?)?;
-            self.v[i] = (self.v[i].affine(self.beta2, 0.0)? + g.sqr()?.affine(1.0 - self.beta2, 0.0)?)?;
-            self.m[i] = self.m[i].detach();
-            self.v[i] = self.v[i].detach();
-            let m_hat = self.m[i].affine(1.0 / c1, 0.0)?;
-            let v_hat = self.v[i].affine(1.0 / c2, 0.0)?;
-            let update = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
-            let decayed = theta.affine(1.0 - self.lr * self.weight_decay, 0.0)?;
-            var.set(&(decayed - update.affine(self.lr, 0.0)?)?)?;
+        for i in 0..params.len() {
+            let g = grads[i] as f64;
+            let m = self.beta1 * self.m[i] as f64 + (1.0 - self.beta1) * g;
+            let v = self.beta2 * self.v[i] as f64 + (1.0 - self.beta2) * g * g;
+            self.m[i] = m as f32;
+            self.v[i] = v as f32;
+            let update = (m / c1) / ((v / c2).sqrt() + self.eps);
+            let p = params[i] as f64 * (1.0 - lr * self.weight_decay) - lr * update;
+            params[i] = p as f32;
         }
-        Ok(())
     }
+}
+
+/// Values in a set of variables.
+pub fn count(vars: &[&Var]) -> usize {
+    vars.iter().map(|v| v.elem_count()).sum()
+}
+
+/// The gradients of `vars`, in order, as one f32 vector; a var without a gradient contributes zeros.
+pub fn flatten_grads(vars: &[&Var], grads: &GradStore) -> candle_core::Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(count(vars));
+    for v in vars {
+        match grads.get(v.as_tensor()) {
+            Some(g) => out.extend(g.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            None => out.extend(std::iter::repeat_n(0.0, v.elem_count())),
+        }
+    }
+    Ok(out)
+}
+
+/// The values of `vars`, in order, as one f32 vector.
+pub fn read_params(vars: &[&Var]) -> candle_core::Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(count(vars));
+    for v in vars {
+        out.extend(v.as_tensor().to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
+/// Writes a flat vector back into `vars`.
+pub fn write_params(vars: &[&Var], flat: &[f32]) -> candle_core::Result<()> {
+    let mut off = 0;
+    for v in vars {
+        let t = v.as_tensor();
+        let n = t.elem_count();
+        let value = Tensor::from_slice(&flat[off..off + n], t.shape(), t.device())?.to_dtype(t.dtype())?;
+        v.set(&value)?;
+        off += n;
+    }
+    Ok(())
+}
+
+/// Scales `grads` so their global L2 norm is at most `max_norm`; returns the norm before clipping.
+pub fn clip_global_norm(grads: &mut [f32], max_norm: f64) -> f64 {
+    let norm = grads.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>().sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let scale = (max_norm / (norm + 1e-6)) as f32;
+        grads.iter_mut().for_each(|g| *g *= scale);
+    }
+    norm
 }
 
 #[cfg(test)]
@@ -65,14 +108,42 @@ mod tests {
     #[test]
     fn first_step_moves_each_weight_by_lr_against_the_gradient_sign() {
         // With bias correction, Adam's first step is lr * g / (|g| + eps) = lr * sign(g).
-        let w = Var::from_tensor(&Tensor::new(&[1f32, -2.0, 3.0], &Device::Cpu).unwrap()).unwrap();
-        let loss = (w.as_tensor() * Tensor::new(&[2f32, -4.0, 0.5], &Device::Cpu).unwrap()).unwrap().sum_all().unwrap();
-        let grads = loss.backward().unwrap();
-        let mut opt = AdamW::new(&[&w], 0.1, [0.9, 0.98], 0.0).unwrap();
-        opt.step(&[&w], &grads).unwrap();
-        let got = w.as_tensor().to_vec1::<f32>().unwrap();
-        for (g, want) in got.iter().zip([0.9f32, -1.9, 2.9]) {
-            assert!((g - want).abs() < 1e-5, "{got:?}");
+        let mut p = vec![1f32, -2.0, 3.0];
+        let mut opt = AdamW::new(3, [0.9, 0.98], 0.0);
+        opt.update(&mut p, &[2.0, -4.0, 0.5], 0.1);
+        for (g, want) in p.iter().zip([0.9f32, -1.9, 2.9]) {
+            assert!((g - want).abs() < 1e-6, "{p:?}");
         }
+        assert_eq!(opt.step, 1);
+    }
+
+    #[test]
+    fn decoupled_weight_decay_shrinks_weights_without_gradient() {
+        let mut p = vec![2f32];
+        let mut opt = AdamW::new(1, [0.9, 0.999], 0.1);
+        opt.update(&mut p, &[0.0], 0.5);
+        assert!((p[0] - 2.0 * (1.0 - 0.05)).abs() < 1e-6, "{p:?}");
+    }
+
+    #[test]
+    fn clipping_scales_to_the_max_norm_and_leaves_small_gradients() {
+        let mut g = vec![3f32, 4.0];
+        assert_eq!(clip_global_norm(&mut g, 1.0), 5.0);
+        assert!((g[0] - 0.6).abs() < 1e-5 && (g[1] - 0.8).abs() < 1e-5);
+        let mut small = vec![0.3f32, 0.4];
+        clip_global_norm(&mut small, 1.0);
+        assert_eq!(small, vec![0.3, 0.4]);
+    }
+
+    #[test]
+    fn flatten_and_write_back_keep_the_variable_order() {
+        let dev = Device::Cpu;
+        let a = Var::from_tensor(&Tensor::new(&[1f32, 2.0], &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::new(&[[3f32], [4.0]], &dev).unwrap()).unwrap();
+        let loss = (a.as_tensor().sum_all().unwrap() * 2.0).unwrap();
+        let grads = loss.backward().unwrap();
+        assert_eq!(flatten_grads(&[&a, &b], &grads).unwrap(), vec![2.0, 2.0, 0.0, 0.0]);
+        write_params(&[&a, &b], &[5.0, 6.0, 7.0, 8.0]).unwrap();
+        assert_eq!(read_params(&[&a, &b]).unwrap(), vec![5.0, 6.0, 7.0, 8.0]);
     }
 }

@@ -10,7 +10,7 @@ use rand::seq::SliceRandom;
 use rand::Rng as _;
 
 use super::config::SasRecTrainConfig;
-use super::optim::AdamW;
+use super::optim::{flatten_grads, read_params, write_params, AdamW};
 use super::TrainError;
 use crate::data::{Dataset, Split};
 use crate::eval::{evaluate, Plan};
@@ -41,7 +41,8 @@ pub fn fit(
     let n_items = ds.num_items();
     let model = SasRec::new(mcfg.clone(), n_items, &mut stream(seed, "sasrec/init", 0), &device)?;
     let vars: Vec<&candle_core::Var> = model.vars().iter().map(|(_, v)| v).collect();
-    let mut opt = AdamW::new(&vars, tcfg.lr, tcfg.betas, 0.0)?;
+    let mut opt = AdamW::new(super::optim::count(&vars), tcfg.betas, 0.0);
+    let mut params = read_params(&vars)?;
     // Users whose training part has at least one (input, next item) pair.
     let users: Vec<usize> = (0..ds.num_users()).filter(|&u| ds.train(u).len() >= 2).collect();
     let all_users: Vec<usize> = (0..ds.num_users()).collect();
@@ -79,7 +80,8 @@ pub fn fit(
             }
             let loss = model.loss(&input, &positives, &negatives, &mut rng)?;
             let grads = loss.backward()?;
-            opt.step(&vars, &grads)?;
+            opt.update(&mut params, &flatten_grads(&vars, &grads)?, tcfg.lr);
+            write_params(&vars, &params)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             progress.inc(1);
         }

@@ -15,7 +15,7 @@ use super::llm::{embed_with, Llm};
 use super::{HostTensor, ModelError, Result};
 use crate::config::Invalid;
 use crate::data::prompt::Variant;
-use crate::features::{FeatureKind, ItemFeatures};
+use crate::data::FeatureKind;
 use crate::seed::Rng;
 use batch::EncodedBatch;
 
@@ -121,12 +121,20 @@ pub struct FeatureMatrix {
 }
 
 impl FeatureMatrix {
-    pub fn new(f: &ItemFeatures, dtype: DType, device: &Device) -> candle_core::Result<Self> {
-        let rows = f.present.len();
-        let values = Tensor::from_slice(&f.values, (rows, f.dim), device)?.to_dtype(dtype)?;
-        let mask: Vec<f32> = f.present.iter().map(|&p| if p { 1.0 } else { 0.0 }).collect();
+    /// `values`: `present.len() * dim` row-major values, row i = item i.
+    pub fn new(
+        kind: FeatureKind,
+        dim: usize,
+        values: &[f32],
+        present: &[bool],
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let rows = present.len();
+        let values = Tensor::from_slice(values, (rows, dim), device)?.to_dtype(dtype)?;
+        let mask: Vec<f32> = present.iter().map(|&p| if p { 1.0 } else { 0.0 }).collect();
         let present_t = Tensor::from_vec(mask, rows, device)?.to_dtype(dtype)?;
-        Ok(Self { kind: f.kind, values, present: f.present.clone(), present_t })
+        Ok(Self { kind, values, present: present.to_vec(), present_t })
     }
 
     fn dim(&self) -> usize {

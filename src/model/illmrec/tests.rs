@@ -33,8 +33,7 @@ fn features(dtype: DType) -> Features {
             present[3] = false;
             values[3 * dim..4 * dim].iter_mut().for_each(|v| *v = 0.0);
         }
-        let f = ItemFeatures { kind, encoder: "test".into(), dim, values, present };
-        out.insert(kind, FeatureMatrix::new(&f, dtype, &Device::Cpu).unwrap());
+        out.insert(kind, FeatureMatrix::new(kind, dim, &values, &present, dtype, &Device::Cpu).unwrap());
     }
     out
 }
@@ -93,14 +92,11 @@ fn every_trainable_tensor_gets_a_finite_nonzero_gradient_and_the_llm_none() {
         assert!(g.iter().any(|&x| x != 0.0), "{name}: zero gradient");
     }
     assert!(grads.get(s.llm.model.embedding_matrix()).is_none(), "the frozen LLM must get no gradient");
-    let mut opt = crate::train::optim::AdamW::new(
-        &s.model.vars().iter().map(|(_, v)| v).collect::<Vec<_>>(),
-        1e-2,
-        [0.9, 0.999],
-        0.0,
-    )
-    .unwrap();
-    opt.step(&s.model.vars().iter().map(|(_, v)| v).collect::<Vec<_>>(), &grads).unwrap();
+    let vars: Vec<&Var> = s.model.vars().iter().map(|(_, v)| v).collect();
+    let mut params = crate::train::optim::read_params(&vars).unwrap();
+    let mut opt = crate::train::optim::AdamW::new(params.len(), [0.9, 0.999], 0.0);
+    opt.update(&mut params, &crate::train::optim::flatten_grads(&vars, &grads).unwrap(), 1e-2);
+    crate::train::optim::write_params(&vars, &params).unwrap();
     let after: Vec<f32> = s.llm.model.embedding_matrix().flatten_all().unwrap().to_vec1().unwrap();
     assert!(before == after, "LLM weights changed");
 }

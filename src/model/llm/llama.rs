@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::frozen::FrozenLinear;
+use super::softmax::causal_softmax;
 use super::LlmError;
 
 /// Architecture of a Llama-family checkpoint (the fields of a Hugging Face `config.json` that matter).
@@ -208,7 +209,6 @@ impl Llama {
                 self.cfg.max_position_embeddings
             );
         }
-        let mask = causal_mask(t, self.dtype, &self.device)?;
         let (cos, sin) = (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?);
         let scale = 1.0 / (hd as f64).sqrt();
         let mut x = x.clone();
@@ -227,8 +227,7 @@ impl Llama {
                 (candle_nn::rotary_emb::rope_slow(&q, &cos, &sin)?, candle_nn::rotary_emb::rope_slow(&k, &cos, &sin)?)
             };
             let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let probs = causal_softmax(&q.matmul(&k.t()?)?, scale)?;
             let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
             x = (x + blk.o.forward(&ctx)?)?;
             let h = rms_norm(&x, &blk.mlp_norm, self.cfg.rms_norm_eps)?;
@@ -264,12 +263,6 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
     }
     let (b, nkv, t, hd) = x.dims4()?;
     x.unsqueeze(2)?.broadcast_as((b, nkv, n_rep, t, hd))?.reshape((b, nkv * n_rep, t, hd))
-}
-
-fn causal_mask(t: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-    // A large finite negative rather than -inf: 0 · inf in the backward would give NaN.
-    let m: Vec<f64> = (0..t * t).map(|i| if i % t > i / t { -1e9 } else { 0.0 }).collect();
-    Tensor::from_vec(m, (t, t), device)?.to_dtype(dtype)
 }
 
 fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {

@@ -4,6 +4,7 @@
 mod frozen;
 mod llama;
 mod load;
+mod softmax;
 pub mod tiny;
 
 use std::path::PathBuf;

@@ -56,7 +56,7 @@ fn d_intermediate() -> usize {
     128
 }
 fn d_vocab() -> usize {
-    1024
+    2048
 }
 
 impl Default for TinyLlmConfig {
@@ -115,7 +115,10 @@ modern smart soft bold vintage sturdy eco pro lamp mug backpack notebook sneaker
 bottle candle pillow watch scarf bowl chair puzzle helmet blender easel racket tent guitar camera red orange \
 yellow lime green teal cyan azure blue violet magenta rose cotton steel bamboo ceramic leather glass oak wool \
 nylon copper made of finish built from for everyday use by the a an and of in on with to is it this that \
-movie film drama comedy action thriller romance children animation adventure documentary horror music \
+Classic Compact Deluxe Light Modern Smart Soft Bold Vintage Sturdy Eco Pro Lamp Mug Backpack Notebook \
+Sneaker Kettle Brush Jacket Speaker Bottle Candle Pillow Watch Scarf Bowl Chair Puzzle Helmet Blender Easel \
+Racket Tent Guitar Camera Lamps Mugs Bottles Chairs Synthetic ka lo mi ren to va zu no shi pe ri dan qu sol \
+tek mar Ka Lo Mi Ren To Va Zu No Shi Pe Ri Dan Qu Sol Tek Mar movie film drama comedy action thriller romance children animation adventure documentary horror music \
 mystery war western fantasy science fiction crime book toy game sport beauty home kitchen clothing shoes \
 0 1 2 3 4 5 6 7 8 9 ( ) [ ] { } , . : ; ' \" ! ? - / &";
 
@@ -137,8 +140,11 @@ pub fn tokenizer(vocab: usize) -> Result<tokenizers::Tokenizer, LlmError> {
     Ok(tok)
 }
 
-/// Random weights in Hugging Face naming: N(0, 0.02²) matrices and embeddings, unit norms. Every
-/// tensor draws from its own seeded stream, so the model is the same on any machine.
+/// Random weights in Hugging Face naming: matrices N(0, 1/fan_in) and embeddings N(0, 1/hidden), unit
+/// norms. The 1/fan_in scale keeps every projection's output at the scale of its input, so attention
+/// scores vary enough for the trainable inputs to steer them (at GPT-style 0.02 a width-64 model
+/// attends uniformly and passes almost nothing from the item tokens to [REC]). Every tensor draws
+/// from its own seeded stream, so the model is the same on any machine.
 fn weights(cfg: &LlamaConfig, seed: u64) -> candle_core::Result<HashMap<String, Tensor>> {
     cfg.weight_shapes()
         .into_iter()
@@ -147,7 +153,8 @@ fn weights(cfg: &LlamaConfig, seed: u64) -> candle_core::Result<HashMap<String, 
             let t = if name.ends_with("norm.weight") {
                 Tensor::ones(shape, DType::F32, &Device::Cpu)?
             } else {
-                normal_tensor(shape, 0.02, &mut stream(seed, "tiny-llm", i as u64), &Device::Cpu)?
+                let std = 1.0 / (shape[1] as f64).sqrt();
+                normal_tensor(shape, std, &mut stream(seed, "tiny-llm", i as u64), &Device::Cpu)?
             };
             Ok((name, t))
         })

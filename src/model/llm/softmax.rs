@@ -1,0 +1,154 @@
+//! Causal softmax over attention scores as one op with its own backward, on the CPU.
+//!
+//! Written from primitives (scale, add a mask, max, subtract, exp, sum, divide), the softmax makes
+//! six [b, heads, t, t] tensors forward and more backward; at prompt lengths of a few hundred tokens
+//! that elementwise traffic and its allocations cost more than the matmuls (measured with
+//! `illmrec bench step` and perf). Here the forward is one pass per row that only touches the
+//! causal part, and the backward is one more: dS = scale · P ⊙ (dP − Σ_k dP_k P_k).
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType, D};
+
+/// `softmax(scale · x + causal mask)` over the last dimension of `x` `[.., t, t]`: row i keeps
+/// columns 0..=i. Differentiable; on devices other than the CPU it runs as primitive ops.
+pub fn causal_softmax(x: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let t = x.dim(D::Minus1)?;
+    if x.dim(D::Minus2)? != t {
+        candle_core::bail!("causal softmax needs square [.., t, t] scores, got {:?}", x.dims());
+    }
+    if x.device().is_cpu() {
+        return x.contiguous()?.apply_op1(CausalSoftmax { scale });
+    }
+    let mask: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { -1e9 } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, (t, t), x.device())?.to_dtype(x.dtype())?;
+    candle_nn::ops::softmax(&(x * scale)?.broadcast_add(&mask)?, D::Minus1)
+}
+
+struct CausalSoftmax {
+    scale: f64,
+}
+
+fn forward<T: WithDType>(x: &[T], t: usize, scale: f64) -> Vec<T> {
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    for (r, (row, o)) in x.chunks_exact(t).zip(out.chunks_exact_mut(t)).enumerate() {
+        let keep = r % t + 1;
+        let m = row[..keep].iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.to_f64() * scale));
+        let mut sum = 0.0;
+        for (o, v) in o[..keep].iter_mut().zip(&row[..keep]) {
+            let e = (v.to_f64() * scale - m).exp();
+            sum += e;
+            *o = T::from_f64(e);
+        }
+        for o in &mut o[..keep] {
+            *o = T::from_f64(o.to_f64() / sum);
+        }
+    }
+    out
+}
+
+fn backward<T: WithDType>(p: &[T], g: &[T], t: usize, scale: f64) -> Vec<T> {
+    let mut out = vec![T::from_f64(0.0); p.len()];
+    for (r, ((pr, gr), o)) in p.chunks_exact(t).zip(g.chunks_exact(t)).zip(out.chunks_exact_mut(t)).enumerate() {
+        let keep = r % t + 1;
+        let dot: f64 = pr[..keep].iter().zip(&gr[..keep]).map(|(p, g)| p.to_f64() * g.to_f64()).sum();
+        for ((o, p), g) in o[..keep].iter_mut().zip(&pr[..keep]).zip(&gr[..keep]) {
+            *o = T::from_f64(scale * p.to_f64() * (g.to_f64() - dot));
+        }
+    }
+    out
+}
+
+fn contiguous<'a, T: WithDType>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("causal softmax needs a contiguous input"),
+    }
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let t = l.dims()[l.dims().len() - 1];
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(forward(contiguous(v, l)?, t, self.scale)),
+            CpuStorage::F64(v) => CpuStorage::F64(forward(contiguous(v, l)?, t, self.scale)),
+            _ => candle_core::bail!("causal softmax supports f32 and f64"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(res.apply_op2_no_bwd(&grad_res.contiguous()?, &CausalSoftmaxGrad { scale: self.scale })?))
+    }
+}
+
+/// The backward pass as an op of (probabilities, upstream gradient).
+struct CausalSoftmaxGrad {
+    scale: f64,
+}
+
+impl CustomOp2 for CausalSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "causal-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let t = l1.dims()[l1.dims().len() - 1];
+        let out = match (s1, s2) {
+            (CpuStorage::F32(p), CpuStorage::F32(g)) => {
+                CpuStorage::F32(backward(contiguous(p, l1)?, contiguous(g, l2)?, t, self.scale))
+            }
+            (CpuStorage::F64(p), CpuStorage::F64(g)) => {
+                CpuStorage::F64(backward(contiguous(p, l1)?, contiguous(g, l2)?, t, self.scale))
+            }
+            _ => candle_core::bail!("causal softmax supports f32 and f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// The primitive-op reference the fused op replaces.
+    fn reference(x: &Tensor, scale: f64) -> Tensor {
+        let t = x.dim(D::Minus1).unwrap();
+        let mask: Vec<f64> = (0..t * t).map(|i| if i % t > i / t { -1e9 } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, (t, t), x.device()).unwrap().to_dtype(x.dtype()).unwrap();
+        candle_nn::ops::softmax(&(x * scale).unwrap().broadcast_add(&mask).unwrap(), D::Minus1).unwrap()
+    }
+
+    #[test]
+    fn matches_the_primitive_ops_forward_and_backward() {
+        let dev = Device::Cpu;
+        let mut rng = crate::seed::stream(2, "softmax", 0);
+        let x0 = crate::model::layers::normal_tensor((2, 3, 5, 5), 2.0, &mut rng, &dev)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let up = crate::model::layers::normal_tensor((2, 3, 5, 5), 1.0, &mut rng, &dev)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let x = Var::from_tensor(&x0).unwrap();
+        let fused = causal_softmax(x.as_tensor(), 0.7).unwrap();
+        let plain = reference(x.as_tensor(), 0.7);
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+        };
+        assert!(diff(&fused, &plain) < 1e-12);
+        let g1 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (plain * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap()) < 1e-12);
+    }
+}
