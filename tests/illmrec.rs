@@ -43,6 +43,10 @@ fn setup() -> (tempfile::TempDir, JobConfig, Store) {
     (dir, job, store)
 }
 
+fn single() -> illmrec::dist::Guarded {
+    illmrec::dist::init(&illmrec::dist::DistConfig::default()).unwrap()
+}
+
 fn weights(store: &Store) -> Vec<u8> {
     let latest = store.get_string("runs/tiny-illmrec/checkpoints/LATEST").unwrap().unwrap();
     let step: u64 = latest.parse().unwrap();
@@ -52,12 +56,14 @@ fn weights(store: &Store) -> Vec<u8> {
 #[test]
 fn resumed_training_equals_uninterrupted_training_bit_for_bit() {
     let (_dir, job, store) = setup();
-    let straight = fit(&job, &store, Variant::Image, TrainOptions::default()).unwrap();
+    let straight = fit(&job, &store, Variant::Image, TrainOptions::default(), &mut single()).unwrap();
     assert_eq!((straight.first_step, straight.last_step, straight.total_steps), (0, 6, 6));
     let w_straight = weights(&store);
-    let stopped = fit(&job, &store, Variant::Image, TrainOptions { resume: false, stop_after: Some(3) }).unwrap();
+    let stopped =
+        fit(&job, &store, Variant::Image, TrainOptions { resume: false, stop_after: Some(3) }, &mut single()).unwrap();
     assert_eq!(stopped.last_step, 3);
-    let resumed = fit(&job, &store, Variant::Image, TrainOptions { resume: true, stop_after: None }).unwrap();
+    let resumed =
+        fit(&job, &store, Variant::Image, TrainOptions { resume: true, stop_after: None }, &mut single()).unwrap();
     assert_eq!((resumed.resumed_from, resumed.last_step), (Some(3), 6));
     let losses =
         |r: &illmrec::train::illmrec::FitReport| r.log.iter().map(|l| l.losses.loss.to_bits()).collect::<Vec<_>>();
@@ -77,7 +83,7 @@ fn every_variant_trains_and_scores_all_protocols() {
     let users: Vec<usize> = (0..ds.num_users().min(24)).collect();
     let mut tokens = Vec::new();
     for variant in [Variant::Image, Variant::Title, Variant::Description, Variant::ImageDescription] {
-        let r = fit(&job, &store, variant, TrainOptions::default()).unwrap();
+        let r = fit(&job, &store, variant, TrainOptions::default(), &mut single()).unwrap();
         tokens.push((variant, r.tokens_per_item));
         let scorer = IllmRecScorer::load(&job, &store, &ds, variant).unwrap();
         let protocols = [Protocol::Full, Protocol::Sampled(29)];

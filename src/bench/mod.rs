@@ -6,11 +6,10 @@ use serde::Serialize;
 
 use crate::config::JobConfig;
 use crate::data::prompt::{PromptBuilder, Variant};
-use crate::data::windows::{eval_history, training_sample, TrainingSample};
-use crate::data::{Dataset, Split};
+use crate::data::Dataset;
+use crate::dist::{Collective, Guarded};
 use crate::store::Store;
-use crate::train::illmrec::{Plan, Session, Timings};
-use crate::train::optim::{clip_global_norm, read_params, write_params, AdamW};
+use crate::train::illmrec::{Session, Stepper, Timings};
 use crate::train::TrainError;
 
 /// Peak resident memory of this process so far, in MiB (Linux; 0 elsewhere).
@@ -34,6 +33,9 @@ pub struct VariantTokens {
 pub struct StepBench {
     pub llm: String,
     pub variant: &'static str,
+    pub backend: &'static str,
+    pub world_size: usize,
+    /// Candle's threads per rank.
     pub threads: usize,
     pub batch_size: usize,
     pub steps: usize,
@@ -48,65 +50,66 @@ pub struct StepBench {
     pub forward_seconds: f64,
     pub backward_seconds: f64,
     pub optimizer_seconds: f64,
+    /// Inside collectives (all-reduce, plan and parameter checks), per step, this rank.
+    pub collective_seconds: f64,
+    pub collective_share: f64,
     pub peak_rss_mib: f64,
     pub tokens: Vec<VariantTokens>,
 }
 
-/// Times `steps` full training steps (after `warmup` untimed ones) of `variant` on the job's snapshot.
+/// Times `steps` full training steps (after `warmup` untimed ones) of `variant` on the job's
+/// snapshot, as one rank of `coll` (run it under mpirun for several ranks: each takes its share of
+/// the global batch and the all-reduce is part of the step).
 pub fn step(
     job: &JobConfig,
     store: &Store,
     variant: Variant,
     steps: usize,
     warmup: usize,
+    coll: &mut Guarded,
 ) -> Result<StepBench, TrainError> {
     let ds = crate::data::snapshot::load(store, &job.name)?;
     let sess = Session::new(job, store, &ds, variant)?;
-    let t = &job.train.illmrec;
-    let plan = Plan::new(&ds, t.batch_size, t.epochs, None)?;
-    let vars: Vec<&candle_core::Var> = sess.model.vars().iter().map(|(_, v)| v).collect();
-    let mut params = read_params(&vars)?;
-    let mut opt = AdamW::new(params.len(), t.betas, t.weight_decay);
+    let mut stepper = Stepper::new(job, &sess, &ds, coll.rank(), coll.world())?;
+    coll.set_timeout(std::time::Duration::from_secs(job.dist.startup_timeout_secs));
     let mut sum = Timings::default();
-    let mut optimizer = 0.0;
-    let mut wall = 0.0;
+    let (mut optimizer, mut collective, mut wall) = (0.0, 0.0, 0.0);
     for i in 0..warmup + steps {
-        let (epoch, users) = plan.batch_users(job.train.seed, i as u64 % plan.total_steps);
-        let samples: Vec<TrainingSample> =
-            users.iter().map(|&u| training_sample(&ds, u, epoch, job.train.seed, sess.model.cfg.max_history)).collect();
         let started = Instant::now();
-        let (mut grads, _, timings) = sess.gradients(&ds, &samples, t.risa_weight)?;
-        let o = Instant::now();
-        clip_global_norm(&mut grads, t.grad_clip);
-        opt.update(&mut params, &grads, t.lr);
-        write_params(&vars, &params)?;
+        let out = stepper.step(coll, i as u64 % stepper.plan.total_steps)?;
         if i >= warmup {
-            optimizer += o.elapsed().as_secs_f64();
             wall += started.elapsed().as_secs_f64();
-            sum.prompts += timings.prompts;
-            sum.forward += timings.forward;
-            sum.backward += timings.backward;
-            sum.padded_tokens += timings.padded_tokens;
+            optimizer += out.optimizer_seconds;
+            collective += out.collective_seconds;
+            sum.prompts += out.timings.prompts;
+            sum.forward += out.timings.forward;
+            sum.backward += out.timings.backward;
+            sum.padded_tokens += out.timings.padded_tokens;
         }
     }
     let n = steps.max(1) as f64;
     let per_step = wall / n;
+    let batch = stepper.plan.global_batch;
     Ok(StepBench {
         llm: sess.llm.name.clone(),
         variant: variant.name(),
+        backend: coll.name(),
+        world_size: coll.world(),
         threads: candle_core::utils::get_num_threads(),
-        batch_size: plan.batch,
+        batch_size: batch,
         steps,
         trainable_parameters: sess.model.num_parameters(),
         seconds_per_step: per_step,
-        seconds_per_sample: per_step / plan.batch as f64,
-        samples_per_second: plan.batch as f64 / per_step,
+        seconds_per_sample: per_step / batch as f64,
+        samples_per_second: batch as f64 / per_step,
         padded_tokens_per_step: sum.padded_tokens as f64 / n,
         tokens_per_second: sum.padded_tokens as f64 / wall.max(1e-9),
         prompts_seconds: sum.prompts / n,
         forward_seconds: sum.forward / n,
         backward_seconds: sum.backward / n,
         optimizer_seconds: optimizer / n,
+        collective_seconds: collective / n,
+        collective_share: collective / wall.max(1e-9),
         peak_rss_mib: peak_rss_mib(),
         tokens: variant_tokens(&sess, &ds)?,
     })
@@ -114,22 +117,14 @@ pub fn step(
 
 /// Tokens per item and per test prompt for every prompt variant, with the session's tokenizer.
 fn variant_tokens(sess: &Session, ds: &Dataset) -> Result<Vec<VariantTokens>, TrainError> {
-    let users: Vec<usize> = (0..ds.num_users().min(500)).collect();
-    let max = sess.model.cfg.max_history;
     Variant::ALL
         .iter()
         .map(|&variant| {
             let builder = PromptBuilder { variant, max_description_words: sess.builder.max_description_words };
-            let tokens_per_item = sess.tokens_per_item_with(&builder, ds)?;
-            let mut total = 0usize;
-            for &u in &users {
-                let items: Vec<_> = eval_history(ds, u, Split::Test, max).iter().map(|&i| ds.item(i)).collect();
-                total += sess.prompt_tokens(&builder.retrieval(&items))?;
-            }
             Ok(VariantTokens {
                 variant: variant.name(),
-                tokens_per_item,
-                mean_prompt_tokens: total as f64 / users.len().max(1) as f64,
+                tokens_per_item: sess.tokens_per_item_with(&builder, ds)?,
+                mean_prompt_tokens: sess.mean_prompt_tokens_with(&builder, ds, 500)?,
             })
         })
         .collect()
@@ -139,16 +134,24 @@ impl std::fmt::Display for StepBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{} / {} / batch {} / {} threads / {} trainable values",
-            self.llm, self.variant, self.batch_size, self.threads, self.trainable_parameters
+            "{} / {} / global batch {} / {} x {} with {} threads each / {} trainable values",
+            self.llm,
+            self.variant,
+            self.batch_size,
+            self.world_size,
+            self.backend,
+            self.threads,
+            self.trainable_parameters
         )?;
         writeln!(
             f,
-            "  step {:.3}s = prompts {:.3}s + forward {:.3}s + backward {:.3}s + optimizer {:.3}s",
+            "  step {:.3}s = prompts {:.3}s + forward {:.3}s + backward {:.3}s + collectives {:.3}s ({:.1}%) + optimizer {:.3}s",
             self.seconds_per_step,
             self.prompts_seconds,
             self.forward_seconds,
             self.backward_seconds,
+            self.collective_seconds,
+            100.0 * self.collective_share,
             self.optimizer_seconds
         )?;
         writeln!(
@@ -165,6 +168,118 @@ impl std::fmt::Display for StepBench {
                 f,
                 "  {:<18} {:>6.1} tokens/item {:>7.1} tokens/prompt",
                 t.variant, t.tokens_per_item, t.mean_prompt_tokens
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The all-reduce of a buffer the size of a trainable set, and what it predicts for larger worlds.
+#[derive(Debug, Serialize)]
+pub struct ScalingBench {
+    pub step: StepBench,
+    pub floats: usize,
+    /// Mean seconds of one all-reduce of `floats` values, and of one value (latency).
+    pub allreduce_seconds: f64,
+    pub latency_seconds: f64,
+    /// Payload bytes / time, and the ring's "bus bandwidth" (2(N-1)/N of the payload crosses each link).
+    pub algorithm_mb_per_s: f64,
+    pub bus_mb_per_s: f64,
+    pub projection: Vec<Projection>,
+}
+
+/// Weak scaling under the ring all-reduce cost model T(N) = 2(N-1)·α + 2(N-1)/N · S/β, with α and
+/// β fitted to this machine's measurement and each rank's compute time per step as measured, no
+/// overlap of communication with compute.
+#[derive(Debug, Serialize)]
+pub struct Projection {
+    pub ranks: usize,
+    pub allreduce_seconds: f64,
+    pub step_seconds: f64,
+    pub samples_per_second: f64,
+    pub efficiency: f64,
+}
+
+/// Times all-reduces of `floats` values (`iters` times) and of one value, then projects the step
+/// measured by `step` to 8, 32 and 128 ranks. Needs 2+ ranks.
+pub fn scaling(step: StepBench, coll: &Guarded, floats: usize, iters: usize) -> Result<ScalingBench, TrainError> {
+    let w = coll.world();
+    if w < 2 {
+        return Err(TrainError::Invalid(
+            "bench scaling measures an all-reduce: start it with mpirun -np 2 (or more)".into(),
+        ));
+    }
+    let time = |n: usize| -> Result<f64, TrainError> {
+        let mut buf = vec![1f32; n];
+        coll.all_reduce_sum(&mut buf)?; // warm-up: connections, buffers
+        coll.barrier()?;
+        let started = Instant::now();
+        for _ in 0..iters.max(1) {
+            coll.all_reduce_sum(&mut buf)?;
+        }
+        Ok(started.elapsed().as_secs_f64() / iters.max(1) as f64)
+    };
+    let latency = time(1)?;
+    let big = time(floats)?;
+    let bytes = 4.0 * floats as f64;
+    let ring = |n: usize| 2.0 * (n - 1) as f64 / n as f64;
+    let alpha = latency / (2.0 * (w - 1) as f64);
+    let beta = ring(w) * bytes / (big - 2.0 * (w - 1) as f64 * alpha).max(1e-9);
+    let compute = (step.seconds_per_step - step.collective_seconds).max(1e-9);
+    let per_rank = step.batch_size / w;
+    let projection = [1, 2, 8, 32, 128]
+        .into_iter()
+        .map(|n| {
+            let ar = if n == 1 { 0.0 } else { 2.0 * (n - 1) as f64 * alpha + ring(n) * bytes / beta };
+            let step_seconds = compute + ar;
+            Projection {
+                ranks: n,
+                allreduce_seconds: ar,
+                step_seconds,
+                samples_per_second: (n * per_rank) as f64 / step_seconds,
+                efficiency: compute / step_seconds,
+            }
+        })
+        .collect();
+    Ok(ScalingBench {
+        step,
+        floats,
+        allreduce_seconds: big,
+        latency_seconds: latency,
+        algorithm_mb_per_s: bytes / big / 1e6,
+        bus_mb_per_s: ring(w) * bytes / big / 1e6,
+        projection,
+    })
+}
+
+impl std::fmt::Display for ScalingBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.step)?;
+        writeln!(
+            f,
+            "  all-reduce of {} floats ({:.1} MB) over {} ranks: {:.4}s ({:.0} MB/s payload, {:.0} MB/s bus), 1 float: {:.6}s",
+            self.floats,
+            4.0 * self.floats as f64 / 1e6,
+            self.step.world_size,
+            self.allreduce_seconds,
+            self.algorithm_mb_per_s,
+            self.bus_mb_per_s,
+            self.latency_seconds
+        )?;
+        writeln!(
+            f,
+            "  {:>6} {:>14} {:>10} {:>11} {:>10}",
+            "ranks", "all-reduce s", "step s", "samples/s", "efficiency"
+        )?;
+        for p in &self.projection {
+            writeln!(
+                f,
+                "  {:>6} {:>14.4} {:>10.3} {:>11.1} {:>9.1}%",
+                p.ranks,
+                p.allreduce_seconds,
+                p.step_seconds,
+                p.samples_per_second,
+                100.0 * p.efficiency
             )?;
         }
         Ok(())

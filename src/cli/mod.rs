@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::JobConfig;
 use crate::data::{self, Split};
+use crate::dist::Collective;
 use crate::eval::{self, EvalResult, Protocol};
 use crate::store::Store;
 use crate::train::illmrec::TrainOptions;
@@ -121,6 +122,23 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Under mpirun -np 2+: the step at this world size, the all-reduce of a trainable set of
+    /// `--floats` values, and the projected weak scaling to 8, 32 and 128 ranks.
+    Scaling {
+        #[arg(long)]
+        job: PathBuf,
+        #[arg(long, default_value = "illmrec")]
+        model: ModelKind,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// The trainable set of I-LLMRec on a 2.7B backbone is about 15M values.
+        #[arg(long, default_value_t = 15_000_000)]
+        floats: usize,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn main() -> Result<()> {
@@ -153,9 +171,13 @@ pub fn main() -> Result<()> {
             Ok(())
         }
         Command::Train { job, model, resume, stop_after } => {
+            crate::dist::configure_threads(&crate::dist::Launcher::detect());
             let job = load(&job)?;
-            let report = train::train(&job, &open_store(&job)?, model, TrainOptions { resume, stop_after })?;
-            println!("{} -> runs/{}", report.summary, report.run_id);
+            let mut coll = crate::dist::init(&job.dist)?;
+            let report = train::train(&job, &open_store(&job)?, model, TrainOptions { resume, stop_after }, &mut coll)?;
+            if coll.rank() == 0 {
+                println!("{} -> runs/{}", report.summary, report.run_id);
+            }
             Ok(())
         }
         Command::Eval { job, model, protocol, split, json } => {
@@ -194,18 +216,7 @@ pub fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Bench { what: BenchCommand::Step { job, model, steps, warmup, json } } => {
-            let job = load(&job)?;
-            let ModelKind::Illmrec(variant) = model else {
-                anyhow::bail!("bench step measures the LLM recommenders (illmrec, illmrec:title, ...), not {model}");
-            };
-            let r = crate::bench::step(&job, &open_store(&job)?, variant, steps, warmup)?;
-            if !json {
-                print!("{r}");
-            }
-            println!("{}", serde_json::to_string(&r)?);
-            Ok(())
-        }
+        Command::Bench { what } => bench(what),
         Command::Run { job, root } => {
             let mut job = match job {
                 Some(path) => load(&path)?,
@@ -225,6 +236,34 @@ pub fn main() -> Result<()> {
             run(&job)
         }
     }
+}
+
+fn bench(what: BenchCommand) -> Result<()> {
+    crate::dist::configure_threads(&crate::dist::Launcher::detect());
+    let (job, model, steps, warmup, json) = match &what {
+        BenchCommand::Step { job, model, steps, warmup, json } => (job, *model, *steps, *warmup, *json),
+        BenchCommand::Scaling { job, model, steps, json, .. } => (job, *model, *steps, 1, *json),
+    };
+    let job = load(job)?;
+    let ModelKind::Illmrec(variant) = model else {
+        anyhow::bail!("the benchmarks measure the LLM recommenders (illmrec, illmrec:title, ...), not {model}");
+    };
+    let mut coll = crate::dist::init(&job.dist)?;
+    let step = crate::bench::step(&job, &open_store(&job)?, variant, steps, warmup, &mut coll)?;
+    let (text, value) = match what {
+        BenchCommand::Step { .. } => (step.to_string(), serde_json::to_value(&step)?),
+        BenchCommand::Scaling { floats, iters, .. } => {
+            let r = crate::bench::scaling(step, &coll, floats, iters)?;
+            (r.to_string(), serde_json::to_value(&r)?)
+        }
+    };
+    if coll.rank() == 0 {
+        if !json {
+            print!("{text}");
+        }
+        println!("{value}");
+    }
+    Ok(())
 }
 
 fn load(path: &Path) -> Result<JobConfig> {
@@ -293,6 +332,10 @@ fn run(job: &JobConfig) -> Result<()> {
     let ds = data::snapshot::load(&store, &job.name)?;
     let mut results = Vec::new();
     let mut features_ready = false;
+    let mut coll = crate::dist::init(&job.dist)?;
+    if coll.world() > 1 {
+        anyhow::bail!("`run` is the single-process pipeline; start `train` under mpirun/srun for several ranks");
+    }
     for name in &job.train.models {
         let kind: ModelKind = name.parse().map_err(anyhow::Error::msg)?;
         let t = std::time::Instant::now();
@@ -301,7 +344,7 @@ fn run(job: &JobConfig) -> Result<()> {
             println!("features:\n{}", features(job, &store, &ds)?);
             features_ready = true;
         }
-        let report = train::train(job, &store, kind, TrainOptions::default())?;
+        let report = train::train(job, &store, kind, TrainOptions::default(), &mut coll)?;
         println!("{} ({:.1}s)", report.summary, t.elapsed().as_secs_f64());
         results.extend(evaluate(job, &store, &ds, kind, Split::Test, &job.eval.protocols)?);
     }

@@ -235,13 +235,26 @@ fn key_error(file: &Path, key: &str, message: &str) -> ConfigError {
     ConfigError::Key { file: file.to_path_buf(), key: key.to_string(), message: message.to_string() }
 }
 
-/// Deep merge: mappings merge key by key, anything else in `top` replaces `base`.
+/// Keys whose value picks one of several kinds (`model.llm: {gguf: ...}` or `{tiny: ...}`): a later
+/// file replaces the choice instead of merging two kinds into one invalid mapping.
+const CHOICES: &[&str] = &["data.source", "model.llm", "features.image", "features.text", "features.cf"];
+
+/// Deep merge: mappings merge key by key (except at `CHOICES`), anything else in `top` replaces `base`.
 fn overlay(base: Value, top: Value) -> Value {
+    overlay_at(base, top, "")
+}
+
+fn overlay_at(base: Value, top: Value, path: &str) -> Value {
     match (base, top) {
-        (Value::Mapping(mut b), Value::Mapping(t)) => {
+        (Value::Mapping(mut b), Value::Mapping(t)) if !CHOICES.contains(&path) => {
             for (k, v) in t {
+                let child = match &k {
+                    Value::String(name) if path.is_empty() => name.clone(),
+                    Value::String(name) => format!("{path}.{name}"),
+                    _ => String::new(),
+                };
                 let merged = match b.remove(&k) {
-                    Some(old) => overlay(old, v),
+                    Some(old) => overlay_at(old, v, &child),
                     None => v,
                 };
                 b.insert(k, merged);

@@ -92,3 +92,22 @@ fn shipped_jobs_and_presets_load() {
         }
     }
 }
+
+#[test]
+fn a_later_file_replaces_a_kind_choice_instead_of_merging_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("base.yaml"),
+        "name: a\ndata: {source: {recbole: {dir: d, name: n}}, k_core: 3}\nmodel: {llm: {tiny: {seed: 2}}}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("job.yaml"),
+        "include: [base.yaml]\nmodel: {llm: {gguf: {file: m.gguf}}}\ndata: {k_core: 4}\n",
+    )
+    .unwrap();
+    let job = JobConfig::load(&dir.path().join("job.yaml")).unwrap();
+    assert_eq!(job.model.llm, crate::model::llm::LlmSource::Gguf { file: "m.gguf".into() });
+    assert_eq!(job.data.k_core, 4);
+    assert!(matches!(job.data.source, crate::data::SourceConfig::Recbole { .. }));
+}

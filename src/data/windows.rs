@@ -3,7 +3,6 @@
 //! (seed, epoch, user), so a sample does not depend on batch size, step, or how users are spread over
 //! ranks: the property the data-parallel equivalence and exact resume rest on.
 
-use rand::seq::SliceRandom;
 use rand::Rng as _;
 
 use super::dataset::{Dataset, Split};
@@ -24,13 +23,6 @@ pub struct TrainingSample {
 /// Users with at least one (history, target) pair in their training part.
 pub fn trainable_users(ds: &Dataset) -> Vec<usize> {
     (0..ds.num_users()).filter(|&u| ds.train(u).len() >= 2).collect()
-}
-
-/// The epoch's order of `users`: a seeded permutation.
-pub fn epoch_order(users: &[usize], seed: u64, epoch: u64) -> Vec<usize> {
-    let mut order = users.to_vec();
-    order.shuffle(&mut stream(seed, "illmrec/epoch-order", epoch));
-    order
 }
 
 /// The user's sample for `epoch`. The window cap is `max_history` or half of it with equal chance;
@@ -117,6 +109,5 @@ mod tests {
         assert_eq!(training_sample(&ds, 0, 3, 7, 10), training_sample(&ds, 0, 3, 7, 10));
         assert_ne!(training_sample(&ds, 0, 3, 7, 10), training_sample(&ds, 0, 4, 7, 10));
         assert_eq!(eval_history(&ds, 0, Split::Test, 10), &(10..=19).collect::<Vec<u32>>()[..]);
-        assert_eq!(epoch_order(&[1, 2, 3, 4], 1, 0), epoch_order(&[1, 2, 3, 4], 1, 0));
     }
 }

@@ -17,8 +17,10 @@ use super::runs;
 use super::{Result, TrainError};
 use crate::config::JobConfig;
 use crate::data::prompt::{PromptBuilder, Segment, Variant};
-use crate::data::windows::{epoch_order, trainable_users, training_sample, TrainingSample};
+use crate::data::windows::{trainable_users, training_sample, TrainingSample};
 use crate::data::Dataset;
+use crate::dist::plan::ShardPlan;
+use crate::dist::{check_same, Collective, Guarded};
 use crate::model::illmrec::batch::{encode, EncodedBatch};
 use crate::model::illmrec::{FeatureMatrix, Features, IllmRec};
 use crate::model::llm::Llm;
@@ -168,6 +170,24 @@ impl Session {
         Ok(total as f64 / ds.num_items().max(1) as f64)
     }
 
+    /// Mean tokens of the test-split retrieval prompt (the last `max_history` items) over the first
+    /// `users` users.
+    pub fn mean_prompt_tokens(&self, ds: &Dataset, users: usize) -> Result<f64> {
+        self.mean_prompt_tokens_with(&self.builder, ds, users)
+    }
+
+    /// The same for another prompt variant's builder.
+    pub fn mean_prompt_tokens_with(&self, builder: &PromptBuilder, ds: &Dataset, users: usize) -> Result<f64> {
+        let n = ds.num_users().min(users).max(1);
+        let mut total = 0;
+        for u in 0..n {
+            let h = crate::data::windows::eval_history(ds, u, crate::data::Split::Test, self.model.cfg.max_history);
+            let items: Vec<_> = h.iter().map(|&i| ds.item(i)).collect();
+            total += self.prompt_tokens(&builder.retrieval(&items))?;
+        }
+        Ok(total as f64 / n as f64)
+    }
+
     /// Tokens of a whole prompt (answer excluded).
     pub fn prompt_tokens(&self, prompt: &crate::data::prompt::Prompt) -> Result<usize> {
         self.segment_tokens(&prompt.segments)
@@ -221,6 +241,8 @@ pub struct StepLog {
 pub struct FitReport {
     pub variant: &'static str,
     pub llm: String,
+    pub backend: &'static str,
+    pub world_size: usize,
     pub trainable_parameters: usize,
     pub users: usize,
     pub steps_per_epoch: u64,
@@ -230,45 +252,115 @@ pub struct FitReport {
     pub resumed_from: Option<u64>,
     pub seconds: f64,
     pub samples_per_second: f64,
+    /// Seconds inside collectives (all-reduce, checks), this rank.
+    pub collective_seconds: f64,
     pub tokens_per_item: f64,
     pub mean_prompt_tokens: f64,
     pub fallback_items: usize,
     pub log: Vec<StepLog>,
 }
 
-/// The step schedule: every rank's equal share of an epoch's users per step.
-pub struct Plan {
-    pub users: Vec<usize>,
-    pub batch: usize,
-    pub steps_per_epoch: u64,
-    pub total_steps: u64,
+/// Linear decay from `base` to 0 over `total` steps, no warm-up: the rate of update `step` (0-based).
+pub fn linear_decay(base: f64, step: u64, total: u64) -> f64 {
+    base * (total - step.min(total)) as f64 / total.max(1) as f64
 }
 
-impl Plan {
-    pub fn new(ds: &Dataset, batch: usize, epochs: u64, max_steps: Option<u64>) -> Result<Self> {
-        let users = trainable_users(ds);
-        if users.is_empty() {
-            return Err(TrainError::Invalid("no user has a training sequence of 2+ items".into()));
+/// What one step did.
+#[derive(Debug, Clone)]
+pub struct StepOutcome {
+    pub log: StepLog,
+    pub timings: Timings,
+    /// Seconds this rank spent in collectives during the step.
+    pub collective_seconds: f64,
+    pub optimizer_seconds: f64,
+}
+
+/// The training loop's moving parts: the plan, the flat parameters and the optimizer. `step` runs
+/// one global step as this rank; `fit` and `illmrec bench step` both drive it.
+pub struct Stepper<'a> {
+    sess: &'a Session,
+    ds: &'a Dataset,
+    pub plan: ShardPlan,
+    cfg: &'a crate::train::IllmRecTrainConfig,
+    seed: u64,
+    check_every: u64,
+    pub params: Vec<f32>,
+    pub opt: AdamW,
+    order: Option<(u64, Vec<usize>)>,
+}
+
+impl<'a> Stepper<'a> {
+    pub fn new(job: &'a JobConfig, sess: &'a Session, ds: &'a Dataset, rank: usize, world: usize) -> Result<Self> {
+        let cfg = &job.train.illmrec;
+        let plan = ShardPlan::new(
+            trainable_users(ds),
+            job.train.seed,
+            cfg.batch_size,
+            rank,
+            world,
+            cfg.epochs,
+            cfg.max_steps,
+        )?;
+        let params = read_params(&sess.vars())?;
+        let opt = AdamW::new(params.len(), cfg.betas, cfg.weight_decay);
+        Ok(Self {
+            sess,
+            ds,
+            plan,
+            cfg,
+            seed: job.train.seed,
+            check_every: job.dist.check_every,
+            params,
+            opt,
+            order: None,
+        })
+    }
+
+    /// Global step `step` (0-based): this rank's share of the users, one all-reduce that averages
+    /// the gradients (the losses ride along), clipping, the update every rank applies alike.
+    pub fn step(&mut self, coll: &Guarded, step: u64) -> Result<StepOutcome> {
+        let epoch = self.plan.epoch_of(step);
+        if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            self.order = Some((epoch, self.plan.agreed_order(coll, epoch)?));
         }
-        let batch = batch.min(users.len());
-        // Whole batches only, so every step (and every rank) sees the same number of users; the
-        // epoch's permutation changes which users fall off the end.
-        let steps_per_epoch = (users.len() / batch) as u64;
-        let total = steps_per_epoch * epochs;
-        Ok(Self { users, batch, steps_per_epoch, total_steps: max_steps.map_or(total, |m| m.min(total).max(1)) })
-    }
-
-    /// The users of global step `step` (0-based).
-    pub fn batch_users(&self, seed: u64, step: u64) -> (u64, Vec<usize>) {
-        let epoch = step / self.steps_per_epoch;
-        let pos = (step % self.steps_per_epoch) as usize;
-        let order = epoch_order(&self.users, seed, epoch);
-        (epoch, order[pos * self.batch..(pos + 1) * self.batch].to_vec())
-    }
-
-    /// Linear decay from `lr` to 0 over the run, no warm-up.
-    pub fn lr(&self, base: f64, step: u64) -> f64 {
-        base * (self.total_steps - step) as f64 / self.total_steps as f64
+        let order = self.order.as_ref().map(|(_, o)| &o[..]).unwrap_or_default();
+        let max_history = self.sess.model.cfg.max_history;
+        let samples: Vec<TrainingSample> = self
+            .plan
+            .rank_users(order, step)
+            .iter()
+            .map(|&u| training_sample(self.ds, u, epoch, self.seed, max_history))
+            .collect();
+        let (mut grads, local, timings) = self.sess.gradients(self.ds, &samples, self.cfg.risa_weight)?;
+        // Dividing the sum of per-rank means by the world size gives the mean over the global batch.
+        grads.extend([local.loss as f32, local.reri as f32, local.risa as f32]);
+        coll.all_reduce_sum(&mut grads)?;
+        let scale = 1.0 / coll.world() as f32;
+        grads.iter_mut().for_each(|g| *g *= scale);
+        let tail = grads.split_off(grads.len() - 3);
+        let losses = Losses { loss: tail[0] as f64, reri: tail[1] as f64, risa: tail[2] as f64 };
+        if !losses.loss.is_finite() {
+            return Err(TrainError::Invalid(format!("the loss became {} at step {}", losses.loss, step + 1)));
+        }
+        let started = Instant::now();
+        let grad_norm = clip_global_norm(&mut grads, self.cfg.grad_clip);
+        let lr = linear_decay(self.cfg.lr, step, self.plan.total_steps);
+        self.opt.update(&mut self.params, &grads, lr);
+        write_params(&self.sess.vars(), &self.params)?;
+        let optimizer_seconds = started.elapsed().as_secs_f64();
+        if (step + 1) % self.check_every == 0 {
+            check_same(
+                coll,
+                &format!("the parameters after step {}", step + 1),
+                &state_digest(&self.params, step + 1),
+            )?;
+        }
+        Ok(StepOutcome {
+            log: StepLog { step: step + 1, epoch, losses, grad_norm, lr },
+            timings,
+            collective_seconds: coll.take_spent().as_secs_f64(),
+            optimizer_seconds,
+        })
     }
 }
 
@@ -343,17 +435,27 @@ fn read_log(store: &Store, run_id: &str, up_to: u64) -> Result<Vec<StepLog>> {
     Ok(log)
 }
 
-/// Trains `variant` on the job's latest snapshot (or continues it with `opts.resume`).
-pub fn fit(job: &JobConfig, store: &Store, variant: Variant, opts: TrainOptions) -> Result<FitReport> {
+/// Trains `variant` on the job's latest snapshot (or continues it with `opts.resume`) as one rank of
+/// `coll`: each rank computes the gradients of its share of the step's users, one all-reduce averages
+/// them (with the losses riding along), and every rank applies the same update. Rank 0 writes the
+/// checkpoints and the log.
+pub fn fit(
+    job: &JobConfig,
+    store: &Store,
+    variant: Variant,
+    opts: TrainOptions,
+    coll: &mut Guarded,
+) -> Result<FitReport> {
     let started = Instant::now();
     let tcfg = &job.train.illmrec;
+    let (rank, world) = (coll.rank(), coll.world());
+    let lead = rank == 0;
     let ds = crate::data::snapshot::load(store, &job.name)?;
     let run_id = super::run_id(job, super::ModelKind::Illmrec(variant));
     let sess = Session::new(job, store, &ds, variant)?;
-    let plan = Plan::new(&ds, tcfg.batch_size, tcfg.epochs, tcfg.max_steps)?;
+    let mut stepper = Stepper::new(job, &sess, &ds, rank, world)?;
+    let plan = stepper.plan.clone();
     let vars = sess.vars();
-    let mut params = read_params(&vars)?;
-    let mut opt = AdamW::new(params.len(), tcfg.betas, tcfg.weight_decay);
     let finger = fingerprint(job, variant, &ds);
     let (mut next_step, mut log, resumed_from) = if opts.resume {
         let ckpt = runs::load_latest(store, &run_id)?.ok_or_else(|| {
@@ -362,16 +464,31 @@ pub fn fit(job: &JobConfig, store: &Store, variant: Variant, opts: TrainOptions)
         check_fingerprint(&ckpt.state["fingerprint"], &finger, &run_id)?;
         let what = format!("runs/{run_id} checkpoint {}", ckpt.step);
         sess.model.load_host(&read_weights(ckpt.file("weights.safetensors")?, &what)?)?;
-        params = read_params(&vars)?;
-        opt = read_optimizer(ckpt.file("optimizer.safetensors")?, &what, tcfg.betas, tcfg.weight_decay, params.len())?;
+        stepper.params = read_params(&vars)?;
+        stepper.opt = read_optimizer(
+            ckpt.file("optimizer.safetensors")?,
+            &what,
+            tcfg.betas,
+            tcfg.weight_decay,
+            stepper.params.len(),
+        )?;
         (ckpt.step, read_log(store, &run_id, ckpt.step)?, Some(ckpt.step))
     } else {
-        runs::clear(store, &run_id)?;
+        if lead {
+            runs::clear(store, &run_id)?;
+        }
         (0, Vec::new(), None)
     };
+    // Every rank has loaded the model: from here a collective should return within a step.
+    check_same(coll, "the starting parameters and step", &state_digest(&stepper.params, next_step))?;
+    coll.set_timeout(std::time::Duration::from_secs(job.dist.timeout_secs));
+    coll.take_spent();
     let last = opts.stop_after.map_or(plan.total_steps, |s| s.min(plan.total_steps));
-    let mut progress = Progress::new(&job.telemetry, &format!("illmrec:{}", variant.name()), plan.total_steps);
-    progress.inc(next_step);
+    let mut progress =
+        lead.then(|| Progress::new(&job.telemetry, &format!("illmrec:{}", variant.name()), plan.total_steps));
+    if let Some(p) = progress.as_mut() {
+        p.inc(next_step);
+    }
     let save = |step: u64, opt: &AdamW, log: &[StepLog]| -> Result<()> {
         let state = json!({
             "model": super::ModelKind::Illmrec(variant).to_string(),
@@ -379,9 +496,10 @@ pub fn fit(job: &JobConfig, store: &Store, variant: Variant, opts: TrainOptions)
             "dataset": ds.name,
             "dataset_key": ds.key,
             "step": step,
-            "epoch": step / plan.steps_per_epoch,
+            "epoch": plan.epoch_of(step),
             "steps_per_epoch": plan.steps_per_epoch,
             "total_steps": plan.total_steps,
+            "world_size": world,
             "rng": "counter-based: every draw is keyed by (seed, epoch, user); the step is the whole state",
             "fingerprint": finger,
         });
@@ -396,42 +514,39 @@ pub fn fit(job: &JobConfig, store: &Store, variant: Variant, opts: TrainOptions)
         write_log(store, &run_id, log)
     };
     let first_step = next_step;
-    let mut mean_prompt = (0.0, 0usize);
+    let mut comm = 0.0;
     while next_step < last {
-        let (epoch, users) = plan.batch_users(job.train.seed, next_step);
-        let samples: Vec<TrainingSample> =
-            users.iter().map(|&u| training_sample(&ds, u, epoch, job.train.seed, sess.model.cfg.max_history)).collect();
-        let (mut grads, losses, _) = sess.gradients(&ds, &samples, tcfg.risa_weight)?;
-        if !losses.loss.is_finite() {
-            return Err(TrainError::Invalid(format!("the loss became {} at step {}", losses.loss, next_step + 1)));
-        }
-        let grad_norm = clip_global_norm(&mut grads, tcfg.grad_clip);
-        let lr = plan.lr(tcfg.lr, next_step);
-        opt.update(&mut params, &grads, lr);
-        write_params(&vars, &params)?;
+        let out = stepper.step(coll, next_step)?;
         next_step += 1;
-        log.push(StepLog { step: next_step, epoch, losses, grad_norm, lr });
-        if mean_prompt.1 == 0 {
-            let b = sess.retrieval_batch(&ds, &samples.iter().map(|s| &s.history[..]).collect::<Vec<_>>())?;
-            mean_prompt = (b.lengths.iter().sum::<usize>() as f64 / b.rows as f64, 1);
+        comm += out.collective_seconds;
+        if let Some(p) = progress.as_mut() {
+            let l = out.log.losses;
+            p.set_message(format!("loss {:.4} (reri {:.4} risa {:.4})", l.loss, l.reri, l.risa));
+            p.inc(1);
         }
-        progress.set_message(format!("loss {:.4} (reri {:.4} risa {:.4})", losses.loss, losses.reri, losses.risa));
-        progress.inc(1);
-        if next_step % tcfg.checkpoint_every == 0 && next_step < last {
-            save(next_step, &opt, &log)?;
+        log.push(out.log);
+        if lead && next_step % tcfg.checkpoint_every == 0 && next_step < last {
+            save(next_step, &stepper.opt, &log)?;
         }
     }
-    progress.finish();
-    if next_step > first_step || resumed_from.is_none() {
-        save(next_step, &opt, &log)?;
+    if let Some(p) = progress {
+        p.finish();
     }
+    if lead && (next_step > first_step || resumed_from.is_none()) {
+        save(next_step, &stepper.opt, &log)?;
+    }
+    // Nobody leaves before the last checkpoint is committed: a launcher that restarts the job on
+    // the first exit would otherwise resume from the one before.
+    coll.barrier()?;
     let seconds = started.elapsed().as_secs_f64();
-    let trained = (next_step - first_step) as f64 * plan.batch as f64;
+    let trained = (next_step - first_step) as f64 * plan.global_batch as f64;
     Ok(FitReport {
         variant: variant.name(),
         llm: sess.llm.name.clone(),
+        backend: coll.name(),
+        world_size: world,
         trainable_parameters: sess.model.num_parameters(),
-        users: plan.users.len(),
+        users: ds.num_users(),
         steps_per_epoch: plan.steps_per_epoch,
         total_steps: plan.total_steps,
         first_step,
@@ -439,11 +554,21 @@ pub fn fit(job: &JobConfig, store: &Store, variant: Variant, opts: TrainOptions)
         resumed_from,
         seconds,
         samples_per_second: trained / seconds.max(1e-9),
+        collective_seconds: comm,
         tokens_per_item: sess.tokens_per_item(&ds)?,
-        mean_prompt_tokens: mean_prompt.0,
+        mean_prompt_tokens: sess.mean_prompt_tokens(&ds, 200)?,
         fallback_items: sess.fallback_items,
         log,
     })
+}
+
+/// A digest of the parameters and step: equal on every rank of a healthy run.
+fn state_digest(params: &[f32], step: u64) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(step.to_le_bytes());
+    h.update(bytemuck::cast_slice(params));
+    h.finalize().to_vec()
 }
 
 fn check_fingerprint(saved: &serde_json::Value, now: &serde_json::Value, run_id: &str) -> Result<()> {

@@ -18,6 +18,7 @@ pub use config::{IllmRecTrainConfig, SasRecTrainConfig, TrainConfig};
 use crate::config::JobConfig;
 use crate::data::prompt::Variant;
 use crate::data::{DataError, Dataset};
+use crate::dist::Collective;
 use crate::eval::EvalError;
 use crate::features::FeatureTable;
 use crate::model::pop::Pop;
@@ -40,6 +41,8 @@ pub enum TrainError {
     /// Boxed: feature errors carry storage errors and would make every `Result` here large.
     #[error(transparent)]
     Features(Box<crate::features::FeatureError>),
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -108,16 +111,25 @@ pub struct TrainReport {
 }
 
 /// Fits `kind` on the latest snapshot of the job's dataset and saves it.
-pub fn train(job: &JobConfig, store: &Store, kind: ModelKind, opts: illmrec::TrainOptions) -> Result<TrainReport> {
+pub fn train(
+    job: &JobConfig,
+    store: &Store,
+    kind: ModelKind,
+    opts: illmrec::TrainOptions,
+    coll: &mut crate::dist::Guarded,
+) -> Result<TrainReport> {
     let id = run_id(job, kind);
     if let ModelKind::Illmrec(variant) = kind {
-        let r = illmrec::fit(job, store, variant, opts)?;
-        runs::put_report(store, &id, "fit.json", serde_json::to_vec_pretty(&r).unwrap_or_default())?;
+        let r = illmrec::fit(job, store, variant, opts, coll)?;
+        if coll.rank() == 0 {
+            runs::put_report(store, &id, "fit.json", serde_json::to_vec_pretty(&r).unwrap_or_default())?;
+        }
         let last = r.log.last().map(|l| l.losses).unwrap_or_default();
         let resumed = r.resumed_from.map(|s| format!(" (resumed at step {s})")).unwrap_or_default();
         let summary = format!(
             "{kind}: steps {}..{} of {}{resumed} in {:.1}s ({:.2} samples/s), loss {:.4} (reri {:.4}, risa {:.4}); \
-             {} trainable values on {}; {:.1} tokens per item, {:.0} tokens per prompt; {} items via fallback",
+             {} trainable values on {}; {:.1} tokens per item, {:.0} tokens per prompt; {} items via fallback; \
+             {} x {}, {:.1}s in collectives",
             r.first_step,
             r.last_step,
             r.total_steps,
@@ -130,9 +142,15 @@ pub fn train(job: &JobConfig, store: &Store, kind: ModelKind, opts: illmrec::Tra
             r.llm,
             r.tokens_per_item,
             r.mean_prompt_tokens,
-            r.fallback_items
+            r.fallback_items,
+            r.world_size,
+            r.backend,
+            r.collective_seconds
         );
         return Ok(TrainReport { run_id: id, summary });
+    }
+    if coll.world() > 1 {
+        return Err(TrainError::Invalid(format!("{kind} trains in one process; start it without mpirun/srun")));
     }
     let ds = crate::data::snapshot::load(store, &job.name)?;
     let mut state =

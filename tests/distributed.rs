@@ -1,0 +1,221 @@
+//! Data-parallel training under a real launcher: `mpirun --oversubscribe` with Open MPI, the tiny
+//! LLM, on loopback. N ranks must equal 1 rank with the same global batch, a dead or stalled rank
+//! must end every rank quickly, and a run must resume on another number of ranks.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use illmrec::tensorfile::TensorFile;
+
+const BIN: &str = env!("CARGO_BIN_EXE_illmrec");
+
+fn job(root: &str, max_steps: u64, timeout: u64) -> String {
+    format!(
+        r#"
+name: dist
+data:
+  synth: {{out: raw, items: 240, users: 160, categories: 6, seed: 5, image_size: 24, min_sequence: 6, max_sequence: 10}}
+  source:
+    amazon: {{reviews: raw/reviews.jsonl.gz, meta: raw/meta.jsonl.gz, images: raw/images}}
+  k_core: 2
+  negatives: 29
+features:
+  image: {{tiny_siglip: {{seed: 1, image_size: 24, patch_size: 8, hidden: 32}}}}
+  text: {{tiny_bert: {{seed: 1, hidden: 32}}}}
+model:
+  llm: {{tiny: {{seed: 1, layers: 2, hidden: 64}}}}
+  illmrec: {{retrieval: [image, text], adaptor_hidden: 32, head_dim: 32, max_history: 6}}
+train:
+  illmrec: {{batch_size: 4, lr: 0.001, max_steps: {max_steps}, checkpoint_every: 2}}
+dist: {{timeout_secs: {timeout}, check_every: 2}}
+storage: {{root: {root}}}
+telemetry: {{progress: off}}
+"#
+    )
+}
+
+/// A folder with the synthetic catalog, and job files `<name>.yaml` prepared with features under
+/// their own storage roots.
+fn setup(jobs: &[(&str, u64, u64)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, (name, steps, timeout)) in jobs.iter().enumerate() {
+        std::fs::write(dir.path().join(format!("{name}.yaml")), job(&format!("store-{name}"), *steps, *timeout))
+            .unwrap();
+        let file = format!("{name}.yaml");
+        let stages: &[&str] = if i == 0 { &["synth", "prepare", "features"] } else { &["prepare", "features"] };
+        for stage in stages {
+            run(dir.path(), &[stage, "--job", &file]);
+        }
+    }
+    dir
+}
+
+fn run(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "illmrec {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn mpirun(dir: &Path, np: usize, args: &[&str]) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["--oversubscribe", "-np", &np.to_string(), BIN])
+        .args(args)
+        .current_dir(dir)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        // One rank per core on this 2-core machine; what `configure_threads` does for real runs.
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    c
+}
+
+fn train(dir: &Path, np: usize, job: &str, extra: &[&str]) {
+    let file = format!("{job}.yaml");
+    let mut args = vec!["train", "--job", file.as_str(), "--model", "illmrec"];
+    args.extend(extra);
+    let out = mpirun(dir, np, &args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "mpirun -np {np} illmrec {args:?}:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every tensor of the run's LATEST weights, by name.
+fn weights(dir: &Path, job: &str) -> Vec<(String, Vec<f32>)> {
+    let run = dir.join(format!("store-{job}/runs/dist-illmrec/checkpoints"));
+    let step: u64 = std::fs::read_to_string(run.join("LATEST")).unwrap().trim().parse().unwrap();
+    let bytes = std::fs::read(run.join(format!("{step:010}/weights.safetensors"))).unwrap();
+    let tf = TensorFile::parse(&bytes, "weights").unwrap();
+    tf.names().into_iter().map(|n| (n.clone(), tf.f32(&n).unwrap().1)).collect()
+}
+
+/// Largest difference between two runs' parameters, relative to each tensor's largest magnitude
+/// (an element-wise ratio is meaningless for weights that sit near zero), and where it is.
+fn largest_difference(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> (f32, String) {
+    let mut worst = (0f32, String::new());
+    for ((name, x), (name_b, y)) in a.iter().zip(b) {
+        assert_eq!(name, name_b);
+        let scale = x.iter().chain(y).fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+        for (i, (p, q)) in x.iter().zip(y).enumerate() {
+            let rel = (p - q).abs() / scale;
+            if rel > worst.0 {
+                worst = (rel, format!("{name}[{i}]: {p} vs {q} (tensor scale {scale})"));
+            }
+        }
+    }
+    worst
+}
+
+#[test]
+fn two_ranks_equal_one_rank_with_the_same_global_batch() {
+    let dir = setup(&[("one", 6, 60), ("two", 6, 60)]);
+    train(dir.path(), 1, "one", &[]);
+    train(dir.path(), 2, "two", &[]);
+    let (diff, at) = largest_difference(&weights(dir.path(), "one"), &weights(dir.path(), "two"));
+    eprintln!("2 ranks vs 1 rank after 6 steps: largest relative difference {diff:.2e} at {at}");
+    assert!(diff < 1e-5, "{diff} at {at}");
+}
+
+#[test]
+fn a_run_resumes_on_another_number_of_ranks() {
+    let dir = setup(&[("straight", 6, 60), ("grow", 6, 60), ("shrink", 6, 60)]);
+    train(dir.path(), 1, "straight", &[]);
+    // 2 ranks for 3 steps, then 1 rank to the end; and the reverse.
+    train(dir.path(), 2, "shrink", &["--stop-after", "3"]);
+    train(dir.path(), 1, "shrink", &["--resume"]);
+    train(dir.path(), 1, "grow", &["--stop-after", "3"]);
+    train(dir.path(), 2, "grow", &["--resume"]);
+    let straight = weights(dir.path(), "straight");
+    for job in ["shrink", "grow"] {
+        let (diff, at) = largest_difference(&straight, &weights(dir.path(), job));
+        eprintln!("{job}: largest relative difference to the uninterrupted run {diff:.2e} at {at}");
+        assert!(diff < 1e-5, "{job}: {diff} at {at}");
+    }
+}
+
+/// The pids of processes whose parent is `parent`.
+fn children(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // Fields after the parenthesised command name: state, ppid, ...
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        if after.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')).unwrap_or(true))
+        .unwrap_or(false)
+}
+
+/// Starts a long 2-rank run, waits until it trains, sends `signal` to rank 1, and checks that every
+/// process is gone with a non-zero status within `limit`.
+fn disrupt_one_rank(signal: &str, timeout_secs: u64, limit: Duration) {
+    let dir = setup(&[("long", 100_000, timeout_secs)]);
+    let log = dir.path().join("mpirun.log");
+    let mut child = mpirun(dir.path(), 2, &["train", "--job", "long.yaml", "--model", "illmrec"])
+        .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .stderr(Stdio::from(std::fs::File::create(dir.path().join("mpirun.err")).unwrap()))
+        .spawn()
+        .unwrap();
+    // Wait for the first checkpoint: both ranks are then inside the training loop.
+    let ckpt = dir.path().join("store-long/runs/dist-illmrec/checkpoints/LATEST");
+    let started = Instant::now();
+    while !ckpt.exists() {
+        assert!(started.elapsed() < Duration::from_secs(120), "the run never reached its first checkpoint");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "mpirun ended early: {}",
+            std::fs::read_to_string(dir.path().join("mpirun.err")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ranks: Vec<u32> = children(child.id());
+    assert_eq!(ranks.len(), 2, "expected 2 rank processes under mpirun, found {ranks:?}");
+    let hit = Instant::now();
+    let status = Command::new("kill").args([signal, &ranks[1].to_string()]).status().unwrap();
+    assert!(status.success());
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if hit.elapsed() > limit {
+            let _ = child.kill();
+            for r in &ranks {
+                let _ = Command::new("kill").args(["-KILL", &r.to_string()]).status();
+            }
+            panic!("mpirun still running {limit:?} after {signal} of rank 1");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = hit.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let left: Vec<u32> = ranks.iter().copied().filter(|&p| alive(p)).collect();
+    let err = std::fs::read_to_string(dir.path().join("mpirun.err")).unwrap_or_default();
+    eprintln!(
+        "{signal} of rank 1: mpirun exited with {exit} after {took:?}; stderr tail: {}",
+        err.lines().rev().take(3).collect::<Vec<_>>().join(" | ")
+    );
+    assert!(!exit.success(), "the job must fail when a rank dies");
+    assert!(left.is_empty(), "rank processes survived: {left:?}");
+    assert!(took < limit);
+}
+
+#[test]
+fn killing_one_rank_ends_every_rank_within_a_minute() {
+    disrupt_one_rank("-KILL", 60, Duration::from_secs(60));
+}
+
+#[test]
+fn a_stalled_rank_trips_the_watchdog_of_the_others() {
+    // SIGSTOP freezes rank 1 without killing it: only the other rank's watchdog (3 s) can end this.
+    disrupt_one_rank("-STOP", 3, Duration::from_secs(30));
+}
