@@ -285,3 +285,71 @@ impl std::fmt::Display for ScalingBench {
         Ok(())
     }
 }
+
+/// CPU seconds this process has used (user + system), from /proc (Linux; 0 elsewhere).
+pub fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime) are the 12th and 13th after the command name, in
+    // clock ticks of 1/100 s on Linux.
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// Forward and backward of the frozen LLM alone on random input embeddings, the shapes a step feeds
+/// it: loss = sum(hidden · fixed random), gradient for the inputs only. The same measurement as
+/// scripts/reference/torch_step.py makes in PyTorch, for a side-by-side comparison.
+#[derive(Debug, Serialize)]
+pub struct LlmBench {
+    pub llm: String,
+    pub threads: usize,
+    pub batch: usize,
+    pub tokens: usize,
+    pub forward_seconds: f64,
+    pub backward_seconds: f64,
+    pub forward_cpu_seconds: f64,
+    pub backward_cpu_seconds: f64,
+    pub ms_per_token: f64,
+    pub step_peak_rss_mib: f64,
+}
+
+pub fn llm(job: &JobConfig, shapes: &[(usize, usize)]) -> Result<Vec<LlmBench>, TrainError> {
+    use candle_core::{DType, Device, Var};
+    let llm = crate::model::llm::Llm::load(&job.model.llm, DType::F32, &Device::Cpu)
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let h = llm.hidden_size();
+    let mut out = Vec::new();
+    for &(b, t) in shapes {
+        let mut rng = crate::seed::stream(1, "bench/llm", (b * 100_000 + t) as u64);
+        let x = Var::from_tensor(&crate::model::layers::normal_tensor((b, t, h), 0.02, &mut rng, &Device::Cpu)?)?;
+        let probe = crate::model::layers::normal_tensor((b, t, h), 1.0, &mut rng, &Device::Cpu)?;
+        let once = || -> Result<(f64, f64, f64, f64), TrainError> {
+            let (w0, c0) = (Instant::now(), cpu_seconds());
+            let hidden = llm.model.forward_embeds(x.as_tensor())?;
+            let loss = (hidden * &probe)?.sum_all()?;
+            loss.to_scalar::<f32>()?;
+            let (w1, c1) = (Instant::now(), cpu_seconds());
+            let grads = loss.backward()?;
+            grads.get(x.as_tensor()).map(|g| g.sum_all().and_then(|s| s.to_scalar::<f32>())).transpose()?;
+            Ok(((w1 - w0).as_secs_f64(), w1.elapsed().as_secs_f64(), c1 - c0, cpu_seconds() - c1))
+        };
+        once()?; // warm-up
+                 // Peak memory of the timed step alone: reset the high-water mark (Linux).
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        let (f, bw, fc, bc) = once()?;
+        out.push(LlmBench {
+            llm: llm.name.clone(),
+            threads: candle_core::utils::get_num_threads(),
+            batch: b,
+            tokens: t,
+            forward_seconds: f,
+            backward_seconds: bw,
+            forward_cpu_seconds: fc,
+            backward_cpu_seconds: bc,
+            ms_per_token: 1e3 * (f + bw) / (b * t) as f64,
+            step_peak_rss_mib: peak_rss_mib(),
+        });
+    }
+    Ok(out)
+}

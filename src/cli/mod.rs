@@ -122,6 +122,15 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Forward + backward of the job's frozen LLM alone on random inputs of the given shapes (the
+    /// measurement scripts/reference/torch_step.py makes in PyTorch).
+    Llm {
+        #[arg(long)]
+        job: PathBuf,
+        /// Comma-separated BATCHxTOKENS shapes.
+        #[arg(long, default_value = "2x537,1x512,4x128")]
+        shapes: String,
+    },
     /// Under mpirun -np 2+: the step at this world size, the all-reduce of a trainable set of
     /// `--floats` values, and the projected weak scaling to 8, 32 and 128 ranks.
     Scaling {
@@ -240,9 +249,23 @@ pub fn main() -> Result<()> {
 
 fn bench(what: BenchCommand) -> Result<()> {
     crate::dist::configure_threads(&crate::dist::Launcher::detect());
+    if let BenchCommand::Llm { job, shapes } = &what {
+        let shapes = shapes
+            .split(',')
+            .map(|s| {
+                let (b, t) = s.trim().split_once('x').with_context(|| format!("shape `{s}` is not BATCHxTOKENS"))?;
+                Ok((b.parse()?, t.parse()?))
+            })
+            .collect::<Result<Vec<(usize, usize)>>>()?;
+        for r in crate::bench::llm(&load(job)?, &shapes)? {
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        return Ok(());
+    }
     let (job, model, steps, warmup, json) = match &what {
         BenchCommand::Step { job, model, steps, warmup, json } => (job, *model, *steps, *warmup, *json),
         BenchCommand::Scaling { job, model, steps, json, .. } => (job, *model, *steps, 1, *json),
+        BenchCommand::Llm { .. } => unreachable!("handled above"),
     };
     let job = load(job)?;
     let ModelKind::Illmrec(variant) = model else {
@@ -256,6 +279,7 @@ fn bench(what: BenchCommand) -> Result<()> {
             let r = crate::bench::scaling(step, &coll, floats, iters)?;
             (r.to_string(), serde_json::to_value(&r)?)
         }
+        BenchCommand::Llm { .. } => unreachable!("handled above"),
     };
     if coll.rank() == 0 {
         if !json {
