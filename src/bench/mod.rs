@@ -1,5 +1,7 @@
 //! Benchmarks that print figures (JSON), never asserted in tests: where a training step's time goes.
 
+pub mod growth;
+
 use std::time::Instant;
 
 use serde::Serialize;
@@ -68,7 +70,7 @@ pub fn step(
     warmup: usize,
     coll: &mut Guarded,
 ) -> Result<StepBench, TrainError> {
-    let ds = crate::data::snapshot::load(store, &job.name)?;
+    let ds = crate::data::snapshot::load(store, job.dataset())?;
     let sess = Session::new(job, store, &ds, variant)?;
     let mut stepper = Stepper::new(job, &sess, &ds, coll.rank(), coll.world())?;
     coll.set_timeout(std::time::Duration::from_secs(job.dist.startup_timeout_secs));

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use crate::config::JobConfig;
 use crate::data::{self, Split};
 use crate::dist::Collective;
-use crate::eval::{self, EvalResult, Protocol};
+use crate::eval::{self, Protocol};
 use crate::store::Store;
 use crate::train::illmrec::TrainOptions;
 use crate::train::{self, ModelKind};
@@ -55,8 +55,12 @@ enum Command {
         #[arg(long)]
         model: ModelKind,
         /// Continue the run from its LATEST checkpoint.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "from")]
         resume: bool,
+        /// Warm-start from another run's LATEST checkpoint (trainable weights and optimizer state),
+        /// e.g. `--from shop-5k-illmrec` after the catalog grew.
+        #[arg(long, value_name = "RUN")]
+        from: Option<String>,
         /// Checkpoint and stop after this global step (the schedule still spans the whole run).
         #[arg(long)]
         stop_after: Option<u64>,
@@ -148,6 +152,25 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The catalog grows 5K -> 10K -> 15K -> 20K items (users 2.7K -> 59.3K, the paper's schedule,
+    /// times --scale): features computed vs reused, retraining from scratch vs warm-started, and the
+    /// previous model unretrained on the grown catalog.
+    CatalogGrowth {
+        #[arg(long)]
+        job: PathBuf,
+        #[arg(long, default_value = "illmrec")]
+        model: ModelKind,
+        /// Multiplies the paper's item and user counts.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Warm-start steps as a fraction of the scratch run's.
+        #[arg(long, default_value_t = 0.25)]
+        warm_fraction: f64,
+        #[arg(long, default_value = "sampled:100")]
+        protocol: Protocol,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn main() -> Result<()> {
@@ -159,7 +182,7 @@ pub fn main() -> Result<()> {
         }
         Command::Prepare { job, json } => {
             let job = load(&job)?;
-            let report = data::prepare::prepare(&job.name, &job.data, &open_store(&job)?, &job.telemetry)?;
+            let report = data::prepare::prepare(job.dataset(), &job.data, &open_store(&job)?, &job.telemetry)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report.manifest)?);
             } else {
@@ -170,8 +193,8 @@ pub fn main() -> Result<()> {
         Command::Features { job, json } => {
             let job = load(&job)?;
             let store = open_store(&job)?;
-            let ds = data::snapshot::load(&store, &job.name)?;
-            let report = features(&job, &store, &ds)?;
+            let ds = data::snapshot::load(&store, job.dataset())?;
+            let report = train::job_features(&job, &store, &ds)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -179,11 +202,12 @@ pub fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Train { job, model, resume, stop_after } => {
+        Command::Train { job, model, resume, stop_after, from } => {
             crate::dist::configure_threads(&crate::dist::Launcher::detect());
             let job = load(&job)?;
             let mut coll = crate::dist::init(&job.dist)?;
-            let report = train::train(&job, &open_store(&job)?, model, TrainOptions { resume, stop_after }, &mut coll)?;
+            let report =
+                train::train(&job, &open_store(&job)?, model, TrainOptions { resume, stop_after, from }, &mut coll)?;
             if coll.rank() == 0 {
                 println!("{} -> runs/{}", report.summary, report.run_id);
             }
@@ -193,8 +217,8 @@ pub fn main() -> Result<()> {
             let job = load(&job)?;
             let protocols = if protocol.is_empty() { job.eval.protocols.clone() } else { protocol };
             let store = open_store(&job)?;
-            let ds = data::snapshot::load(&store, &job.name)?;
-            let results = evaluate(&job, &store, &ds, model, split, &protocols)?;
+            let ds = data::snapshot::load(&store, job.dataset())?;
+            let results = train::evaluate_saved(&job, &store, &ds, model, split, &protocols)?;
             if json {
                 for r in &results {
                     println!("{}", r.to_json());
@@ -207,7 +231,7 @@ pub fn main() -> Result<()> {
         Command::Recommend { job, model, user, k, json } => {
             let job = load(&job)?;
             let store = open_store(&job)?;
-            let ds = data::snapshot::load(&store, &job.name)?;
+            let ds = data::snapshot::load(&store, job.dataset())?;
             let u = ds
                 .user_ids
                 .iter()
@@ -249,45 +273,88 @@ pub fn main() -> Result<()> {
 
 fn bench(what: BenchCommand) -> Result<()> {
     crate::dist::configure_threads(&crate::dist::Launcher::detect());
-    if let BenchCommand::Llm { job, shapes } = &what {
-        let shapes = shapes
-            .split(',')
-            .map(|s| {
-                let (b, t) = s.trim().split_once('x').with_context(|| format!("shape `{s}` is not BATCHxTOKENS"))?;
-                Ok((b.parse()?, t.parse()?))
-            })
-            .collect::<Result<Vec<(usize, usize)>>>()?;
-        for r in crate::bench::llm(&load(job)?, &shapes)? {
-            println!("{}", serde_json::to_string(&r)?);
+    match what {
+        BenchCommand::Llm { job, shapes } => {
+            let shapes = shapes
+                .split(',')
+                .map(|s| {
+                    let (b, t) =
+                        s.trim().split_once('x').with_context(|| format!("shape `{s}` is not BATCHxTOKENS"))?;
+                    Ok((b.parse()?, t.parse()?))
+                })
+                .collect::<Result<Vec<(usize, usize)>>>()?;
+            for r in crate::bench::llm(&load(&job)?, &shapes)? {
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            Ok(())
         }
-        return Ok(());
+        BenchCommand::Step { job, model, steps, warmup, json } => {
+            let (step, coll) = bench_step(&job, model, steps, warmup)?;
+            if coll.rank() == 0 {
+                print_bench(&step, &serde_json::to_value(&step)?, json);
+            }
+            Ok(())
+        }
+        BenchCommand::Scaling { job, model, steps, floats, iters, json } => {
+            let (step, coll) = bench_step(&job, model, steps, 1)?;
+            let r = crate::bench::scaling(step, &coll, floats, iters)?;
+            if coll.rank() == 0 {
+                print_bench(&r, &serde_json::to_value(&r)?, json);
+            }
+            Ok(())
+        }
+        BenchCommand::CatalogGrowth { job, model, scale, warm_fraction, protocol, json } => {
+            let job = load(&job)?;
+            let variant = illmrec_variant(model)?;
+            if !(scale > 0.0 && warm_fraction > 0.0) {
+                anyhow::bail!("--scale and --warm-fraction must be positive");
+            }
+            let steps = crate::bench::growth::PAPER_STEPS
+                .iter()
+                .map(|&(i, u)| (((i as f64) * scale).round() as usize, ((u as f64) * scale).round() as usize))
+                .collect();
+            let plan = crate::bench::growth::GrowthPlan { steps, warm_fraction, protocol };
+            let mut coll = crate::dist::init(&job.dist)?;
+            let rows = crate::bench::growth::run(&job, &open_store(&job)?, variant, &plan, &mut coll)?;
+            if !json {
+                print!("{}", crate::bench::growth::table(&rows, protocol));
+            }
+            for r in &rows {
+                println!("{}", serde_json::to_string(r)?);
+            }
+            Ok(())
+        }
     }
-    let (job, model, steps, warmup, json) = match &what {
-        BenchCommand::Step { job, model, steps, warmup, json } => (job, *model, *steps, *warmup, *json),
-        BenchCommand::Scaling { job, model, steps, json, .. } => (job, *model, *steps, 1, *json),
-        BenchCommand::Llm { .. } => unreachable!("handled above"),
-    };
+}
+
+fn illmrec_variant(model: ModelKind) -> Result<crate::data::prompt::Variant> {
+    match model {
+        ModelKind::Illmrec(v) => Ok(v),
+        other => {
+            anyhow::bail!("the benchmarks measure the LLM recommenders (illmrec, illmrec:title, ...), not {other}")
+        }
+    }
+}
+
+fn bench_step(
+    job: &Path,
+    model: ModelKind,
+    steps: usize,
+    warmup: usize,
+) -> Result<(crate::bench::StepBench, crate::dist::Guarded)> {
     let job = load(job)?;
-    let ModelKind::Illmrec(variant) = model else {
-        anyhow::bail!("the benchmarks measure the LLM recommenders (illmrec, illmrec:title, ...), not {model}");
-    };
+    let variant = illmrec_variant(model)?;
     let mut coll = crate::dist::init(&job.dist)?;
     let step = crate::bench::step(&job, &open_store(&job)?, variant, steps, warmup, &mut coll)?;
-    let (text, value) = match what {
-        BenchCommand::Step { .. } => (step.to_string(), serde_json::to_value(&step)?),
-        BenchCommand::Scaling { floats, iters, .. } => {
-            let r = crate::bench::scaling(step, &coll, floats, iters)?;
-            (r.to_string(), serde_json::to_value(&r)?)
-        }
-        BenchCommand::Llm { .. } => unreachable!("handled above"),
-    };
-    if coll.rank() == 0 {
-        if !json {
-            print!("{text}");
-        }
-        println!("{value}");
+    Ok((step, coll))
+}
+
+/// The human-readable figures (unless `json_only`), then one JSON line.
+fn print_bench(text: &impl std::fmt::Display, value: &serde_json::Value, json_only: bool) {
+    if !json_only {
+        print!("{text}");
     }
-    Ok(())
+    println!("{value}");
 }
 
 fn load(path: &Path) -> Result<JobConfig> {
@@ -297,7 +364,7 @@ fn load(path: &Path) -> Result<JobConfig> {
 }
 
 fn open_store(job: &JobConfig) -> Result<Store> {
-    Store::open(&job.storage.root).context("opening the storage root (storage.root)")
+    Store::open_with(&job.storage).context("opening the storage root (storage.root)")
 }
 
 fn synth(job: &JobConfig) -> Result<()> {
@@ -316,44 +383,15 @@ fn synth(job: &JobConfig) -> Result<()> {
     Ok(())
 }
 
-fn features(job: &JobConfig, store: &Store, ds: &data::Dataset) -> Result<crate::features::FeaturesReport> {
-    let sasrec_run = train::run_id(job, ModelKind::Sasrec);
-    Ok(crate::features::compute(&job.features, ds, store, &sasrec_run, &job.telemetry, &candle_core::Device::Cpu)?)
-}
-
-/// Evaluates one trained model under `protocols` and saves the results in the run's report folder.
-fn evaluate(
-    job: &JobConfig,
-    store: &Store,
-    ds: &data::Dataset,
-    model: ModelKind,
-    split: Split,
-    protocols: &[Protocol],
-) -> Result<Vec<EvalResult>> {
-    let scorer = train::load_scorer(job, store, model, ds)?;
-    let users = job.eval.users.pick(ds.num_users(), job.eval.seed);
-    let plan = eval::Plan { split, protocols, ks: &job.eval.ks, users: &users, batch_size: job.eval.batch_size };
-    let metrics = eval::evaluate(scorer.as_ref(), ds, &plan, Some(&job.telemetry))?;
-    let results: Vec<EvalResult> = protocols
-        .iter()
-        .zip(metrics)
-        .map(|(p, m)| EvalResult { model: model.to_string(), protocol: *p, split, users: users.len(), metrics: m })
-        .collect();
-    let json: Vec<serde_json::Value> = results.iter().map(EvalResult::to_json).collect();
-    let name = format!("eval-{}.json", if split == Split::Test { "test" } else { "valid" });
-    train::runs::put_report(store, &train::run_id(job, model), &name, serde_json::to_vec_pretty(&json)?)?;
-    Ok(results)
-}
-
 fn run(job: &JobConfig) -> Result<()> {
     let started = std::time::Instant::now();
     if job.data.synth.is_some() {
         synth(job)?;
     }
     let store = open_store(job)?;
-    let prepared = data::prepare::prepare(&job.name, &job.data, &store, &job.telemetry)?;
+    let prepared = data::prepare::prepare(job.dataset(), &job.data, &store, &job.telemetry)?;
     println!("{prepared}");
-    let ds = data::snapshot::load(&store, &job.name)?;
+    let ds = data::snapshot::load(&store, job.dataset())?;
     let mut results = Vec::new();
     let mut features_ready = false;
     let mut coll = crate::dist::init(&job.dist)?;
@@ -365,12 +403,12 @@ fn run(job: &JobConfig) -> Result<()> {
         let t = std::time::Instant::now();
         // Features once, before the first LLM model (after SASRec, whose item table is the CF feature).
         if matches!(kind, ModelKind::Illmrec(_)) && !features_ready {
-            println!("features:\n{}", features(job, &store, &ds)?);
+            println!("features:\n{}", train::job_features(job, &store, &ds)?);
             features_ready = true;
         }
         let report = train::train(job, &store, kind, TrainOptions::default(), &mut coll)?;
         println!("{} ({:.1}s)", report.summary, t.elapsed().as_secs_f64());
-        results.extend(evaluate(job, &store, &ds, kind, Split::Test, &job.eval.protocols)?);
+        results.extend(train::evaluate_saved(job, &store, &ds, kind, Split::Test, &job.eval.protocols)?);
     }
     let table = eval::markdown_table(&results);
     store.put(&crate::store::key(&["reports", &job.name, "results.md"]), table.clone())?;

@@ -53,7 +53,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobConfig {
-    /// Names the dataset snapshot and the runs of this job.
+    /// Names the runs of this job (`runs/<name>-<model>`) and, unless `data.dataset` says
+    /// otherwise, its dataset.
     pub name: String,
     pub data: DataConfig,
     #[serde(default)]
@@ -73,6 +74,11 @@ pub struct JobConfig {
 }
 
 impl JobConfig {
+    /// The name of the job's dataset in storage.
+    pub fn dataset(&self) -> &str {
+        self.data.dataset.as_deref().unwrap_or(&self.name)
+    }
+
     /// Loads a job file with its includes, then validates every section.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut loader = Loader::default();

@@ -9,6 +9,11 @@ use crate::config::Invalid;
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
+    /// The dataset's name in storage (default: the job's name). Jobs that share it share its
+    /// versions: a grown catalog prepared under the same name becomes the next version, recording
+    /// the one before as its parent.
+    #[serde(default, skip_serializing)]
+    pub dataset: Option<String>,
     pub source: SourceConfig,
     /// What `illmrec synth` generates (in the Amazon layout, read back through an `amazon` source).
     #[serde(default, skip_serializing)]

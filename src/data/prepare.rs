@@ -27,6 +27,9 @@ impl std::fmt::Display for PrepareReport {
         let m = &self.manifest;
         let verb = if self.reused { "already prepared (reused)" } else { "prepared" };
         writeln!(f, "dataset {} snapshot {}: {verb}", m.name, m.key)?;
+        if let Some(p) = &m.parent {
+            writeln!(f, "  grew from snapshot {p}")?;
+        }
         writeln!(f, "  {:<24} {:>9} {:>9} {:>13}", "", "users", "items", "interactions")?;
         for (label, c) in [("read", m.counts_read), ("after filtering", m.counts)] {
             writeln!(f, "  {:<24} {:>9} {:>9} {:>13}", label, c.users, c.items, c.interactions)?;
@@ -61,8 +64,9 @@ pub fn prepare(name: &str, cfg: &DataConfig, store: &Store, telemetry: &Telemetr
         }
     };
     let snapshot_key = content_key(cfg, &raw);
+    let previous = snapshot::latest(store, name)?;
     if let Some(manifest) = snapshot::read_manifest(store, name, &snapshot_key)? {
-        if snapshot::latest(store, name)?.as_deref() == Some(snapshot_key.as_str()) {
+        if previous.as_deref() == Some(snapshot_key.as_str()) {
             return Ok(PrepareReport { reused: true, manifest });
         }
     }
@@ -93,7 +97,8 @@ pub fn prepare(name: &str, cfg: &DataConfig, store: &Store, telemetry: &Telemetr
         format: snapshot::FORMAT,
         name: name.to_string(),
         key: snapshot_key.clone(),
-        parent: None,
+        // The version this one replaces as LATEST: the catalog it grew from.
+        parent: previous.filter(|p| *p != snapshot_key),
         seed: cfg.seed,
         config: serde_json::to_value(cfg).map_err(|e| DataError::Invalid(e.to_string()))?,
         sources: raw.sources.clone(),
@@ -183,7 +188,7 @@ fn copy_images(
         if let (Some(image_key), Some(img)) = (&it.image, readable.get(&it.id)) {
             let path = &img.path;
             let bytes = std::fs::read(path).map_err(|source| DataError::Io { file: path.clone(), source })?;
-            store.put(&key(&[&base, image_key]), bytes)?;
+            store.put_new(&key(&[&base, image_key]), bytes)?;
             progress.inc(1);
         }
     }

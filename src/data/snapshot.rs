@@ -90,14 +90,14 @@ pub fn write(store: &Store, c: Contents<'_>) -> Result<()> {
         serde_json::to_writer(&mut items, it).map_err(|e| DataError::Invalid(e.to_string()))?;
         items.push(b'\n');
     }
-    store.put(&key(&[&base, "items.jsonl"]), items)?;
+    store.put_new(&key(&[&base, "items.jsonl"]), items)?;
     let mut seqs = Vec::new();
     for (user, (items, ts)) in c.sequences.iter().zip(c.timestamps).enumerate() {
         let line = SequenceLine { user, id: c.user_ids[user].clone(), items: items.clone(), timestamps: ts.clone() };
         serde_json::to_writer(&mut seqs, &line).map_err(|e| DataError::Invalid(e.to_string()))?;
         seqs.push(b'\n');
     }
-    store.put(&key(&[&base, "sequences.jsonl"]), seqs)?;
+    store.put_new(&key(&[&base, "sequences.jsonl"]), seqs)?;
     let users = c.sequences.len();
     let k = c.negatives.per_user;
     let neg = to_bytes(
@@ -107,9 +107,9 @@ pub fn write(store: &Store, c: Contents<'_>) -> Result<()> {
         ],
         None,
     );
-    store.put(&key(&[&base, "negatives.safetensors"]), neg)?;
+    store.put_new(&key(&[&base, "negatives.safetensors"]), neg)?;
     let manifest = serde_json::to_vec_pretty(c.manifest).map_err(|e| DataError::Invalid(e.to_string()))?;
-    store.put(&key(&[&base, "manifest.json"]), manifest)?;
+    store.put_new(&key(&[&base, "manifest.json"]), manifest)?;
     store.put(&latest_key(&c.manifest.name), c.manifest.key.clone())?;
     Ok(())
 }
@@ -124,7 +124,7 @@ pub fn load(store: &Store, name: &str) -> Result<Dataset> {
     })?;
     let base = dir(name, &snapshot_key);
     let bad = |what: &str, e: &dyn std::fmt::Display| DataError::Invalid(format!("{}/{base}/{what}: {e}", store.url()));
-    let items_bytes = store.get(&key(&[&base, "items.jsonl"]))?;
+    let items_bytes = store.get_immutable(&key(&[&base, "items.jsonl"]))?;
     let mut items = Vec::new();
     for (i, line) in items_bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()).enumerate() {
         let item: Item = serde_json::from_slice(line).map_err(|e| bad(&format!("items.jsonl:{}", i + 1), &e))?;
@@ -133,7 +133,7 @@ pub fn load(store: &Store, name: &str) -> Result<Dataset> {
         }
         items.push(item);
     }
-    let seq_bytes = store.get(&key(&[&base, "sequences.jsonl"]))?;
+    let seq_bytes = store.get_immutable(&key(&[&base, "sequences.jsonl"]))?;
     let (mut user_ids, mut sequences) = (Vec::new(), Vec::new());
     for (i, line) in seq_bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()).enumerate() {
         let s: SequenceLine =
@@ -147,7 +147,7 @@ pub fn load(store: &Store, name: &str) -> Result<Dataset> {
         user_ids.push(s.id);
         sequences.push(s.items);
     }
-    let neg_bytes = store.get(&key(&[&base, "negatives.safetensors"]))?;
+    let neg_bytes = store.get_immutable(&key(&[&base, "negatives.safetensors"]))?;
     let tf = TensorFile::parse(&neg_bytes, &format!("{base}/negatives.safetensors"))
         .map_err(|e| bad("negatives.safetensors", &e))?;
     let (vshape, valid) = tf.u32("valid").map_err(|e| bad("negatives.safetensors", &e))?;

@@ -60,7 +60,7 @@ impl FeatureCache {
         }
         for shard in index.shards {
             let k = key(&[&dir(encoder), "shards", &shard]);
-            let table = FeatureTable::from_bytes(&store.get(&k)?, &k)?;
+            let table = FeatureTable::from_bytes(&store.get_immutable(&k)?, &k)?;
             cache.add_table(shard, table);
         }
         Ok(cache)
@@ -111,7 +111,7 @@ impl FeatureCache {
             h.update([0]);
         }
         let name = format!("{}.safetensors", hex::encode(&h.finalize()[..12]));
-        self.store.put(&key(&[&dir(&self.encoder), "shards", &name]), table.to_bytes())?;
+        self.store.put_new(&key(&[&dir(&self.encoder), "shards", &name]), table.to_bytes())?;
         self.add_table(name, table);
         let index = Index { encoder: self.encoder.clone(), dim: self.dim, shards: self.shards.clone() };
         let bytes = serde_json::to_vec_pretty(&index).map_err(|e| FeatureError::Invalid(e.to_string()))?;

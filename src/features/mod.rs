@@ -317,7 +317,7 @@ fn read_image(
     item: &crate::data::Item,
 ) -> Result<::image::DynamicImage, FeatureError> {
     let k = key(&[snapshot_dir, item.image.as_deref().unwrap_or_default()]);
-    let bytes = store.get(&k)?;
+    let bytes = store.get_immutable(&k)?;
     ::image::load_from_memory(&bytes)
         .map_err(|e| FeatureError::Item { item: item.id.clone(), reason: format!("image {k} does not decode: {e}") })
 }

@@ -31,13 +31,20 @@ use crate::telemetry::Progress;
 use crate::tensorfile::{to_bytes, Array, TensorFile};
 
 /// How a training call starts and stops.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct TrainOptions {
     /// Continue from the run's LATEST checkpoint instead of starting over.
     pub resume: bool,
     /// Stop (with a checkpoint) after this global step, as a preempted job would.
     pub stop_after: Option<u64>,
+    /// Warm start: a new run (step 0, this job's data and schedule) whose trainable weights and
+    /// optimizer state come from this run's LATEST checkpoint, e.g. the model of the catalog before
+    /// it grew.
+    pub from: Option<String>,
 }
+
+/// Attempts at the final checkpoint before the run gives up, with a doubling pause between them.
+const FINAL_SAVE_ATTEMPTS: u32 = 5;
 
 /// Everything a model needs at hand: the LLM, the item features, the trainable set, the prompts.
 pub struct Session {
@@ -450,30 +457,27 @@ pub fn fit(
     let tcfg = &job.train.illmrec;
     let (rank, world) = (coll.rank(), coll.world());
     let lead = rank == 0;
-    let ds = crate::data::snapshot::load(store, &job.name)?;
+    let ds = crate::data::snapshot::load(store, job.dataset())?;
     let run_id = super::run_id(job, super::ModelKind::Illmrec(variant));
     let sess = Session::new(job, store, &ds, variant)?;
     let mut stepper = Stepper::new(job, &sess, &ds, rank, world)?;
     let plan = stepper.plan.clone();
-    let vars = sess.vars();
     let finger = fingerprint(job, variant, &ds);
     let (mut next_step, mut log, resumed_from) = if opts.resume {
         let ckpt = runs::load_latest(store, &run_id)?.ok_or_else(|| {
             TrainError::Invalid(format!("--resume: run {run_id} has no checkpoint under {}", store.url()))
         })?;
         check_fingerprint(&ckpt.state["fingerprint"], &finger, &run_id)?;
-        let what = format!("runs/{run_id} checkpoint {}", ckpt.step);
-        sess.model.load_host(&read_weights(ckpt.file("weights.safetensors")?, &what)?)?;
-        stepper.params = read_params(&vars)?;
-        stepper.opt = read_optimizer(
-            ckpt.file("optimizer.safetensors")?,
-            &what,
-            tcfg.betas,
-            tcfg.weight_decay,
-            stepper.params.len(),
-        )?;
+        restore(&sess, &mut stepper, &ckpt, &run_id, tcfg)?;
         (ckpt.step, read_log(store, &run_id, ckpt.step)?, Some(ckpt.step))
     } else {
+        if let Some(from) = &opts.from {
+            let ckpt = runs::load_latest(store, from)?.ok_or_else(|| {
+                TrainError::Invalid(format!("--from: run {from} has no checkpoint under {}", store.url()))
+            })?;
+            restore(&sess, &mut stepper, &ckpt, from, tcfg)?;
+            tracing::info!("warm start from runs/{from} checkpoint {}", ckpt.name);
+        }
         if lead {
             runs::clear(store, &run_id)?;
         }
@@ -502,6 +506,7 @@ pub fn fit(
             "world_size": world,
             "rng": "counter-based: every draw is keyed by (seed, epoch, user); the step is the whole state",
             "fingerprint": finger,
+            "warm_start_from": opts.from,
         });
         runs::save(
             store,
@@ -526,14 +531,36 @@ pub fn fit(
         }
         log.push(out.log);
         if lead && next_step % tcfg.checkpoint_every == 0 && next_step < last {
-            save(next_step, &stepper.opt, &log)?;
+            // Storage trouble costs this checkpoint, not the run: the previous one stays in force
+            // and the next one tries again.
+            match save(next_step, &stepper.opt, &log) {
+                Err(TrainError::Store(e)) => {
+                    tracing::warn!("checkpoint at step {next_step} failed, training goes on: {e}");
+                }
+                other => other?,
+            }
         }
     }
     if let Some(p) = progress {
         p.finish();
     }
     if lead && (next_step > first_step || resumed_from.is_none()) {
-        save(next_step, &stepper.opt, &log)?;
+        let mut attempt = 1;
+        loop {
+            match save(next_step, &stepper.opt, &log) {
+                Err(TrainError::Store(e)) if attempt < FINAL_SAVE_ATTEMPTS => {
+                    let pause = std::time::Duration::from_secs(1 << attempt);
+                    tracing::warn!(
+                        "final checkpoint at step {next_step} failed (attempt {attempt} of {FINAL_SAVE_ATTEMPTS}), \
+                         retrying in {}s: {e}",
+                        pause.as_secs()
+                    );
+                    std::thread::sleep(pause);
+                    attempt += 1;
+                }
+                other => break other?,
+            }
+        }
     }
     // Nobody leaves before the last checkpoint is committed: a launcher that restarts the job on
     // the first exit would otherwise resume from the one before.
@@ -560,6 +587,27 @@ pub fn fit(
         fallback_items: sess.fallback_items,
         log,
     })
+}
+
+/// Loads a checkpoint's trainable weights and optimizer state into the session and stepper.
+fn restore(
+    sess: &Session,
+    stepper: &mut Stepper<'_>,
+    ckpt: &runs::Checkpoint,
+    run_id: &str,
+    tcfg: &super::config::IllmRecTrainConfig,
+) -> Result<()> {
+    let what = format!("runs/{run_id} checkpoint {}", ckpt.name);
+    sess.model.load_host(&read_weights(ckpt.file("weights.safetensors")?, &what)?)?;
+    stepper.params = read_params(&sess.vars())?;
+    stepper.opt = read_optimizer(
+        ckpt.file("optimizer.safetensors")?,
+        &what,
+        tcfg.betas,
+        tcfg.weight_decay,
+        stepper.params.len(),
+    )?;
+    Ok(())
 }
 
 /// A digest of the parameters and step: equal on every rank of a healthy run.

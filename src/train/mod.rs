@@ -17,9 +17,10 @@ pub use config::{IllmRecTrainConfig, SasRecTrainConfig, TrainConfig};
 
 use crate::config::JobConfig;
 use crate::data::prompt::Variant;
+use crate::data::Split;
 use crate::data::{DataError, Dataset};
 use crate::dist::Collective;
-use crate::eval::EvalError;
+use crate::eval::{EvalError, EvalResult, Protocol};
 use crate::features::FeatureTable;
 use crate::model::pop::Pop;
 use crate::model::{HostTensor, ModelError, SasRec, Scorer};
@@ -119,6 +120,9 @@ pub fn train(
     coll: &mut crate::dist::Guarded,
 ) -> Result<TrainReport> {
     let id = run_id(job, kind);
+    if opts.from.is_some() && !matches!(kind, ModelKind::Illmrec(_)) {
+        return Err(TrainError::Invalid(format!("--from: warm starts apply to LLM recommenders, not {kind}")));
+    }
     if let ModelKind::Illmrec(variant) = kind {
         let r = illmrec::fit(job, store, variant, opts, coll)?;
         if coll.rank() == 0 {
@@ -152,7 +156,7 @@ pub fn train(
     if coll.world() > 1 {
         return Err(TrainError::Invalid(format!("{kind} trains in one process; start it without mpirun/srun")));
     }
-    let ds = crate::data::snapshot::load(store, &job.name)?;
+    let ds = crate::data::snapshot::load(store, job.dataset())?;
     let mut state =
         json!({"model": kind.to_string(), "dataset": ds.name, "dataset_key": ds.key, "num_items": ds.num_items()});
     let (tensors, summary) = match kind {
@@ -199,6 +203,38 @@ fn save_cf_table(store: &Store, run_id: &str, ds: &Dataset, model: &SasRec) -> R
     .map_err(|e| TrainError::Invalid(e.to_string()))?;
     store.put(&crate::features::cf_table_key(run_id), table.to_bytes())?;
     Ok(())
+}
+
+/// Computes (or reuses from the cache) the item features the job names; the CF feature comes from
+/// the job's SASRec run.
+pub fn job_features(job: &JobConfig, store: &Store, ds: &Dataset) -> Result<crate::features::FeaturesReport> {
+    let sasrec_run = run_id(job, ModelKind::Sasrec);
+    Ok(crate::features::compute(&job.features, ds, store, &sasrec_run, &job.telemetry, &Device::Cpu)?)
+}
+
+/// Evaluates one trained model under `protocols` and saves the results in the run's report folder.
+pub fn evaluate_saved(
+    job: &JobConfig,
+    store: &Store,
+    ds: &Dataset,
+    model: ModelKind,
+    split: Split,
+    protocols: &[Protocol],
+) -> Result<Vec<EvalResult>> {
+    let scorer = load_scorer(job, store, model, ds)?;
+    let users = job.eval.users.pick(ds.num_users(), job.eval.seed);
+    let plan = crate::eval::Plan { split, protocols, ks: &job.eval.ks, users: &users, batch_size: job.eval.batch_size };
+    let metrics = crate::eval::evaluate(scorer.as_ref(), ds, &plan, Some(&job.telemetry))?;
+    let results: Vec<EvalResult> = protocols
+        .iter()
+        .zip(metrics)
+        .map(|(p, m)| EvalResult { model: model.to_string(), protocol: *p, split, users: users.len(), metrics: m })
+        .collect();
+    let json: Vec<serde_json::Value> = results.iter().map(EvalResult::to_json).collect();
+    let name = format!("eval-{}.json", if split == Split::Test { "test" } else { "valid" });
+    let bytes = serde_json::to_vec_pretty(&json).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    runs::put_report(store, &run_id(job, model), &name, bytes)?;
+    Ok(results)
 }
 
 /// Loads the latest checkpoint of the job's `kind` run, checking it was trained on `ds`.

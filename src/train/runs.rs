@@ -1,23 +1,29 @@
 //! A run's files under the storage root:
 //!
 //! ```text
-//! runs/<run-id>/checkpoints/<step>/<file>...   weights, optimizer state (safetensors), state.json
-//! runs/<run-id>/checkpoints/LATEST             the step; written last
-//! runs/<run-id>/features/cf.safetensors        SASRec's item table (the CF feature)
-//! runs/<run-id>/report/...                     evaluation results, training log
+//! runs/<run-id>/checkpoints/<step>-<attempt>/<file>...   weights, optimizer state (safetensors)
+//! runs/<run-id>/checkpoints/<step>-<attempt>/state.json  the checkpoint's manifest: state, file list, parent
+//! runs/<run-id>/checkpoints/LATEST                       the name of the committed folder; written last
+//! runs/<run-id>/features/cf.safetensors                  SASRec's item table (the CF feature)
+//! runs/<run-id>/report/...                               evaluation results, training log
 //! ```
-//! A checkpoint exists only once LATEST names it: a run stopped while writing one leaves the previous
-//! checkpoint in force. The last `keep` checkpoints are kept; older ones are deleted after the commit.
+//! Each attempt to save writes into a folder of its own (`<attempt>` is unique to it), payload first,
+//! then the manifest, then LATEST, moved only from the value this writer read (a conditional put where
+//! the server honours it). A checkpoint exists only once LATEST names it: an attempt that dies midway
+//! leaves an orphan folder and the previous checkpoint in force. After a commit the last `keep`
+//! committed checkpoints stay; older folders and older orphans are deleted.
 
 use std::collections::HashMap;
 
 use bytes::Bytes;
 
 use super::{Result, TrainError};
-use crate::store::{key, Store};
+use crate::store::{attempt_id, key, Store};
 
 pub struct Checkpoint {
     pub step: u64,
+    /// The folder below `checkpoints/` that LATEST names.
+    pub name: String,
     pub state: serde_json::Value,
     files: HashMap<String, Bytes>,
 }
@@ -27,7 +33,7 @@ impl Checkpoint {
     pub fn file(&self, name: &str) -> Result<&Bytes> {
         self.files
             .get(name)
-            .ok_or_else(|| TrainError::Invalid(format!("checkpoint {} has no file `{name}`", self.step)))
+            .ok_or_else(|| TrainError::Invalid(format!("checkpoint {} has no file `{name}`", self.name)))
     }
 }
 
@@ -39,12 +45,17 @@ fn checkpoints_dir(run_id: &str) -> String {
     key(&[&dir(run_id), "checkpoints"])
 }
 
-fn step_dir(run_id: &str, step: u64) -> String {
-    key(&[&checkpoints_dir(run_id), &format!("{step:010}")])
+fn latest_key(run_id: &str) -> String {
+    key(&[&checkpoints_dir(run_id), "LATEST"])
 }
 
-/// Writes the files and state of `step`, points LATEST at it, then deletes all but the last `keep`
-/// checkpoints.
+/// The step a checkpoint folder holds: `0000000030-1a2b3c…` (or a bare step, as older runs wrote).
+fn step_of(folder: &str) -> Option<u64> {
+    folder.split('-').next()?.parse().ok()
+}
+
+/// Writes the files and state of `step` into a folder of this attempt, then moves LATEST to it, then
+/// applies retention. A failure before LATEST moves leaves the previous checkpoint in force.
 pub fn save(
     store: &Store,
     run_id: &str,
@@ -53,34 +64,63 @@ pub fn save(
     state: &serde_json::Value,
     keep: usize,
 ) -> Result<()> {
-    let d = step_dir(run_id, step);
+    let seen = store.get_pointer(&latest_key(run_id))?;
+    let folder = format!("{step:010}-{}", attempt_id());
+    let d = key(&[&checkpoints_dir(run_id), &folder]);
     let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
     for (name, bytes) in files {
-        store.put(&key(&[&d, name]), bytes)?;
+        store.put_new(&key(&[&d, name]), bytes)?;
     }
     let mut state = state.clone();
     state["files"] = serde_json::json!(names);
+    state["parent"] = serde_json::json!(seen.as_ref().map(|(name, _)| name));
     let state_bytes = serde_json::to_vec_pretty(&state).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    store.put(&key(&[&d, "state.json"]), state_bytes)?;
-    store.put(&key(&[&checkpoints_dir(run_id), "LATEST"]), step.to_string())?;
-    let mut steps = steps(store, run_id)?;
-    steps.retain(|&s| s != step);
-    let drop = steps.len().saturating_sub(keep.saturating_sub(1));
-    for old in &steps[..drop] {
-        for k in store.list(&step_dir(run_id, *old))? {
-            store.delete(&k)?;
+    store.put_new(&key(&[&d, "state.json"]), state_bytes)?;
+    store.put_pointer(&latest_key(run_id), &folder, seen.as_ref().map(|(_, v)| v))?;
+    prune(store, run_id, &folder, keep)
+}
+
+/// Keeps the `keep` newest committed checkpoints up to `latest`; deletes older ones and orphans
+/// (folders without a manifest) older than `latest`. Newer folders may be another attempt's work in
+/// progress and are left alone.
+fn prune(store: &Store, run_id: &str, latest: &str, keep: usize) -> Result<()> {
+    let prefix = checkpoints_dir(run_id);
+    let mut folders: HashMap<String, (Vec<String>, bool)> = HashMap::new();
+    for k in store.list(&prefix)? {
+        let Some(rest) = k.strip_prefix(&prefix).map(|r| r.trim_start_matches('/')) else { continue };
+        let Some((folder, file)) = rest.split_once('/') else { continue };
+        let entry = folders.entry(folder.to_string()).or_default();
+        entry.1 |= file == "state.json";
+        entry.0.push(k);
+    }
+    let mut committed: Vec<&String> =
+        folders.iter().filter(|(f, (_, done))| *done && f.as_str() <= latest).map(|(f, _)| f).collect();
+    committed.sort();
+    let kept: Vec<&String> = committed.iter().rev().take(keep.max(1)).copied().collect();
+    for (folder, (keys, _)) in &folders {
+        if folder.as_str() < latest && !kept.contains(&folder) {
+            for k in keys {
+                store.delete(k)?;
+            }
         }
     }
     Ok(())
 }
 
-/// Steps that have a checkpoint folder (committed or not), ascending.
+/// Steps that have a committed-looking checkpoint folder (one with a manifest), ascending.
 pub fn steps(store: &Store, run_id: &str) -> Result<Vec<u64>> {
     let prefix = checkpoints_dir(run_id);
     let mut out: Vec<u64> = store
         .list(&prefix)?
         .iter()
-        .filter_map(|k| k.strip_prefix(&prefix)?.trim_start_matches('/').split('/').next()?.parse().ok())
+        .filter_map(|k| {
+            let (folder, file) = k.strip_prefix(&prefix)?.trim_start_matches('/').split_once('/')?;
+            if file == "state.json" {
+                step_of(folder)
+            } else {
+                None
+            }
+        })
         .collect();
     out.sort_unstable();
     out.dedup();
@@ -97,19 +137,21 @@ pub fn clear(store: &Store, run_id: &str) -> Result<()> {
 
 /// The checkpoint LATEST names, if any.
 pub fn load_latest(store: &Store, run_id: &str) -> Result<Option<Checkpoint>> {
-    let latest_key = key(&[&checkpoints_dir(run_id), "LATEST"]);
-    let Some(text) = store.get_string(&latest_key)? else { return Ok(None) };
-    let step: u64 =
-        text.parse().map_err(|_| TrainError::Invalid(format!("{latest_key}: `{text}` is not a step number")))?;
-    let d = step_dir(run_id, step);
+    let latest = latest_key(run_id);
+    let Some(text) = store.get_string(&latest)? else { return Ok(None) };
+    let step = step_of(&text)
+        .ok_or_else(|| TrainError::Invalid(format!("{latest}: `{text}` is not a checkpoint folder name")))?;
+    // Older runs wrote the bare step into LATEST and `<step:010>` folders.
+    let name = if text.contains('-') { text } else { format!("{step:010}") };
+    let d = key(&[&checkpoints_dir(run_id), &name]);
     let state_key = key(&[&d, "state.json"]);
-    let state: serde_json::Value = serde_json::from_slice(&store.get(&state_key)?)
+    let state: serde_json::Value = serde_json::from_slice(&store.get_immutable(&state_key)?)
         .map_err(|e| TrainError::Invalid(format!("{state_key}: {e}")))?;
     let mut files = HashMap::new();
-    for name in state["files"].as_array().into_iter().flatten().filter_map(|n| n.as_str()) {
-        files.insert(name.to_string(), store.get(&key(&[&d, name]))?);
+    for file in state["files"].as_array().into_iter().flatten().filter_map(|n| n.as_str()) {
+        files.insert(file.to_string(), store.get_immutable(&key(&[&d, file]))?);
     }
-    Ok(Some(Checkpoint { step, state, files }))
+    Ok(Some(Checkpoint { step, name, state, files }))
 }
 
 pub fn put_report(store: &Store, run_id: &str, name: &str, bytes: Vec<u8>) -> Result<()> {
@@ -130,10 +172,30 @@ mod tests {
         assert_eq!(steps(&store, "r").unwrap(), vec![20, 30]);
         let c = load_latest(&store, "r").unwrap().unwrap();
         assert_eq!((c.step, c.state["s"].as_u64(), &c.file("w.bin").unwrap()[..]), (30, Some(30), &[30u8][..]));
-        // A checkpoint written without its LATEST (a crash mid-save) is not the one loaded.
-        store.put("runs/r/checkpoints/0000000040/w.bin", vec![40u8]).unwrap();
+        assert!(c.state["parent"].as_str().unwrap().starts_with("0000000020-"), "{}", c.state["parent"]);
+        // An attempt that died before its manifest and LATEST (payload only) is not loaded, and the
+        // next commit removes it.
+        store.put("runs/r/checkpoints/0000000040-dead/w.bin", vec![40u8]).unwrap();
         assert_eq!(load_latest(&store, "r").unwrap().unwrap().step, 30);
+        save(&store, "r", 50, vec![("w.bin", vec![50])], &serde_json::json!({}), 2).unwrap();
+        let left = store.list("runs/r/checkpoints").unwrap();
+        assert!(!left.iter().any(|k| k.contains("-dead/")), "{left:?}");
+        assert_eq!(steps(&store, "r").unwrap(), vec![30, 50]);
         clear(&store, "r").unwrap();
         assert!(load_latest(&store, "r").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_second_writer_from_the_same_starting_point_is_refused() {
+        // The in-memory store honours conditional puts the way S3 does once probed.
+        let store = Store::open("memory://").unwrap();
+        let seen = store.get_pointer("p/LATEST").unwrap();
+        store.put_pointer("p/LATEST", "a", seen.as_ref().map(|(_, v)| v)).unwrap();
+        let (value, v1) = store.get_pointer("p/LATEST").unwrap().unwrap();
+        assert_eq!(value, "a");
+        store.put_pointer("p/LATEST", "b", Some(&v1)).unwrap();
+        assert!(store.honours_conditional_put());
+        let err = store.put_pointer("p/LATEST", "c", Some(&v1)).unwrap_err();
+        assert!(matches!(err, crate::store::StoreError::Conflict { .. }), "{err}");
     }
 }

@@ -1,0 +1,363 @@
+//! Storage roots on a real S3-compatible server: moto's server (`python3 -m moto.server`, installed
+//! by scripts/setup.sh) on 127.0.0.1, started per test. Every client gets dummy keys and a loopback
+//! metadata endpoint, so nothing here can reach a cloud metadata service.
+//!
+//! - dataset + features + checkpoint + resume through S3 end with the same weights as on local disk;
+//! - the server cut off during a checkpoint upload: the run reports it and goes on, LATEST never names
+//!   the partial checkpoint, the next checkpoint commits once the server is back, and the final
+//!   weights equal an undisturbed run's;
+//! - wrong credentials: a clear error that does not print the secret.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
+
+use illmrec::store::{S3Config, StorageConfig, Store};
+
+mod common;
+use common::{largest_difference, latest_weights};
+
+const BIN: &str = env!("CARGO_BIN_EXE_illmrec");
+const KEY_ID: &str = "testing-key-id";
+const SECRET: &str = "testing-secret-d41d8cd98f";
+
+/// A moto server on a free loopback port; killed on drop.
+struct Moto {
+    child: Child,
+    port: u16,
+}
+
+impl Moto {
+    fn start(enforce_auth: bool) -> Self {
+        let port = free_port();
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if enforce_auth {
+            cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", "0");
+        }
+        let child = cmd.spawn().expect("python3 -m moto.server (scripts/setup.sh installs moto[server])");
+        let moto = Moto { child, port };
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(30), "moto did not start on port {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        moto
+    }
+
+    /// Creates a bucket with one unsigned request (moto accepts those unless auth is enforced).
+    fn create_bucket(&self, bucket: &str) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            s,
+            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "creating bucket {bucket}: {reply}");
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The S3 settings every client here uses: dummy keys, path-style, plain HTTP, and a metadata endpoint
+/// on a closed loopback port.
+fn s3_env(cmd: &mut Command, port: u16) -> &mut Command {
+    cmd.env("AWS_ACCESS_KEY_ID", KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_METADATA_ENDPOINT", "http://127.0.0.1:9")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_SESSION_TOKEN")
+}
+
+/// The same keys for this test process's own clients (set once, identically, for every test).
+fn s3_env_here() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        for (k, v) in [
+            ("AWS_ACCESS_KEY_ID", KEY_ID),
+            ("AWS_SECRET_ACCESS_KEY", SECRET),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_METADATA_ENDPOINT", "http://127.0.0.1:9"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ] {
+            std::env::set_var(k, v);
+        }
+    });
+}
+
+fn open_s3(port: u16, root: &str) -> Store {
+    s3_env_here();
+    let s3 = S3Config { endpoint: Some(format!("http://127.0.0.1:{port}")), allow_http: true, ..S3Config::default() };
+    Store::open_with(&StorageConfig { root: root.into(), s3, ..StorageConfig::default() }).unwrap()
+}
+
+fn job(root: &str, steps: u64, extra_storage: &str) -> String {
+    format!(
+        r#"
+name: s3t
+data:
+  synth: {{out: raw, items: 160, users: 100, categories: 5, seed: 3, image_size: 24, min_sequence: 6, max_sequence: 9}}
+  source:
+    amazon: {{reviews: raw/reviews.jsonl.gz, meta: raw/meta.jsonl.gz, images: raw/images}}
+  k_core: 2
+  negatives: 29
+features:
+  image: {{tiny_siglip: {{seed: 1, image_size: 24, patch_size: 8, hidden: 32}}}}
+  text: {{tiny_bert: {{seed: 1, hidden: 32}}}}
+model:
+  llm: {{tiny: {{seed: 1, layers: 2, hidden: 64}}}}
+  illmrec: {{retrieval: [image, text], adaptor_hidden: 32, head_dim: 32, max_history: 6}}
+train:
+  illmrec: {{batch_size: 4, lr: 0.001, max_steps: {steps}, checkpoint_every: 2}}
+storage: {{root: "{root}", cache_dir: node-cache{extra_storage}}}
+telemetry: {{progress: off}}
+"#
+    )
+}
+
+fn illmrec(dir: &Path, port: Option<u16>, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).current_dir(dir);
+    if let Some(p) = port {
+        s3_env(&mut cmd, p);
+    }
+    cmd.output().unwrap()
+}
+
+fn ok(dir: &Path, port: Option<u16>, args: &[&str]) -> String {
+    let out = illmrec(dir, port, args);
+    assert!(out.status.success(), "illmrec {args:?}:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// synth once, then prepare + features into the job's root.
+fn prepare(dir: &Path, port: Option<u16>, file: &str, synth: bool) {
+    if synth {
+        ok(dir, None, &["synth", "--job", file]);
+    }
+    ok(dir, port, &["prepare", "--job", file]);
+    ok(dir, port, &["features", "--job", file]);
+}
+
+#[test]
+fn dataset_features_checkpoint_and_resume_round_trip_through_s3() {
+    let moto = Moto::start(false);
+    moto.create_bucket("illmrec-rt");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("local.yaml"), job("store-local", 6, "")).unwrap();
+    std::fs::write(d.join("s3.yaml"), job("s3://illmrec-rt/team/a", 6, "")).unwrap();
+    prepare(d, None, "local.yaml", true);
+    ok(d, None, &["train", "--job", "local.yaml", "--model", "illmrec"]);
+
+    let port = Some(moto.port);
+    prepare(d, port, "s3.yaml", false);
+    // Features again: everything is reused from the S3 cache.
+    let again: serde_json::Value =
+        serde_json::from_str(&ok(d, port, &["features", "--job", "s3.yaml", "--json"])).unwrap();
+    for r in again.as_array().unwrap() {
+        assert_eq!(r["computed"], 0, "{r}");
+        assert!(r["reused"].as_u64().unwrap() > 0, "{r}");
+    }
+    ok(d, port, &["train", "--job", "s3.yaml", "--model", "illmrec", "--stop-after", "3"]);
+    let resumed = ok(d, port, &["train", "--job", "s3.yaml", "--model", "illmrec", "--resume"]);
+    assert!(resumed.contains("resumed at step"), "{resumed}");
+
+    // Everything lives in the bucket below the prefix: dataset, features, checkpoints.
+    let store = open_s3(moto.port, "s3://illmrec-rt/team/a");
+    assert!(store.honours_conditional_put(), "moto honours If-None-Match; the probe should see it");
+    let keys = store.list("").unwrap();
+    for part in ["datasets/s3t/LATEST", "features/", "runs/s3t-illmrec/checkpoints/LATEST", "/weights.safetensors"] {
+        assert!(keys.iter().any(|k| k.contains(part)), "no `{part}` in the bucket: {keys:?}");
+    }
+    // The node cache holds the immutable objects it read (snapshot files, feature shards).
+    assert!(walk(&d.join("node-cache")) > 0, "the local read cache is empty");
+
+    let local = Store::open(&d.join("store-local").display().to_string()).unwrap();
+    let (diff, at) = largest_difference(&latest_weights(&local, "s3t-illmrec"), &latest_weights(&store, "s3t-illmrec"));
+    assert_eq!(diff, 0.0, "S3 run (stopped and resumed) differs from the local run at {at}");
+
+    // Evaluation reads the same model back from S3.
+    let a = ok(d, None, &["eval", "--job", "local.yaml", "--model", "illmrec", "--protocol", "sampled:29", "--json"]);
+    let b = ok(d, port, &["eval", "--job", "s3.yaml", "--model", "illmrec", "--protocol", "sampled:29", "--json"]);
+    assert_eq!(a, b);
+}
+
+fn walk(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 }).sum())
+        .unwrap_or(0)
+}
+
+/// A TCP proxy in front of the server that goes "down" (drops every open connection and refuses new
+/// ones) the first time it sees a request for `trigger`, and stays down until `up()`.
+struct CutOffProxy {
+    port: u16,
+    down: Arc<AtomicBool>,
+    tripped: Arc<AtomicBool>,
+    generation: Arc<AtomicU64>,
+}
+
+impl CutOffProxy {
+    fn start(upstream: u16, trigger: &'static str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let proxy = CutOffProxy { port, down: Arc::default(), tripped: Arc::default(), generation: Arc::default() };
+        let (down, tripped, generation) = (proxy.down.clone(), proxy.tripped.clone(), proxy.generation.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if down.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                let gen = generation.load(Ordering::SeqCst);
+                let st = Shared { down: down.clone(), tripped: tripped.clone(), generation: generation.clone(), gen };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let st2 = st.clone();
+                std::thread::spawn(move || pump(client, server, Some(trigger), st));
+                std::thread::spawn(move || pump(s2, c2, None, st2));
+            }
+        });
+        proxy
+    }
+
+    fn up(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}
+
+#[derive(Clone)]
+struct Shared {
+    down: Arc<AtomicBool>,
+    tripped: Arc<AtomicBool>,
+    generation: Arc<AtomicU64>,
+    gen: u64,
+}
+
+/// Copies `from` to `to` until either side closes or the proxy goes down. On the client side, the
+/// first request line naming `trigger` is not forwarded: the proxy goes down instead.
+fn pump(mut from: TcpStream, mut to: TcpStream, trigger: Option<&str>, st: Shared) {
+    from.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if st.generation.load(Ordering::SeqCst) != st.gen {
+            break;
+        }
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(_) => break,
+        };
+        if let Some(t) = trigger {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if text.contains(&format!("{t} HTTP/1.1")) && !st.tripped.swap(true, Ordering::SeqCst) {
+                st.down.store(true, Ordering::SeqCst);
+                st.generation.fetch_add(1, Ordering::SeqCst);
+                break;
+            }
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+#[test]
+fn server_cut_off_during_a_checkpoint_upload_costs_that_checkpoint_only() {
+    let moto = Moto::start(false);
+    moto.create_bucket("illmrec-cut");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A short S3 retry budget so the failed checkpoint is reported quickly.
+    let retry = ", s3: {retries: 1, retry_timeout_secs: 2}";
+    std::fs::write(d.join("local.yaml"), job("store-local", 30, "")).unwrap();
+    prepare(d, None, "local.yaml", true);
+    ok(d, None, &["train", "--job", "local.yaml", "--model", "illmrec"]);
+
+    // Prepare through the proxy while it is up, then train: the proxy goes down at the first
+    // optimizer-state upload, after the weights of that checkpoint went up (a partial checkpoint).
+    let proxy = CutOffProxy::start(moto.port, "optimizer.safetensors");
+    std::fs::write(d.join("s3.yaml"), job("s3://illmrec-cut/x", 30, retry)).unwrap();
+    prepare(d, Some(proxy.port), "s3.yaml", false);
+    let mut cmd = Command::new(BIN);
+    s3_env(&mut cmd, proxy.port);
+    let mut child = cmd
+        .args(["train", "--job", "s3.yaml", "--model", "illmrec"])
+        .current_dir(d)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // Bring the server back as soon as the run reports the failed checkpoint.
+    let mut reported = String::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+        reported.push_str(&line);
+        reported.push('\n');
+        if line.contains("checkpoint at step") && line.contains("failed") {
+            assert!(proxy.tripped.load(Ordering::SeqCst));
+            proxy.up();
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the run failed:\n{reported}");
+    assert!(reported.contains("checkpoint at step 2 failed"), "no report of the failed checkpoint:\n{reported}");
+    assert!(!reported.contains(SECRET));
+    for line in reported.lines().filter(|l| l.contains("WARN")) {
+        eprintln!("run reported: {line}");
+    }
+
+    let store = open_s3(moto.port, "s3://illmrec-cut/x");
+    let ckpt = illmrec::train::runs::load_latest(&store, "s3t-illmrec").unwrap().unwrap();
+    assert_eq!(ckpt.step, 30);
+    // A checkpoint committed between the failure and the end: the final one's parent.
+    let parent = ckpt.state["parent"].as_str().expect("the final checkpoint has a parent").to_string();
+    let parent_step: u64 = parent.split('-').next().unwrap().parse().unwrap();
+    assert!((4..30).contains(&parent_step), "parent {parent}");
+    // The partial checkpoint of step 2 never became LATEST and is gone after the later commits.
+    let keys = store.list("runs/s3t-illmrec/checkpoints").unwrap();
+    assert!(!keys.iter().any(|k| k.contains("/0000000002-")), "{keys:?}");
+    // Losing a checkpoint does not change the training.
+    let local = Store::open(&d.join("store-local").display().to_string()).unwrap();
+    let (diff, at) = largest_difference(&latest_weights(&local, "s3t-illmrec"), &latest_weights(&store, "s3t-illmrec"));
+    assert_eq!(diff, 0.0, "{at}");
+}
+
+#[test]
+fn wrong_credentials_fail_clearly_without_printing_the_secret() {
+    let moto = Moto::start(true);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("s3.yaml"), job("s3://illmrec-auth/p", 2, "")).unwrap();
+    let out = illmrec(dir.path(), Some(moto.port), &["prepare", "--job", "s3.yaml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("wrong credentials: {err}");
+    assert!(!out.status.success());
+    assert!(err.contains("storage root") && err.contains("s3://illmrec-auth/p"), "{err}");
+    assert!(err.contains("refused the credentials") && err.contains("InvalidAccessKeyId"), "{err}");
+    assert!(!err.contains(SECRET), "the secret is printed: {err}");
+}
