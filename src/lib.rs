@@ -8,6 +8,7 @@ pub mod data;
 pub mod dist;
 pub mod eval;
 pub mod features;
+pub mod launch;
 pub mod model;
 pub mod seed;
 pub mod store;

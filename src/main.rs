@@ -5,5 +5,11 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    illmrec::cli::main()
+    let result = illmrec::cli::main();
+    // The last spans (and the error's) reach the collector only if the provider is flushed.
+    illmrec::telemetry::shutdown();
+    match result? {
+        0 => Ok(()),
+        status => std::process::exit(status),
+    }
 }

@@ -202,3 +202,96 @@ fn a_stalled_rank_trips_the_watchdog_of_the_others() {
     // SIGSTOP freezes rank 1 without killing it: only the other rank's watchdog (3 s) can end this.
     disrupt_one_rank("-STOP", 3, Duration::from_secs(30));
 }
+
+/// An OTLP receiver (scripts/otlp-receiver.py, decoding the protocol with `opentelemetry-proto`) on a
+/// free loopback port, writing one JSON line per span; killed on drop.
+struct OtlpReceiver {
+    child: std::process::Child,
+    port: u16,
+    out: std::path::PathBuf,
+}
+
+impl OtlpReceiver {
+    fn start(dir: &Path) -> Self {
+        use std::io::BufRead as _;
+        let out = dir.join("spans.jsonl");
+        let mut child = Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/otlp-receiver.py"))
+            .args(["--port", "0", "--out"])
+            .arg(&out)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 scripts/otlp-receiver.py (scripts/setup.sh installs opentelemetry-proto)");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port = line.trim().strip_prefix("listening ").and_then(|p| p.parse().ok()).expect(&line);
+        Self { child, port, out }
+    }
+
+    fn spans(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_two_rank_run_exports_its_spans_over_otlp() {
+    let dir = setup(&[("traced", 4, 60)]);
+    let receiver = OtlpReceiver::start(dir.path());
+    let out = mpirun(dir.path(), 2, &["train", "--job", "traced.yaml", "--model", "illmrec"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{}", receiver.port))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let spans = receiver.spans();
+    let by_id: std::collections::HashMap<&str, &serde_json::Value> =
+        spans.iter().map(|s| (s["span_id"].as_str().unwrap(), s)).collect();
+    let parent_name = |s: &serde_json::Value| -> String {
+        let p = s["parent_span_id"].as_str().unwrap_or_default();
+        by_id.get(p).map_or(String::new(), |p| p["name"].as_str().unwrap().to_string())
+    };
+    for rank in 0..2i64 {
+        let mine: Vec<&serde_json::Value> = spans.iter().filter(|s| s["resource"]["illmrec.rank"] == rank).collect();
+        let named = |n: &str| mine.iter().filter(|s| s["name"] == n).copied().collect::<Vec<_>>();
+        for s in &mine {
+            assert_eq!(s["resource"]["illmrec.world_size"], 2);
+            assert_eq!(s["resource"]["illmrec.job"], "dist");
+            assert_eq!(s["resource"]["service.name"], "illmrec");
+        }
+        let job = named("job");
+        assert_eq!(job.len(), 1, "rank {rank}: one job span");
+        assert_eq!(job[0]["parent_span_id"], "", "the job span is a root");
+        assert_eq!(
+            (job[0]["attributes"]["command"].as_str(), job[0]["attributes"]["rank"].as_i64()),
+            (Some("train"), Some(rank))
+        );
+        let stage = named("stage");
+        assert!(stage.iter().any(|s| s["attributes"]["stage"] == "train" && parent_name(s) == "job"), "rank {rank}");
+        assert!(named("epoch").iter().all(|s| parent_name(s) == "stage"));
+        let steps = named("step");
+        assert_eq!(steps.len(), 4, "rank {rank}: one span per step");
+        assert!(steps.iter().all(|s| parent_name(s) == "epoch"));
+        let reduces = named("all_reduce");
+        assert!(
+            reduces.iter().filter(|s| parent_name(s) == "step").count() >= 4,
+            "rank {rank}: an all-reduce per step"
+        );
+        assert!(reduces.iter().all(|s| s["attributes"]["backend"] == "mpi"));
+        // Rank 0 writes the checkpoints (every 2 steps and the last), nobody else.
+        let saves = named("checkpoint.save");
+        assert_eq!(saves.len(), if rank == 0 { 2 } else { 0 }, "rank {rank}");
+        // All spans of a rank share its trace.
+        let trace = &job[0]["trace_id"];
+        assert!(mine.iter().all(|s| &s["trace_id"] == trace));
+    }
+}

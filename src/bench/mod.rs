@@ -78,7 +78,7 @@ pub fn step(
     let (mut optimizer, mut collective, mut wall) = (0.0, 0.0, 0.0);
     for i in 0..warmup + steps {
         let started = Instant::now();
-        let out = stepper.step(coll, i as u64 % stepper.plan.total_steps)?;
+        let out = stepper.step(coll, i as u64 % stepper.plan.total_steps, false)?;
         if i >= warmup {
             wall += started.elapsed().as_secs_f64();
             optimizer += out.optimizer_seconds;

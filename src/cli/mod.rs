@@ -9,6 +9,7 @@ use crate::config::JobConfig;
 use crate::data::{self, Split};
 use crate::dist::Collective;
 use crate::eval::{self, Protocol};
+use crate::launch;
 use crate::store::Store;
 use crate::train::illmrec::TrainOptions;
 use crate::train::{self, ModelKind};
@@ -57,6 +58,10 @@ enum Command {
         /// Continue the run from its LATEST checkpoint.
         #[arg(long, conflicts_with = "from")]
         resume: bool,
+        /// Continue from LATEST when the run has a checkpoint, start fresh otherwise: what a
+        /// scheduler that requeues the same command needs.
+        #[arg(long, conflicts_with_all = ["from", "resume"])]
+        auto_resume: bool,
         /// Warm-start from another run's LATEST checkpoint (trainable weights and optimizer state),
         /// e.g. `--from shop-5k-illmrec` after the catalog grew.
         #[arg(long, value_name = "RUN")]
@@ -99,6 +104,16 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// Render the job's batch script (Slurm) or manifests (Kubernetes) from its `dist` section and
+    /// submit them (print them with --dry-run).
+    Submit {
+        #[command(subcommand)]
+        to: SubmitTarget,
+    },
+    /// The state of submitted jobs (all recorded in .illmrec/submitted.jsonl, or one).
+    Status { id: Option<String> },
+    /// Cancel a submitted job (a Slurm job id, or a Kubernetes `kind/name`).
+    Cancel { id: String },
     /// Run the whole job: synth (if configured), prepare, train every model in `train.models`,
     /// evaluate them all. Without --job, runs the embedded default job.
     Run {
@@ -107,6 +122,29 @@ enum Command {
         /// Override `storage.root`.
         #[arg(long)]
         root: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SubmitTarget {
+    /// An sbatch script (slurm/sbatch.sh.tmpl) submitted with sbatch.
+    Slurm {
+        #[arg(long)]
+        job: PathBuf,
+        /// The LLM recommender to train (default: the job's first one in train.models).
+        #[arg(long)]
+        model: Option<ModelKind>,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// A ConfigMap and an MPIJob or Indexed Job (k8s/*.yaml.tmpl) applied with kubectl.
+    K8s {
+        #[arg(long)]
+        job: PathBuf,
+        #[arg(long)]
+        model: Option<ModelKind>,
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -173,15 +211,13 @@ enum BenchCommand {
     },
 }
 
-pub fn main() -> Result<()> {
+/// Runs the command line; the process's exit status (0, or `dist::preempt::EXIT_CODE` for a run
+/// that stopped on a preemption signal with a checkpoint).
+pub fn main() -> Result<i32> {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Synth { job } => {
-            let job = load(&job)?;
-            synth(&job)
-        }
-        Command::Prepare { job, json } => {
-            let job = load(&job)?;
+    let done: Result<()> = match cli.command {
+        Command::Synth { job } => with_job(&job, "synth", |job| synth(&job)),
+        Command::Prepare { job, json } => with_job(&job, "prepare", |job| {
             let report = data::prepare::prepare(job.dataset(), &job.data, &open_store(&job)?, &job.telemetry)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report.manifest)?);
@@ -189,9 +225,8 @@ pub fn main() -> Result<()> {
                 println!("{report}");
             }
             Ok(())
-        }
-        Command::Features { job, json } => {
-            let job = load(&job)?;
+        }),
+        Command::Features { job, json } => with_job(&job, "features", |job| {
             let store = open_store(&job)?;
             let ds = data::snapshot::load(&store, job.dataset())?;
             let report = train::job_features(&job, &store, &ds)?;
@@ -201,20 +236,24 @@ pub fn main() -> Result<()> {
                 print!("features for {} items:\n{report}", ds.num_items());
             }
             Ok(())
-        }
-        Command::Train { job, model, resume, stop_after, from } => {
+        }),
+        Command::Train { job, model, resume, auto_resume, stop_after, from } => {
             crate::dist::configure_threads(&crate::dist::Launcher::detect());
-            let job = load(&job)?;
-            let mut coll = crate::dist::init(&job.dist)?;
-            let report =
-                train::train(&job, &open_store(&job)?, model, TrainOptions { resume, stop_after, from }, &mut coll)?;
-            if coll.rank() == 0 {
-                println!("{} -> runs/{}", report.summary, report.run_id);
-            }
-            Ok(())
+            crate::dist::preempt::install().context("installing the SIGUSR1 (preemption) handler")?;
+            let preempted = with_job(&job, "train", |job| {
+                let mut coll = crate::dist::init(&job.dist)?;
+                let store = open_store(&job)?;
+                let run = train::run_id(&job, model);
+                let resume = resume || (auto_resume && train::runs::has_checkpoint(&store, &run)?);
+                let report = train::train(&job, &store, model, TrainOptions { resume, stop_after, from }, &mut coll)?;
+                if coll.rank() == 0 {
+                    println!("{} -> runs/{}", report.summary, report.run_id);
+                }
+                Ok(report.preempted)
+            })?;
+            return Ok(if preempted { crate::dist::preempt::EXIT_CODE } else { 0 });
         }
-        Command::Eval { job, model, protocol, split, json } => {
-            let job = load(&job)?;
+        Command::Eval { job, model, protocol, split, json } => with_job(&job, "eval", |job| {
             let protocols = if protocol.is_empty() { job.eval.protocols.clone() } else { protocol };
             let store = open_store(&job)?;
             let ds = data::snapshot::load(&store, job.dataset())?;
@@ -227,9 +266,8 @@ pub fn main() -> Result<()> {
                 print!("{}", eval::markdown_table(&results));
             }
             Ok(())
-        }
-        Command::Recommend { job, model, user, k, json } => {
-            let job = load(&job)?;
+        }),
+        Command::Recommend { job, model, user, k, json } => with_job(&job, "recommend", |job| {
             let store = open_store(&job)?;
             let ds = data::snapshot::load(&store, job.dataset())?;
             let u = ds
@@ -248,8 +286,19 @@ pub fn main() -> Result<()> {
                 }
             }
             Ok(())
-        }
+        }),
         Command::Bench { what } => bench(what),
+        Command::Submit { to } => submit(to),
+        Command::Status { id } => status(id),
+        Command::Cancel { id } => {
+            let sub = launch::Submission::find(&std::env::current_dir()?, &id)?;
+            match sub.scheduler {
+                launch::Scheduler::Slurm => launch::slurm::cancel(&sub.id)?,
+                launch::Scheduler::K8s => launch::k8s::delete(&sub.id, sub.namespace.as_deref().unwrap_or("default"))?,
+            }
+            println!("cancelled {id}");
+            Ok(())
+        }
         Command::Run { job, root } => {
             let mut job = match job {
                 Some(path) => load(&path)?,
@@ -259,16 +308,47 @@ pub fn main() -> Result<()> {
                         Path::new("<embedded jobs/demo.yaml>"),
                         Path::new("."),
                     )?;
-                    crate::telemetry::init_logging(&job.telemetry.level);
+                    crate::telemetry::init_logging(&job.telemetry.level, &job.name);
                     job
                 }
             };
             if let Some(root) = root {
                 job.storage.root = root;
             }
-            run(&job)
+            let name = job.name.clone();
+            in_job_span(&name, "run", || run(&job))
         }
+    };
+    done.map(|()| 0)
+}
+
+/// Loads the job file (which starts logging and trace export) and runs `f` on it inside the job's
+/// root span.
+fn with_job<T>(path: &Path, command: &'static str, f: impl FnOnce(JobConfig) -> Result<T>) -> Result<T> {
+    let job = load(path)?;
+    let name = job.name.clone();
+    in_job_span(&name, command, || f(job))
+}
+
+/// The root span of a command: job, command, rank and world size; an error marks it failed.
+fn in_job_span<T>(job: &str, command: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let launcher = crate::dist::Launcher::detect();
+    let span = tracing::info_span!(
+        "job",
+        job,
+        command,
+        rank = crate::telemetry::otel::rank_and_world().0,
+        world_size = launcher.world,
+        launcher = launcher.name,
+        error = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    let result = span.in_scope(f);
+    if let Err(e) = &result {
+        span.record("error", format!("{e:#}"));
+        span.record("otel.status_code", "ERROR");
     }
+    result
 }
 
 fn bench(what: BenchCommand) -> Result<()> {
@@ -327,6 +407,68 @@ fn bench(what: BenchCommand) -> Result<()> {
     }
 }
 
+fn submit(to: SubmitTarget) -> Result<()> {
+    let cwd = std::env::current_dir()?;
+    let (scheduler, job_path, model, dry_run) = match &to {
+        SubmitTarget::Slurm { job, model, dry_run } => (launch::Scheduler::Slurm, job, *model, *dry_run),
+        SubmitTarget::K8s { job, model, dry_run } => (launch::Scheduler::K8s, job, *model, *dry_run),
+    };
+    let (job, merged) = JobConfig::load_merged_yaml(job_path)?;
+    let model = launch::model_to_train(&job, model)?;
+    let job_file = std::fs::canonicalize(job_path).with_context(|| format!("{}", job_path.display()))?;
+    let (text, namespace) = match scheduler {
+        launch::Scheduler::Slurm => (launch::slurm::render(&job, &job_file, &cwd, model)?, None),
+        launch::Scheduler::K8s => (launch::k8s::render(&job, &merged, model)?, Some(job.dist.k8s.namespace.clone())),
+    };
+    if dry_run {
+        print!("{text}");
+        return Ok(());
+    }
+    let id = match scheduler {
+        launch::Scheduler::Slurm => launch::slurm::submit(&text)?,
+        launch::Scheduler::K8s => {
+            print!("{}", launch::k8s::apply(&text)?);
+            launch::k8s::workload_id(&job)
+        }
+    };
+    let sub = launch::Submission {
+        scheduler,
+        id: id.clone(),
+        name: job.name.clone(),
+        model: model.to_string(),
+        job_file,
+        namespace,
+        submitted_at: launch::submitted_now(),
+    };
+    sub.record(&cwd)?;
+    println!(
+        "submitted {id} ({} {}, {model})",
+        job.name,
+        if scheduler == launch::Scheduler::Slurm { "to Slurm" } else { "to Kubernetes" }
+    );
+    Ok(())
+}
+
+fn status(id: Option<String>) -> Result<()> {
+    let cwd = std::env::current_dir()?;
+    let subs = match id {
+        Some(id) => vec![launch::Submission::find(&cwd, &id)?],
+        None => launch::Submission::all(&cwd)?,
+    };
+    if subs.is_empty() {
+        println!("nothing submitted from {}", cwd.display());
+    }
+    for s in subs {
+        let state = match s.scheduler {
+            launch::Scheduler::Slurm => launch::slurm::state(&s.id),
+            launch::Scheduler::K8s => launch::k8s::state(&s.id, s.namespace.as_deref().unwrap_or("default")),
+        }
+        .unwrap_or_else(|e| format!("unknown: {e}"));
+        println!("{:<24} {:<16} {:<22} {state}", s.id, s.name, s.model);
+    }
+    Ok(())
+}
+
 fn illmrec_variant(model: ModelKind) -> Result<crate::data::prompt::Variant> {
     match model {
         ModelKind::Illmrec(v) => Ok(v),
@@ -359,7 +501,7 @@ fn print_bench(text: &impl std::fmt::Display, value: &serde_json::Value, json_on
 
 fn load(path: &Path) -> Result<JobConfig> {
     let job = JobConfig::load(path)?;
-    crate::telemetry::init_logging(&job.telemetry.level);
+    crate::telemetry::init_logging(&job.telemetry.level, &job.name);
     Ok(job)
 }
 
@@ -411,8 +553,20 @@ fn run(job: &JobConfig) -> Result<()> {
         results.extend(train::evaluate_saved(job, &store, &ds, kind, Split::Test, &job.eval.protocols)?);
     }
     let table = eval::markdown_table(&results);
-    store.put(&crate::store::key(&["reports", &job.name, "results.md"]), table.clone())?;
+    // The job's report: every model's results and the LLM recommenders' loss curves.
+    let mut curves = Vec::new();
+    for name in &job.train.models {
+        let kind: ModelKind = name.parse().map_err(anyhow::Error::msg)?;
+        if matches!(kind, ModelKind::Illmrec(_)) {
+            curves.push(train::illmrec::loss_curve(&store, &train::run_id(job, kind))?);
+        }
+    }
+    let report_dir = crate::store::key(&["reports", &job.name]);
+    for (file, bytes) in eval::report::files(&job.name, &results, &curves) {
+        store.put(&crate::store::key(&[&report_dir, file]), bytes)?;
+    }
     println!("\ntest split, {} users, {} items:\n{table}", ds.num_users(), ds.num_items());
+    println!("report: {}/{report_dir}/ (results.md, metrics.json, metrics.png, loss.png)", store.url());
     println!("done in {:.1}s; everything is under {}", started.elapsed().as_secs_f64(), store.url());
     Ok(())
 }

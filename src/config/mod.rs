@@ -86,6 +86,16 @@ impl JobConfig {
         loader.finish(merged, path)
     }
 
+    /// The job file with its includes merged in, as YAML: one self-contained file for a cluster
+    /// (`illmrec submit k8s` ships it in a ConfigMap). Checked like `load`.
+    pub fn load_merged_yaml(path: &Path) -> Result<(Self, String), ConfigError> {
+        let mut loader = Loader::default();
+        let merged = loader.load_file(path, &mut Vec::new())?;
+        let text = serde_norway::to_string(&merged)
+            .map_err(|e| ConfigError::Yaml { file: path.to_path_buf(), message: e.to_string() })?;
+        Ok((loader.finish(merged, path)?, text))
+    }
+
     /// Parses a job from text (the embedded default job); includes are resolved against `base_dir`.
     pub fn from_str_with_base(text: &str, name: &Path, base_dir: &Path) -> Result<Self, ConfigError> {
         let mut loader = Loader::default();

@@ -56,6 +56,7 @@ impl std::fmt::Display for PrepareReport {
 }
 
 pub fn prepare(name: &str, cfg: &DataConfig, store: &Store, telemetry: &TelemetryConfig) -> Result<PrepareReport> {
+    let _stage = tracing::info_span!("stage", stage = "prepare", dataset = name).entered();
     let mut bad = BadRecords::new(cfg.on_bad_record);
     let raw = match &cfg.source {
         SourceConfig::Recbole { dir, name } => super::recbole::read(dir, name, &mut bad)?,

@@ -2,12 +2,14 @@
 //! NCCL on GPUs), how ranks find out who they are from their launcher, a watchdog that turns a stalled
 //! collective into an exit instead of a hang, and the coordinator's shard plan.
 
+pub mod cluster;
 mod launcher;
 #[cfg(feature = "mpi")]
 mod mpi;
 #[cfg(feature = "nccl")]
 mod nccl;
 pub mod plan;
+pub mod preempt;
 mod single;
 mod watchdog;
 
@@ -60,6 +62,23 @@ pub struct DistConfig {
     /// Steps between checks that every rank holds the same parameters.
     #[serde(default = "d_check")]
     pub check_every: u64,
+    /// Cluster resources for `illmrec submit`: one rank per task.
+    #[serde(default = "d_one")]
+    pub nodes: usize,
+    #[serde(default = "d_one")]
+    pub tasks_per_node: usize,
+    #[serde(default)]
+    pub gpus_per_task: usize,
+    #[serde(default = "d_one")]
+    pub cpus_per_task: usize,
+    #[serde(default)]
+    pub slurm: cluster::SlurmConfig,
+    #[serde(default)]
+    pub k8s: cluster::K8sConfig,
+}
+
+fn d_one() -> usize {
+    1
 }
 
 fn d_timeout() -> u64 {
@@ -80,6 +99,12 @@ impl Default for DistConfig {
             timeout_secs: d_timeout(),
             startup_timeout_secs: d_startup(),
             check_every: d_check(),
+            nodes: 1,
+            tasks_per_node: 1,
+            gpus_per_task: 0,
+            cpus_per_task: 1,
+            slurm: cluster::SlurmConfig::default(),
+            k8s: cluster::K8sConfig::default(),
         }
     }
 }
@@ -95,7 +120,23 @@ impl DistConfig {
         if self.check_every == 0 {
             return Err(Invalid::new("check_every", "must be at least 1"));
         }
-        Ok(())
+        for (key, v) in
+            [("nodes", self.nodes), ("tasks_per_node", self.tasks_per_node), ("cpus_per_task", self.cpus_per_task)]
+        {
+            if v == 0 {
+                return Err(Invalid::new(key, "must be at least 1"));
+            }
+        }
+        if let Some(w) =
+            self.world_size.filter(|w| *w != self.nodes * self.tasks_per_node && self.nodes * self.tasks_per_node > 1)
+        {
+            return Err(Invalid::new(
+                "world_size",
+                format!("{w} ranks, but nodes x tasks_per_node = {}", self.nodes * self.tasks_per_node),
+            ));
+        }
+        self.slurm.validate().map_err(|e| Invalid::new(format!("slurm.{}", e.key), e.message))?;
+        self.k8s.validate().map_err(|e| Invalid::new(format!("k8s.{}", e.key), e.message))
     }
 }
 
@@ -157,6 +198,7 @@ impl Collective for Guarded {
         self.inner.name()
     }
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), DistError> {
+        let _span = tracing::info_span!("all_reduce", floats = buf.len(), backend = self.inner.name()).entered();
         self.guard("all-reduce", || self.inner.all_reduce_sum(buf))
     }
     fn broadcast(&self, root: usize, bytes: &mut Vec<u8>) -> Result<(), DistError> {

@@ -2,8 +2,10 @@
 //! protocols, over all users or a seeded sample of them.
 
 pub mod metrics;
+pub mod plots;
 pub mod protocol;
 pub mod recommend;
+pub mod report;
 pub mod users;
 
 use serde::{Deserialize, Serialize};

@@ -173,7 +173,9 @@ pub fn compute(
     device: &Device,
 ) -> Result<FeaturesReport, FeatureError> {
     let mut reports = Vec::new();
+    let _stage = tracing::info_span!("stage", stage = "features", items = ds.num_items()).entered();
     for kind in cfg.kinds() {
+        let _span = tracing::info_span!("features.extract", kind = %kind).entered();
         let started = Instant::now();
         let mut report = match (kind, import_of(cfg, kind)) {
             (_, Some(import)) => import_table(import, kind, ds, store)?,

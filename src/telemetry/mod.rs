@@ -2,8 +2,10 @@
 //! `telemetry.level`, overridden by RUST_LOG); progress is a bar on a terminal and a periodic log line
 //! elsewhere (Slurm and Kubernetes logs), where bars turn into noise.
 
+pub mod otel;
 mod progress;
 
+pub use otel::shutdown;
 pub use progress::Progress;
 
 use serde::{Deserialize, Serialize};
@@ -62,10 +64,43 @@ impl TelemetryConfig {
     }
 }
 
-/// Installs the log subscriber once per process; later calls are no-ops.
-pub fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+/// Installs the log subscriber once per process (later calls are no-ops): log lines on stderr and,
+/// when the OTEL_EXPORTER_OTLP_* variables name a collector, spans exported over OTLP (`otel.rs`).
+/// `job` names the job in the exported spans.
+pub fn init_logging(level: &str, job: &str) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        // Log lines carry only the event: span context (job, stage, epoch, step) goes to traces,
+        // where it is structure, not a prefix on every line.
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_filter(tracing_subscriber::filter::filter_fn(|m| m.is_event()))
+            .with_filter(filter);
+        let mut otel_error = None;
+        let otel = if otel::wanted() {
+            match otel::start(job) {
+                // Only our spans: the exporter's own HTTP client must not trace itself.
+                Ok(tracer) => Some(
+                    tracing_opentelemetry::layer()
+                        .with_tracer(tracer)
+                        .with_filter(Targets::new().with_target("illmrec", LevelFilter::INFO)),
+                ),
+                Err(e) => {
+                    otel_error = Some(e);
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let _ = tracing_subscriber::registry().with(fmt).with(otel).try_init();
+        if let Some(e) = otel_error {
+            tracing::warn!("traces will not be exported: {e}");
+        }
+    });
 }

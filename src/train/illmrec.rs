@@ -257,6 +257,8 @@ pub struct FitReport {
     pub first_step: u64,
     pub last_step: u64,
     pub resumed_from: Option<u64>,
+    /// Stopped early on a preemption signal, with a checkpoint: resume to finish.
+    pub preempted: bool,
     pub seconds: f64,
     pub samples_per_second: f64,
     /// Seconds inside collectives (all-reduce, checks), this rank.
@@ -280,6 +282,8 @@ pub struct StepOutcome {
     /// Seconds this rank spent in collectives during the step.
     pub collective_seconds: f64,
     pub optimizer_seconds: f64,
+    /// Some rank asked to stop after this step (preemption).
+    pub stop: bool,
 }
 
 /// The training loop's moving parts: the plan, the flat parameters and the optimizer. `step` runs
@@ -324,8 +328,9 @@ impl<'a> Stepper<'a> {
     }
 
     /// Global step `step` (0-based): this rank's share of the users, one all-reduce that averages
-    /// the gradients (the losses ride along), clipping, the update every rank applies alike.
-    pub fn step(&mut self, coll: &Guarded, step: u64) -> Result<StepOutcome> {
+    /// the gradients (the losses and this rank's vote to stop ride along), clipping, the update every
+    /// rank applies alike. A stop asked on any rank is seen by all after the same step.
+    pub fn step(&mut self, coll: &Guarded, step: u64, stop: bool) -> Result<StepOutcome> {
         let epoch = self.plan.epoch_of(step);
         if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
             self.order = Some((epoch, self.plan.agreed_order(coll, epoch)?));
@@ -340,8 +345,9 @@ impl<'a> Stepper<'a> {
             .collect();
         let (mut grads, local, timings) = self.sess.gradients(self.ds, &samples, self.cfg.risa_weight)?;
         // Dividing the sum of per-rank means by the world size gives the mean over the global batch.
-        grads.extend([local.loss as f32, local.reri as f32, local.risa as f32]);
+        grads.extend([local.loss as f32, local.reri as f32, local.risa as f32, if stop { 1.0 } else { 0.0 }]);
         coll.all_reduce_sum(&mut grads)?;
+        let stop = grads.pop().is_some_and(|votes| votes > 0.0);
         let scale = 1.0 / coll.world() as f32;
         grads.iter_mut().for_each(|g| *g *= scale);
         let tail = grads.split_off(grads.len() - 3);
@@ -367,6 +373,7 @@ impl<'a> Stepper<'a> {
             timings,
             collective_seconds: coll.take_spent().as_secs_f64(),
             optimizer_seconds,
+            stop,
         })
     }
 }
@@ -427,6 +434,12 @@ fn write_log(store: &Store, run_id: &str, log: &[StepLog]) -> Result<()> {
         out.push(b'\n');
     }
     runs::put_report(store, run_id, LOG_FILE, out)
+}
+
+/// The run's training loss by step (empty for a run without a log).
+pub fn loss_curve(store: &Store, run_id: &str) -> Result<crate::eval::plots::LossCurve> {
+    let points = read_log(store, run_id, u64::MAX)?.iter().map(|l| (l.step, l.losses.loss)).collect();
+    Ok(crate::eval::plots::LossCurve { label: run_id.to_string(), points })
 }
 
 fn read_log(store: &Store, run_id: &str, up_to: u64) -> Result<Vec<StepLog>> {
@@ -520,8 +533,16 @@ pub fn fit(
     };
     let first_step = next_step;
     let mut comm = 0.0;
+    let mut preempted = false;
+    let mut epoch_span: Option<(u64, tracing::Span)> = None;
     while next_step < last {
-        let out = stepper.step(coll, next_step)?;
+        let epoch = plan.epoch_of(next_step);
+        if epoch_span.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            epoch_span = Some((epoch, tracing::info_span!("epoch", epoch)));
+        }
+        let parent = epoch_span.as_ref().and_then(|(_, s)| s.id());
+        let _step = tracing::info_span!(parent: parent, "step", step = next_step + 1).entered();
+        let out = stepper.step(coll, next_step, crate::dist::preempt::requested())?;
         next_step += 1;
         comm += out.collective_seconds;
         if let Some(p) = progress.as_mut() {
@@ -530,6 +551,11 @@ pub fn fit(
             p.inc(1);
         }
         log.push(out.log);
+        if out.stop {
+            tracing::warn!("preemption signal: stopping after step {next_step} with a checkpoint");
+            preempted = true;
+            break;
+        }
         if lead && next_step % tcfg.checkpoint_every == 0 && next_step < last {
             // Storage trouble costs this checkpoint, not the run: the previous one stays in force
             // and the next one tries again.
@@ -579,6 +605,7 @@ pub fn fit(
         first_step,
         last_step: next_step,
         resumed_from,
+        preempted,
         seconds,
         samples_per_second: trained / seconds.max(1e-9),
         collective_seconds: comm,

@@ -109,6 +109,8 @@ pub fn run_id(job: &JobConfig, kind: ModelKind) -> String {
 pub struct TrainReport {
     pub run_id: String,
     pub summary: String,
+    /// Stopped on a preemption signal with a checkpoint; the command should exit for a requeue.
+    pub preempted: bool,
 }
 
 /// Fits `kind` on the latest snapshot of the job's dataset and saves it.
@@ -120,6 +122,7 @@ pub fn train(
     coll: &mut crate::dist::Guarded,
 ) -> Result<TrainReport> {
     let id = run_id(job, kind);
+    let _stage = tracing::info_span!("stage", stage = "train", model = %kind, run = %id).entered();
     if opts.from.is_some() && !matches!(kind, ModelKind::Illmrec(_)) {
         return Err(TrainError::Invalid(format!("--from: warm starts apply to LLM recommenders, not {kind}")));
     }
@@ -129,7 +132,10 @@ pub fn train(
             runs::put_report(store, &id, "fit.json", serde_json::to_vec_pretty(&r).unwrap_or_default())?;
         }
         let last = r.log.last().map(|l| l.losses).unwrap_or_default();
-        let resumed = r.resumed_from.map(|s| format!(" (resumed at step {s})")).unwrap_or_default();
+        let mut resumed = r.resumed_from.map(|s| format!(" (resumed at step {s})")).unwrap_or_default();
+        if r.preempted {
+            resumed.push_str(" (stopped early on a preemption signal; resume to finish)");
+        }
         let summary = format!(
             "{kind}: steps {}..{} of {}{resumed} in {:.1}s ({:.2} samples/s), loss {:.4} (reri {:.4}, risa {:.4}); \
              {} trainable values on {}; {:.1} tokens per item, {:.0} tokens per prompt; {} items via fallback; \
@@ -151,7 +157,7 @@ pub fn train(
             r.backend,
             r.collective_seconds
         );
-        return Ok(TrainReport { run_id: id, summary });
+        return Ok(TrainReport { run_id: id, summary, preempted: r.preempted });
     }
     if coll.world() > 1 {
         return Err(TrainError::Invalid(format!("{kind} trains in one process; start it without mpirun/srun")));
@@ -190,7 +196,7 @@ pub fn train(
         ModelKind::Illmrec(_) => unreachable!("handled above"),
     };
     runs::save(store, &id, 1, vec![("model.safetensors", tensors)], &state, 2)?;
-    Ok(TrainReport { run_id: id, summary })
+    Ok(TrainReport { run_id: id, summary, preempted: false })
 }
 /// SASRec's item embeddings (rows 1..=N) as a feature table keyed by the items' source ids.
 fn save_cf_table(store: &Store, run_id: &str, ds: &Dataset, model: &SasRec) -> Result<()> {
@@ -221,6 +227,7 @@ pub fn evaluate_saved(
     split: Split,
     protocols: &[Protocol],
 ) -> Result<Vec<EvalResult>> {
+    let _stage = tracing::info_span!("stage", stage = "eval", model = %model, split = ?split).entered();
     let scorer = load_scorer(job, store, model, ds)?;
     let users = job.eval.users.pick(ds.num_users(), job.eval.seed);
     let plan = crate::eval::Plan { split, protocols, ks: &job.eval.ks, users: &users, batch_size: job.eval.batch_size };
@@ -230,10 +237,17 @@ pub fn evaluate_saved(
         .zip(metrics)
         .map(|(p, m)| EvalResult { model: model.to_string(), protocol: *p, split, users: users.len(), metrics: m })
         .collect();
+    let id = run_id(job, model);
     let json: Vec<serde_json::Value> = results.iter().map(EvalResult::to_json).collect();
     let name = format!("eval-{}.json", if split == Split::Test { "test" } else { "valid" });
     let bytes = serde_json::to_vec_pretty(&json).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    runs::put_report(store, &run_id(job, model), &name, bytes)?;
+    runs::put_report(store, &id, &name, bytes)?;
+    if split == Split::Test {
+        let curves = vec![illmrec::loss_curve(store, &id)?];
+        for (file, bytes) in crate::eval::report::files(&id, &results, &curves) {
+            runs::put_report(store, &id, file, bytes)?;
+        }
+    }
     Ok(results)
 }
 

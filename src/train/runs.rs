@@ -64,6 +64,7 @@ pub fn save(
     state: &serde_json::Value,
     keep: usize,
 ) -> Result<()> {
+    let _span = tracing::info_span!("checkpoint.save", run = run_id, step).entered();
     let seen = store.get_pointer(&latest_key(run_id))?;
     let folder = format!("{step:010}-{}", attempt_id());
     let d = key(&[&checkpoints_dir(run_id), &folder]);
@@ -135,8 +136,14 @@ pub fn clear(store: &Store, run_id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether LATEST names a checkpoint.
+pub fn has_checkpoint(store: &Store, run_id: &str) -> Result<bool> {
+    Ok(store.get_opt(&latest_key(run_id))?.is_some())
+}
+
 /// The checkpoint LATEST names, if any.
 pub fn load_latest(store: &Store, run_id: &str) -> Result<Option<Checkpoint>> {
+    let _span = tracing::info_span!("checkpoint.load", run = run_id).entered();
     let latest = latest_key(run_id);
     let Some(text) = store.get_string(&latest)? else { return Ok(None) };
     let step = step_of(&text)
