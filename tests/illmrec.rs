@@ -106,3 +106,68 @@ fn every_variant_trains_and_scores_all_protocols() {
     assert!(t(Variant::Image) < t(Variant::Description), "{tokens:?}");
     assert!(t(Variant::Description) < t(Variant::ImageDescription), "{tokens:?}");
 }
+
+#[test]
+fn a_grown_catalog_reuses_features_warm_starts_and_is_scored_by_the_old_model() {
+    use illmrec::model::Scorer;
+    let (_dir, job, store) = setup();
+    let old = snapshot::load(&store, "tiny").unwrap();
+    fit(&job, &store, Variant::Image, TrainOptions::default(), &mut single()).unwrap();
+
+    // The catalog grows: same seed, more items and users; prepared under the same dataset name.
+    let mut grown_job = job.clone();
+    let synth = illmrec::data::SynthConfig { items: 360, users: 220, ..job.data.synth.clone().unwrap() };
+    illmrec::data::synth::generate(&synth, &job.telemetry).unwrap();
+    grown_job.data.synth = Some(synth);
+    let prepared = prepare("tiny", &grown_job.data, &store, &job.telemetry).unwrap();
+    assert_eq!(prepared.manifest.parent.as_deref(), Some(old.key.as_str()), "the new version names its parent");
+    let grown = snapshot::load(&store, "tiny").unwrap();
+    assert!(grown.num_items() > old.num_items());
+
+    // Features: only items not seen before are computed.
+    let known: std::collections::HashSet<&str> = old.items.iter().map(|i| i.id.as_str()).collect();
+    let carried = grown.items.iter().filter(|i| known.contains(i.id.as_str())).count();
+    let r =
+        illmrec::features::compute(&job.features, &grown, &store, "none", &job.telemetry, &candle_core::Device::Cpu)
+            .unwrap();
+    for kind in &r.0 {
+        assert_eq!((kind.reused, kind.computed), (carried, grown.num_items() - carried), "{:?}", kind.kind);
+    }
+
+    // The old model, not retrained, scores every item of the grown catalog, new ones from their features.
+    let scorer = IllmRecScorer::load(&job, &store, &grown, Variant::Image).unwrap();
+    let history = &grown.sequences[0][..3];
+    let scores = scorer.score(&[history]).unwrap();
+    assert_eq!(scores.len(), grown.num_items() + 1);
+    let new_scores: Vec<f32> = grown
+        .items
+        .iter()
+        .enumerate()
+        .filter(|(_, it)| !known.contains(it.id.as_str()))
+        .map(|(i, _)| scores[i + 1])
+        .collect();
+    assert!(!new_scores.is_empty() && new_scores.iter().all(|s| s.is_finite()));
+    assert!(new_scores.iter().any(|s| *s != new_scores[0]), "new items must be told apart by their features");
+
+    // Warm start: a new run that begins with the old run's weights and optimizer state.
+    grown_job.name = "tiny-grown".into();
+    grown_job.data.dataset = Some("tiny".into());
+    let warm = TrainOptions { from: Some("tiny-illmrec".into()), stop_after: Some(0), ..TrainOptions::default() };
+    fit(&grown_job, &store, Variant::Image, warm, &mut single()).unwrap();
+    let a = illmrec::train::runs::load_latest(&store, "tiny-illmrec").unwrap().unwrap();
+    let b = illmrec::train::runs::load_latest(&store, "tiny-grown-illmrec").unwrap().unwrap();
+    for file in ["weights.safetensors", "optimizer.safetensors"] {
+        assert!(a.file(file).unwrap() == b.file(file).unwrap(), "{file} was not carried over");
+    }
+    assert_eq!(b.state["warm_start_from"], "tiny-illmrec");
+    let trained = fit(
+        &grown_job,
+        &store,
+        Variant::Image,
+        TrainOptions { from: Some("tiny-illmrec".into()), ..TrainOptions::default() },
+        &mut single(),
+    )
+    .unwrap();
+    assert_eq!((trained.first_step, trained.last_step), (0, 6));
+    assert!(trained.log.iter().all(|l| l.losses.loss.is_finite()));
+}

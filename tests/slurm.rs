@@ -27,7 +27,21 @@ struct Slurm {
 
 impl Slurm {
     fn start(dir: &Path) -> Self {
-        let out = Command::new(script()).arg("start").arg(dir).output().unwrap();
+        // Ports the OS says are free, so a leftover or a neighbour's Slurm cannot collide.
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (ctld, slurmd) = (a.local_addr().unwrap().port(), b.local_addr().unwrap().port());
+        drop((a, b));
+        let out = Command::new(script())
+            .arg("start")
+            .arg(dir)
+            .env("SLURM_LOCAL_CTLD_PORT", ctld.to_string())
+            .env("SLURM_LOCAL_SLURMD_PORT", slurmd.to_string())
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            let _ = Command::new(script()).arg("stop").arg(dir).output();
+        }
         assert!(out.status.success(), "slurm-local.sh start: {}", String::from_utf8_lossy(&out.stderr));
         Slurm { dir: dir.to_path_buf() }
     }
@@ -74,9 +88,10 @@ telemetry: {{progress: log, log_every_secs: 1}}
     )
 }
 
+/// Fields drop in order: Slurm stops before its folder (pid files, state) is removed.
 struct Cluster {
-    dir: tempfile::TempDir,
     slurm: Slurm,
+    dir: tempfile::TempDir,
 }
 
 impl Cluster {
@@ -160,7 +175,7 @@ impl Cluster {
 fn slurm_jobs_run_requeue_and_preempt_to_the_same_parameters() {
     let dir = tempfile::tempdir().unwrap();
     let slurm = Slurm::start(&dir.path().join("slurm"));
-    let c = Cluster { dir, slurm };
+    let c = Cluster { slurm, dir };
     // Prepare the shared dataset and features once, outside Slurm.
     std::fs::write(c.dir.path().join("prep.yaml"), job("prep", 1)).unwrap();
     for stage in ["synth", "prepare", "features"] {

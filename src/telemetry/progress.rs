@@ -15,6 +15,8 @@ pub struct Progress {
     started: Instant,
     last_log: Instant,
     message: String,
+    /// Samples in one unit of progress (a training step's global batch), for samples/s.
+    samples_per_unit: Option<usize>,
 }
 
 impl Progress {
@@ -47,7 +49,14 @@ impl Progress {
             started: now,
             last_log: now,
             message: String::new(),
+            samples_per_unit: None,
         }
+    }
+
+    /// Also report samples/s: each unit of progress is `n` samples.
+    pub fn with_samples_per_unit(mut self, n: usize) -> Self {
+        self.samples_per_unit = Some(n);
+        self
     }
 
     pub fn set_message(&mut self, msg: String) {
@@ -74,7 +83,14 @@ impl Progress {
         let elapsed = self.started.elapsed().as_secs_f64();
         let rate = self.done as f64 / elapsed.max(1e-9);
         let eta = if rate > 0.0 { (self.total.saturating_sub(self.done)) as f64 / rate } else { f64::NAN };
-        tracing::info!("{}: {}/{} ({rate:.1}/s, eta {eta:.0}s) {}", self.label, self.done, self.total, self.message);
+        let samples = self.samples_per_unit.map(|n| format!(", {:.1} samples/s", rate * n as f64)).unwrap_or_default();
+        tracing::info!(
+            "{}: {}/{} ({rate:.2}/s{samples}, eta {eta:.0}s) {}",
+            self.label,
+            self.done,
+            self.total,
+            self.message
+        );
     }
 
     pub fn finish(self) {

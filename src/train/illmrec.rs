@@ -501,8 +501,10 @@ pub fn fit(
     coll.set_timeout(std::time::Duration::from_secs(job.dist.timeout_secs));
     coll.take_spent();
     let last = opts.stop_after.map_or(plan.total_steps, |s| s.min(plan.total_steps));
-    let mut progress =
-        lead.then(|| Progress::new(&job.telemetry, &format!("illmrec:{}", variant.name()), plan.total_steps));
+    let mut progress = lead.then(|| {
+        Progress::new(&job.telemetry, &format!("illmrec:{}", variant.name()), plan.total_steps)
+            .with_samples_per_unit(plan.global_batch)
+    });
     if let Some(p) = progress.as_mut() {
         p.inc(next_step);
     }

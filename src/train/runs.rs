@@ -69,8 +69,10 @@ pub fn save(
     let folder = format!("{step:010}-{}", attempt_id());
     let d = key(&[&checkpoints_dir(run_id), &folder]);
     let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
+    // The folder is this attempt's alone, so payloads need no create-only put and large ones go up
+    // in parts (each retried on its own).
     for (name, bytes) in files {
-        store.put_new(&key(&[&d, name]), bytes)?;
+        store.put(&key(&[&d, name]), bytes)?;
     }
     let mut state = state.clone();
     state["files"] = serde_json::json!(names);
