@@ -295,3 +295,22 @@ fn a_two_rank_run_exports_its_spans_over_otlp() {
         assert!(mine.iter().all(|s| &s["trace_id"] == trace));
     }
 }
+
+#[test]
+fn a_failing_command_still_flushes_its_spans_marked_as_an_error() {
+    let dir = setup(&[("failing", 4, 60)]);
+    let receiver = OtlpReceiver::start(dir.path());
+    // Nothing is trained yet: evaluating fails.
+    let out = Command::new(BIN)
+        .args(["eval", "--job", "failing.yaml", "--model", "illmrec"])
+        .current_dir(dir.path())
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{}", receiver.port))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let spans = receiver.spans();
+    let job = spans.iter().find(|s| s["name"] == "job").expect("the job span was exported before exit");
+    assert_eq!(job["attributes"]["command"], "eval");
+    assert!(job["attributes"]["error"].as_str().unwrap_or_default().contains("illmrec train"), "{job}");
+    assert_eq!(job["status"]["code"], 2, "status ERROR: {job}");
+}

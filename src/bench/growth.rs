@@ -33,6 +33,9 @@ pub struct GrowthPlan {
     pub warm_fraction: f64,
     /// The protocol whose Hit@5 / NDCG@5 are compared.
     pub protocol: Protocol,
+    /// Warm-start from the previous step's scratch model instead of the previous deployed model
+    /// (its warm start, where there is one).
+    pub warm_from_scratch: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -59,7 +62,7 @@ pub struct GrowthStep {
     pub warm_steps: Option<u64>,
     pub warm_seconds: Option<f64>,
     pub warm: Option<Accuracy>,
-    /// The previous step's model (warm where there is one), not retrained, on this catalog.
+    /// The previous step's model (the one warm starts come from), not retrained, on this catalog.
     pub previous_unretrained: Option<Accuracy>,
 }
 
@@ -155,7 +158,10 @@ pub fn run(
         };
         tracing::info!("catalog growth: {}", serde_json::to_string(&step).unwrap_or_default());
         out.push(step);
-        previous = Some(warm.map_or(scratch_job, |w| w.3));
+        previous = Some(match warm {
+            Some(w) if !plan.warm_from_scratch => w.3,
+            _ => scratch_job,
+        });
     }
     Ok(out)
 }

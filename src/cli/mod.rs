@@ -206,6 +206,10 @@ enum BenchCommand {
         warm_fraction: f64,
         #[arg(long, default_value = "sampled:100")]
         protocol: Protocol,
+        /// Warm-start each step from the previous step's scratch model (default: from the previous
+        /// warm-started model, as a deployment that never retrains from scratch would).
+        #[arg(long)]
+        warm_from_scratch: bool,
         #[arg(long)]
         json: bool,
     },
@@ -383,7 +387,7 @@ fn bench(what: BenchCommand) -> Result<()> {
             }
             Ok(())
         }
-        BenchCommand::CatalogGrowth { job, model, scale, warm_fraction, protocol, json } => {
+        BenchCommand::CatalogGrowth { job, model, scale, warm_fraction, protocol, warm_from_scratch, json } => {
             let job = load(&job)?;
             let variant = illmrec_variant(model)?;
             if !(scale > 0.0 && warm_fraction > 0.0) {
@@ -393,7 +397,7 @@ fn bench(what: BenchCommand) -> Result<()> {
                 .iter()
                 .map(|&(i, u)| (((i as f64) * scale).round() as usize, ((u as f64) * scale).round() as usize))
                 .collect();
-            let plan = crate::bench::growth::GrowthPlan { steps, warm_fraction, protocol };
+            let plan = crate::bench::growth::GrowthPlan { steps, warm_fraction, protocol, warm_from_scratch };
             let mut coll = crate::dist::init(&job.dist)?;
             let rows = crate::bench::growth::run(&job, &open_store(&job)?, variant, &plan, &mut coll)?;
             if !json {

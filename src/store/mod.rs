@@ -110,6 +110,8 @@ pub struct Store {
     /// The server refuses a create-only put over an existing object (probed).
     create_only: bool,
     part_bytes: usize,
+    /// How long one request may take, retries included (zero for local roots).
+    request_budget: std::time::Duration,
 }
 
 impl std::fmt::Debug for Store {
@@ -155,6 +157,7 @@ impl Store {
             cache,
             create_only: false,
             part_bytes: cfg.multipart_mib << 20,
+            request_budget: if remote { cfg.s3.retry_budget() } else { std::time::Duration::ZERO },
         };
         if remote || url == "memory://" {
             store.create_only = store.probe_create_only()?;
@@ -195,6 +198,12 @@ impl Store {
         };
         self.delete(&k)?;
         Ok(refused)
+    }
+
+    /// How long one request may legitimately take, retries included: what ranks waiting for a
+    /// writer should add to their deadline.
+    pub fn request_budget(&self) -> std::time::Duration {
+        self.request_budget
     }
 
     pub fn url(&self) -> &str {

@@ -57,6 +57,13 @@ impl S3Config {
     }
 }
 
+impl S3Config {
+    /// How long one request may keep retrying before it fails.
+    pub fn retry_budget(&self) -> Duration {
+        Duration::from_secs(self.retry_timeout_secs.unwrap_or(120))
+    }
+}
+
 fn env(names: &[&str]) -> Option<String> {
     names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
 }
@@ -84,7 +91,7 @@ pub fn build(url: &str, rest: &str, cfg: &S3Config) -> Result<Arc<dyn ObjectStor
             base: 2.0,
         },
         max_retries: cfg.retries.unwrap_or(8),
-        retry_timeout: Duration::from_secs(cfg.retry_timeout_secs.unwrap_or(120)),
+        retry_timeout: cfg.retry_budget(),
     };
     let mut b = AmazonS3Builder::new()
         .with_bucket_name(bucket)

@@ -535,6 +535,9 @@ pub fn fit(
     };
     let first_step = next_step;
     let mut comm = 0.0;
+    let step_timeout = std::time::Duration::from_secs(job.dist.timeout_secs);
+    // A checkpoint makes a handful of requests, each allowed the store's whole retry budget.
+    let save_budget = store.request_budget() * 6;
     let mut preempted = false;
     let mut epoch_span: Option<(u64, tracing::Span)> = None;
     while next_step < last {
@@ -558,20 +561,31 @@ pub fn fit(
             preempted = true;
             break;
         }
-        if lead && next_step % tcfg.checkpoint_every == 0 && next_step < last {
+        if next_step % tcfg.checkpoint_every == 0 && next_step < last {
+            // The others wait for rank 0's save with the store's retry budget added to their
+            // deadline: a slow store must not look like a stalled rank to their watchdogs (and on a
+            // local root the deadline stays the step's, so a stalled rank is still caught fast).
+            coll.set_timeout(step_timeout + save_budget);
             // Storage trouble costs this checkpoint, not the run: the previous one stays in force
             // and the next one tries again.
-            match save(next_step, &stepper.opt, &log) {
-                Err(TrainError::Store(e)) => {
-                    tracing::warn!("checkpoint at step {next_step} failed, training goes on: {e}");
+            if lead {
+                match save(next_step, &stepper.opt, &log) {
+                    Err(TrainError::Store(e)) => {
+                        tracing::warn!("checkpoint at step {next_step} failed, training goes on: {e}");
+                    }
+                    other => other?,
                 }
-                other => other?,
             }
+            coll.barrier()?;
+            coll.set_timeout(step_timeout);
         }
     }
     if let Some(p) = progress {
         p.finish();
     }
+    // The final save may retry FINAL_SAVE_ATTEMPTS times with pauses of 2, 4, 8, ... seconds.
+    let pauses = std::time::Duration::from_secs((1u64 << FINAL_SAVE_ATTEMPTS) - 2);
+    coll.set_timeout(step_timeout + save_budget * FINAL_SAVE_ATTEMPTS + pauses);
     if lead && (next_step > first_step || resumed_from.is_none()) {
         let mut attempt = 1;
         loop {
