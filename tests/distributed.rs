@@ -17,24 +17,13 @@ fn job(root: &str, max_steps: u64, timeout: u64) -> String {
     format!(
         r#"
 name: dist
-data:
-  synth: {{out: raw, items: 240, users: 160, categories: 6, seed: 5, image_size: 24, min_sequence: 6, max_sequence: 10}}
-  source:
-    amazon: {{reviews: raw/reviews.jsonl.gz, meta: raw/meta.jsonl.gz, images: raw/images}}
-  k_core: 2
-  negatives: 29
-features:
-  image: {{tiny_siglip: {{seed: 1, image_size: 24, patch_size: 8, hidden: 32}}}}
-  text: {{tiny_bert: {{seed: 1, hidden: 32}}}}
-model:
-  llm: {{tiny: {{seed: 1, layers: 2, hidden: 64}}}}
-  illmrec: {{retrieval: [image, text], adaptor_hidden: 32, head_dim: 32, max_history: 6}}
-train:
+{sections}train:
   illmrec: {{batch_size: 4, lr: 0.001, max_steps: {max_steps}, checkpoint_every: 2}}
 dist: {{timeout_secs: {timeout}, check_every: 2}}
 storage: {{root: {root}}}
 telemetry: {{progress: off}}
-"#
+"#,
+        sections = common::tiny_sections("")
     )
 }
 

@@ -116,23 +116,12 @@ fn job(root: &str, steps: u64, extra_storage: &str) -> String {
     format!(
         r#"
 name: s3t
-data:
-  synth: {{out: raw, items: 160, users: 100, categories: 5, seed: 3, image_size: 24, min_sequence: 6, max_sequence: 9}}
-  source:
-    amazon: {{reviews: raw/reviews.jsonl.gz, meta: raw/meta.jsonl.gz, images: raw/images}}
-  k_core: 2
-  negatives: 29
-features:
-  image: {{tiny_siglip: {{seed: 1, image_size: 24, patch_size: 8, hidden: 32}}}}
-  text: {{tiny_bert: {{seed: 1, hidden: 32}}}}
-model:
-  llm: {{tiny: {{seed: 1, layers: 2, hidden: 64}}}}
-  illmrec: {{retrieval: [image, text], adaptor_hidden: 32, head_dim: 32, max_history: 6}}
-train:
+{sections}train:
   illmrec: {{batch_size: 4, lr: 0.001, max_steps: {steps}, checkpoint_every: 2}}
 storage: {{root: "{root}", cache_dir: node-cache{extra_storage}}}
 telemetry: {{progress: off}}
-"#
+"#,
+        sections = common::tiny_sections("")
     )
 }
 

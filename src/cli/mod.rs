@@ -128,24 +128,21 @@ enum Command {
 #[derive(Subcommand)]
 enum SubmitTarget {
     /// An sbatch script (slurm/sbatch.sh.tmpl) submitted with sbatch.
-    Slurm {
-        #[arg(long)]
-        job: PathBuf,
-        /// The LLM recommender to train (default: the job's first one in train.models).
-        #[arg(long)]
-        model: Option<ModelKind>,
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Slurm(SubmitArgs),
     /// A ConfigMap and an MPIJob or Indexed Job (k8s/*.yaml.tmpl) applied with kubectl.
-    K8s {
-        #[arg(long)]
-        job: PathBuf,
-        #[arg(long)]
-        model: Option<ModelKind>,
-        #[arg(long)]
-        dry_run: bool,
-    },
+    K8s(SubmitArgs),
+}
+
+#[derive(clap::Args)]
+struct SubmitArgs {
+    #[arg(long)]
+    job: PathBuf,
+    /// The LLM recommender to train (default: the job's first one in train.models).
+    #[arg(long)]
+    model: Option<ModelKind>,
+    /// Print what would be submitted.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Subcommand)]
@@ -413,13 +410,13 @@ fn bench(what: BenchCommand) -> Result<()> {
 
 fn submit(to: SubmitTarget) -> Result<()> {
     let cwd = std::env::current_dir()?;
-    let (scheduler, job_path, model, dry_run) = match &to {
-        SubmitTarget::Slurm { job, model, dry_run } => (launch::Scheduler::Slurm, job, *model, *dry_run),
-        SubmitTarget::K8s { job, model, dry_run } => (launch::Scheduler::K8s, job, *model, *dry_run),
+    let (scheduler, SubmitArgs { job: job_path, model, dry_run }) = match to {
+        SubmitTarget::Slurm(a) => (launch::Scheduler::Slurm, a),
+        SubmitTarget::K8s(a) => (launch::Scheduler::K8s, a),
     };
-    let (job, merged) = JobConfig::load_merged_yaml(job_path)?;
+    let (job, merged) = JobConfig::load_merged_yaml(&job_path)?;
     let model = launch::model_to_train(&job, model)?;
-    let job_file = std::fs::canonicalize(job_path).with_context(|| format!("{}", job_path.display()))?;
+    let job_file = std::fs::canonicalize(&job_path).with_context(|| format!("{}", job_path.display()))?;
     let (text, namespace) = match scheduler {
         launch::Scheduler::Slurm => (launch::slurm::render(&job, &job_file, &cwd, model)?, None),
         launch::Scheduler::K8s => (launch::k8s::render(&job, &merged, model)?, Some(job.dist.k8s.namespace.clone())),
