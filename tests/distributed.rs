@@ -74,6 +74,13 @@ fn train(dir: &Path, np: usize, job: &str, extra: &[&str]) {
     );
 }
 
+/// Largest relative difference allowed between runs on different numbers of ranks. They differ only in
+/// rounding: the all-reduce sums in another order, and OpenBLAS rounds a row of a product slightly
+/// differently depending on its place in the batch (6 steps: ~1.1e-5; ~2.5e-6 with candle's own gemm,
+/// `--no-default-features --features mpi`). A rank that trains the wrong users, or an all-reduce that
+/// drops a rank's share, changes the gradient itself, not its rounding.
+const RANKS_TOLERANCE: f32 = 5e-5;
+
 /// Every tensor of the run's LATEST weights, by name.
 fn weights(dir: &Path, job: &str) -> Vec<(String, Vec<f32>)> {
     let store = Store::open(&dir.join(format!("store-{job}")).display().to_string()).unwrap();
@@ -87,7 +94,7 @@ fn two_ranks_equal_one_rank_with_the_same_global_batch() {
     train(dir.path(), 2, "two", &[]);
     let (diff, at) = largest_difference(&weights(dir.path(), "one"), &weights(dir.path(), "two"));
     eprintln!("2 ranks vs 1 rank after 6 steps: largest relative difference {diff:.2e} at {at}");
-    assert!(diff < 1e-5, "{diff} at {at}");
+    assert!(diff < RANKS_TOLERANCE, "{diff} at {at}");
 }
 
 #[test]
@@ -103,7 +110,7 @@ fn a_run_resumes_on_another_number_of_ranks() {
     for job in ["shrink", "grow"] {
         let (diff, at) = largest_difference(&straight, &weights(dir.path(), job));
         eprintln!("{job}: largest relative difference to the uninterrupted run {diff:.2e} at {at}");
-        assert!(diff < 1e-5, "{job}: {diff} at {at}");
+        assert!(diff < RANKS_TOLERANCE, "{job}: {diff} at {at}");
     }
 }
 

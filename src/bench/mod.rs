@@ -39,6 +39,8 @@ pub struct StepBench {
     pub world_size: usize,
     /// Candle's threads per rank.
     pub threads: usize,
+    /// What computes the frozen LLM's products on the CPU.
+    pub matmul: String,
     pub batch_size: usize,
     pub steps: usize,
     pub trainable_parameters: usize,
@@ -98,6 +100,7 @@ pub fn step(
         backend: coll.name(),
         world_size: coll.world(),
         threads: candle_core::utils::get_num_threads(),
+        matmul: crate::model::llm::cpu_matmul_backend(),
         batch_size: batch,
         steps,
         trainable_parameters: sess.model.num_parameters(),
@@ -136,13 +139,14 @@ impl std::fmt::Display for StepBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{} / {} / global batch {} / {} x {} with {} threads each / {} trainable values",
+            "{} / {} / global batch {} / {} x {} with {} threads each ({}) / {} trainable values",
             self.llm,
             self.variant,
             self.batch_size,
             self.world_size,
             self.backend,
             self.threads,
+            self.matmul,
             self.trainable_parameters
         )?;
         writeln!(
@@ -306,6 +310,7 @@ pub fn cpu_seconds() -> f64 {
 pub struct LlmBench {
     pub llm: String,
     pub threads: usize,
+    pub matmul: String,
     pub batch: usize,
     pub tokens: usize,
     pub forward_seconds: f64,
@@ -343,6 +348,7 @@ pub fn llm(job: &JobConfig, shapes: &[(usize, usize)]) -> Result<Vec<LlmBench>, 
         out.push(LlmBench {
             llm: llm.name.clone(),
             threads: candle_core::utils::get_num_threads(),
+            matmul: crate::model::llm::cpu_matmul_backend(),
             batch: b,
             tokens: t,
             forward_seconds: f,

@@ -43,18 +43,20 @@ impl Launcher {
     }
 }
 
-/// Gives each of the `local` ranks on this machine its share of the cores for candle's math (unless
-/// RAYON_NUM_THREADS is set already): oversubscribed spinning thread pools are slower than one
+/// Gives each of the `local` ranks on this machine its share of the cores for candle's and OpenBLAS's
+/// math (unless RAYON_NUM_THREADS is set already): oversubscribed spinning thread pools are slower than one
 /// thread each (candle-notes.md). Call before any tensor work.
 pub fn configure_threads(launcher: &Launcher) -> usize {
-    if let Some(n) = var("RAYON_NUM_THREADS") {
-        return n;
-    }
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let n = (cores / launcher.local.max(1)).max(1);
-    // Single-threaded here (called before any pool exists), as set_var requires.
-    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    let n = var("RAYON_NUM_THREADS").unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let n = (cores / launcher.local.max(1)).max(1);
+        // Single-threaded here (called before any pool exists), as set_var requires.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        n
+    });
+    #[cfg(feature = "openblas")]
+    crate::model::llm::blas::set_threads(n);
     n
 }
 

@@ -1,8 +1,9 @@
-//! `x · Wᵀ` for a frozen weight W, as a custom op whose backward returns only the input's gradient.
+//! Matmuls with a frozen weight W, as custom ops whose backward returns only the input's gradient.
 //!
 //! candle's matmul backward always computes the weight-side gradient, even for a plain tensor that no
 //! one will ever read; for a frozen LLM that is a third of the backward's matmul work and a weight-sized
 //! buffer per layer (candle-notes.md measured ~40% of CPU time and 1.9 GB of peak memory on SmolLM2).
+//! On the CPU, f32 products go through OpenBLAS when the `openblas` feature is on (see `blas.rs`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
@@ -22,31 +23,63 @@ impl FrozenLinear {
         &self.weight
     }
 
-    /// `x [.., in]` -> `[.., out]`.
+    /// `x [.., in]` -> `x · Wᵀ [.., out]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = x.dims();
-        let (rows, inner) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("x has at least one dimension") = self.weight.dim(0)?;
-        let x2 = x.reshape((rows, inner))?.contiguous()?;
-        x2.apply_op1(FrozenMatmul { weight: self.weight.clone() })?.reshape(out_dims)
+        FrozenMatmul { weight: self.weight.clone(), side: Side::Transposed }.apply(x)
     }
+}
+
+/// What computes the frozen products on the CPU (for benchmark reports).
+#[cfg(feature = "openblas")]
+pub fn cpu_matmul_backend() -> String {
+    format!("openblas {}", super::blas::core_name())
+}
+
+#[cfg(not(feature = "openblas"))]
+pub fn cpu_matmul_backend() -> String {
+    "candle gemm".to_string()
+}
+
+/// Which product with W the op computes: the layer's forward `x · Wᵀ`, or its input gradient `dy · W`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Side {
+    Transposed,
+    Plain,
 }
 
 struct FrozenMatmul {
     weight: Tensor,
+    side: Side,
 }
 
 impl FrozenMatmul {
-    /// (m, n, k) and the layout of Wᵀ as the right-hand side.
+    /// Flattens the leading dimensions of `x [.., k]` into rows, multiplies, restores them.
+    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims();
+        let (rows, inner) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("x has at least one dimension") = self.out_features()?;
+        let x2 = x.reshape((rows, inner))?.contiguous()?;
+        x2.apply_op1(self)?.reshape(out_dims)
+    }
+
+    fn out_features(&self) -> candle_core::Result<usize> {
+        let (out, inp) = self.weight.dims2()?;
+        Ok(if self.side == Side::Transposed { out } else { inp })
+    }
+
+    /// (b, m, n, k) of the product and the layout of its right-hand side (Wᵀ or W).
     fn dims(&self, layout: &Layout) -> candle_core::Result<((usize, usize, usize, usize), Layout)> {
         let (m, k) = layout.shape().dims2()?;
-        let (n, k_w) = self.weight.dims2()?;
+        let (out, inp) = self.weight.dims2()?;
+        let (rhs, n, k_w) = match self.side {
+            Side::Transposed => (self.weight.layout().transpose(0, 1)?, out, inp),
+            Side::Plain => (self.weight.layout().clone(), inp, out),
+        };
         if k != k_w {
             candle_core::bail!("frozen linear: input has {k} features, the weight expects {k_w}");
         }
-        let wt = self.weight.layout().transpose(0, 1)?;
-        Ok(((1, m, n, k), wt))
+        Ok(((1, m, n, k), rhs))
     }
 }
 
@@ -56,10 +89,17 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (bmnk, wt) = self.dims(layout)?;
+        let (bmnk, rhs) = self.dims(layout)?;
         let (w, _) = self.weight.storage_and_layout();
         let Storage::Cpu(w) = &*w else { candle_core::bail!("frozen linear: the weight is not on the CPU") };
-        Ok((storage.matmul(w, bmnk, layout, &wt)?, Shape::from((bmnk.1, bmnk.2))))
+        let shape = Shape::from((bmnk.1, bmnk.2));
+        #[cfg(feature = "openblas")]
+        if let Some(out) =
+            super::blas::frozen_sgemm(storage, layout, w, self.weight.layout(), self.side == Side::Transposed)
+        {
+            return Ok((out, shape));
+        }
+        Ok((storage.matmul(w, bmnk, layout, &rhs)?, shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -68,15 +108,16 @@ impl CustomOp1 for FrozenMatmul {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (bmnk, wt) = self.dims(layout)?;
+        let (bmnk, rhs) = self.dims(layout)?;
         let (w, _) = self.weight.storage_and_layout();
         let Storage::Cuda(w) = &*w else { candle_core::bail!("frozen linear: the weight is not on the GPU") };
-        Ok((storage.matmul(w, bmnk, layout, &wt)?, Shape::from((bmnk.1, bmnk.2))))
+        Ok((storage.matmul(w, bmnk, layout, &rhs)?, Shape::from((bmnk.1, bmnk.2))))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        // y = x Wᵀ  =>  dx = dy W
-        Ok(Some(grad_res.matmul(&self.weight)?))
+        // y = x Wᵀ  =>  dx = dy W, and y = x W  =>  dx = dy Wᵀ.
+        let side = if self.side == Side::Transposed { Side::Plain } else { Side::Transposed };
+        Ok(Some(FrozenMatmul { weight: self.weight.clone(), side }.apply(grad_res)?))
     }
 }
 
@@ -98,5 +139,21 @@ mod tests {
         let g2 = (plain * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
         let (a, b) = (g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
         assert_eq!(a.to_vec3::<f32>().unwrap(), b.to_vec3::<f32>().unwrap());
+    }
+
+    #[test]
+    fn large_products_match_candle_within_rounding() {
+        // Big enough for every blocking path of the BLAS (edges of 7 and 13 included).
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (203, 517), &dev).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 37, 517), &dev).unwrap()).unwrap();
+        let frozen = FrozenLinear::new(w.clone()).forward(x.as_tensor()).unwrap();
+        let plain = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| a.sub(b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>();
+        assert!(diff(&frozen, &plain).unwrap() < 1e-3);
+        let upstream = Tensor::randn(0f32, 1.0, (3, 37, 203), &dev).unwrap();
+        let g1 = (frozen * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (plain * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap()).unwrap() < 1e-3);
     }
 }

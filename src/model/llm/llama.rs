@@ -2,16 +2,16 @@
 //! states, differentiable end to end with respect to those embeddings. The weights are plain tensors:
 //! never updated, and no gradient is computed for them (see `frozen.rs`).
 //!
-//! Written from primitive ops because candle's fused RMS norm, softmax and RoPE have no backward pass
-//! (candle-notes.md): the gradient would silently stop at the first of them.
+//! RMS norm, RoPE and the causal softmax are this crate's own fused ops with backward passes (`ops/`):
+//! candle's fused versions have none (candle-notes.md), so the gradient would silently stop there.
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::frozen::FrozenLinear;
-use super::softmax::causal_softmax;
+use super::ops::{causal_softmax, rms_norm, rope};
 use super::LlmError;
 
 /// Architecture of a Llama-family checkpoint (the fields of a Hugging Face `config.json` that matter).
@@ -218,14 +218,8 @@ impl Llama {
                 lin.forward(&h)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
             };
             let (q, k, v) = (heads(&blk.q, nh)?, heads(&blk.k, nkv)?, heads(&blk.v, nkv)?);
-            let (q, k) = if self.cfg.rope_interleaved {
-                (
-                    candle_nn::rotary_emb::rope_i_slow(&q, &cos, &sin)?,
-                    candle_nn::rotary_emb::rope_i_slow(&k, &cos, &sin)?,
-                )
-            } else {
-                (candle_nn::rotary_emb::rope_slow(&q, &cos, &sin)?, candle_nn::rotary_emb::rope_slow(&k, &cos, &sin)?)
-            };
+            let interleaved = self.cfg.rope_interleaved;
+            let (q, k) = (rope(&q, &cos, &sin, interleaved)?, rope(&k, &cos, &sin, interleaved)?);
             let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
             let probs = causal_softmax(&q.matmul(&k.t()?)?, scale)?;
             let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
@@ -249,12 +243,6 @@ impl Llama {
 pub fn embed_with(matrix: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
     let (rows, len) = ids.dims2()?;
     matrix.index_select(&ids.flatten_all()?, 0)?.reshape((rows, len, matrix.dim(1)?))
-}
-
-/// RMS norm from primitive ops (differentiable): x / sqrt(mean(x²) + eps) · w.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
 }
 
 fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {

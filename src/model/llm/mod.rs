@@ -1,10 +1,12 @@
 //! The frozen LLM: a Llama-family decoder plus its tokenizer, loaded from a Hugging Face directory,
 //! a GGUF file (dequantized to plain tensors), or built tiny and random from a seed for tests.
 
+#[cfg(feature = "openblas")]
+pub mod blas;
 mod frozen;
 mod llama;
 mod load;
-mod softmax;
+mod ops;
 pub mod tiny;
 
 use std::path::PathBuf;
@@ -13,8 +15,8 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-pub use frozen::FrozenLinear;
-pub use llama::{embed_with, rms_norm, Llama, LlamaConfig};
+pub use frozen::{cpu_matmul_backend, FrozenLinear};
+pub use llama::{embed_with, Llama, LlamaConfig};
 pub use tiny::TinyLlmConfig;
 
 use crate::config::Invalid;

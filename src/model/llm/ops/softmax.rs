@@ -8,6 +8,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType, D};
 
+use super::contiguous;
+
 /// `softmax(scale · x + causal mask)` over the last dimension of `x` `[.., t, t]`: row i keeps
 /// columns 0..=i. Differentiable; on devices other than the CPU it runs as primitive ops.
 pub fn causal_softmax(x: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
@@ -55,13 +57,6 @@ fn backward<T: WithDType>(p: &[T], g: &[T], t: usize, scale: f64) -> Vec<T> {
         }
     }
     out
-}
-
-fn contiguous<'a, T: WithDType>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("causal softmax needs a contiguous input"),
-    }
 }
 
 impl CustomOp1 for CausalSoftmax {
@@ -117,8 +112,9 @@ impl CustomOp2 for CausalSoftmaxGrad {
 
 #[cfg(test)]
 mod tests {
+    use super::super::{max_abs_diff, random_f64};
     use super::*;
-    use candle_core::{DType, Device, Var};
+    use candle_core::Var;
 
     /// The primitive-op reference the fused op replaces.
     fn reference(x: &Tensor, scale: f64) -> Tensor {
@@ -130,25 +126,13 @@ mod tests {
 
     #[test]
     fn matches_the_primitive_ops_forward_and_backward() {
-        let dev = Device::Cpu;
-        let mut rng = crate::seed::stream(2, "softmax", 0);
-        let x0 = crate::model::layers::normal_tensor((2, 3, 5, 5), 2.0, &mut rng, &dev)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap();
-        let up = crate::model::layers::normal_tensor((2, 3, 5, 5), 1.0, &mut rng, &dev)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap();
-        let x = Var::from_tensor(&x0).unwrap();
-        let fused = causal_softmax(x.as_tensor(), 0.7).unwrap();
-        let plain = reference(x.as_tensor(), 0.7);
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
-        };
-        assert!(diff(&fused, &plain) < 1e-12);
+        let x = Var::from_tensor(&random_f64(&[2, 3, 5, 5], 2)).unwrap();
+        let up = random_f64(&[2, 3, 5, 5], 3);
+        let fused = causal_softmax(&(x.as_tensor() * 2.0).unwrap(), 0.7).unwrap();
+        let plain = reference(&(x.as_tensor() * 2.0).unwrap(), 0.7);
+        assert!(max_abs_diff(&fused, &plain) < 1e-12);
         let g1 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (plain * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap()) < 1e-12);
+        assert!(max_abs_diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap()) < 1e-12);
     }
 }
