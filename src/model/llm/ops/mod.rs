@@ -13,7 +13,7 @@ pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use softmax::causal_softmax;
 
-use candle_core::{DType, Layout, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, WithDType};
 
 /// The contiguous values of a CPU op's operand.
 fn contiguous<'a, T: WithDType>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
@@ -21,6 +21,41 @@ fn contiguous<'a, T: WithDType>(s: &'a [T], l: &Layout) -> candle_core::Result<&
         Some((a, b)) => Ok(&s[a..b]),
         None => candle_core::bail!("a fused op needs a contiguous input"),
     }
+}
+
+/// A fused op's CPU computation over contiguous values, written once for every dtype.
+trait Kernel {
+    fn apply<T: WithDType>(&self, x: &[T]) -> Vec<T>;
+}
+
+/// The same for a backward pass of two operands (a forward value and the upstream gradient).
+trait Kernel2 {
+    fn apply<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T>;
+}
+
+/// Runs `k` on an f32 or f64 operand; the result has the operand's shape.
+fn run<K: Kernel>(k: &K, name: &str, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    let out = match s {
+        CpuStorage::F32(v) => CpuStorage::F32(k.apply(contiguous(v, l)?)),
+        CpuStorage::F64(v) => CpuStorage::F64(k.apply(contiguous(v, l)?)),
+        _ => candle_core::bail!("{name} supports f32 and f64"),
+    };
+    Ok((out, l.shape().clone()))
+}
+
+/// Runs `k` on two operands of the same dtype (f32 or f64); the result has the first one's shape.
+fn run2<K: Kernel2>(
+    k: &K,
+    name: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let out = match (s1, s2) {
+        (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(k.apply(contiguous(a, l1)?, contiguous(b, l2)?)),
+        (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(k.apply(contiguous(a, l1)?, contiguous(b, l2)?)),
+        _ => candle_core::bail!("{name} supports f32 and f64 operands of one dtype"),
+    };
+    Ok((out, l1.shape().clone()))
 }
 
 /// Whether `x` takes the fused path.

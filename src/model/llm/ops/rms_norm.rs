@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType, D};
 
-use super::{contiguous, fused, values};
+use super::{fused, run, run2, values, Kernel, Kernel2};
 
 /// RMS norm over the last dimension of `x`; differentiable in `x` (the weight is frozen).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
@@ -36,8 +36,10 @@ impl RmsNorm {
         let ms = row.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>() / row.len() as f64;
         1.0 / (ms + self.eps).sqrt()
     }
+}
 
-    fn forward<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+impl Kernel for RmsNorm {
+    fn apply<T: WithDType>(&self, x: &[T]) -> Vec<T> {
         let mut out = Vec::with_capacity(x.len());
         for row in x.chunks_exact(self.w.len()) {
             let r = self.inv_rms(row);
@@ -45,13 +47,15 @@ impl RmsNorm {
         }
         out
     }
+}
 
-    fn backward<T: WithDType>(&self, x: &[T], g: &[T]) -> Vec<T> {
-        let n = self.w.len();
+impl Kernel2 for RmsNormGrad {
+    fn apply<T: WithDType>(&self, x: &[T], g: &[T]) -> Vec<T> {
+        let (op, n) = (&self.0, self.0.w.len());
         let mut out = Vec::with_capacity(x.len());
         for (row, grow) in x.chunks_exact(n).zip(g.chunks_exact(n)) {
-            let r = self.inv_rms(row);
-            let a = |j: usize| grow[j].to_f64() * self.w[j];
+            let r = op.inv_rms(row);
+            let a = |j: usize| grow[j].to_f64() * op.w[j];
             let ax: f64 = (0..n).map(|j| a(j) * row[j].to_f64()).sum();
             let k = r * r * r * ax / n as f64;
             out.extend((0..n).map(|j| T::from_f64(r * a(j) - row[j].to_f64() * k)));
@@ -66,12 +70,7 @@ impl CustomOp1 for RmsNorm {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(self.forward(contiguous(v, l)?)),
-            CpuStorage::F64(v) => CpuStorage::F64(self.forward(contiguous(v, l)?)),
-            _ => candle_core::bail!("rms norm supports f32 and f64"),
-        };
-        Ok((out, l.shape().clone()))
+        run(self, "rms norm", s, l)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -94,16 +93,7 @@ impl CustomOp2 for RmsNormGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(self.0.backward(contiguous(x, l1)?, contiguous(g, l2)?))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(self.0.backward(contiguous(x, l1)?, contiguous(g, l2)?))
-            }
-            _ => candle_core::bail!("rms norm supports f32 and f64"),
-        };
-        Ok((out, l1.shape().clone()))
+        run2(self, "rms norm", (s1, l1), (s2, l2))
     }
 }
 

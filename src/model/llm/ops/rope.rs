@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 
-use super::{contiguous, fused, values};
+use super::{fused, run, values, Kernel};
 
 /// RoPE of `x [b, heads, t, head_dim]` with tables `cos`, `sin` `[t, head_dim / 2]`; pairs are
 /// (i, i + head_dim/2) (Hugging Face) or (2i, 2i + 1) (`interleaved`, GGUF). Differentiable in `x`.
@@ -40,8 +40,8 @@ struct Rope {
     inverse: bool,
 }
 
-impl Rope {
-    fn rotate<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+impl Kernel for Rope {
+    fn apply<T: WithDType>(&self, x: &[T]) -> Vec<T> {
         let half = self.d / 2;
         let sign = if self.inverse { -1.0 } else { 1.0 };
         let mut out = vec![T::zero(); x.len()];
@@ -65,12 +65,7 @@ impl CustomOp1 for Rope {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(self.rotate(contiguous(v, l)?)),
-            CpuStorage::F64(v) => CpuStorage::F64(self.rotate(contiguous(v, l)?)),
-            _ => candle_core::bail!("rope supports f32 and f64"),
-        };
-        Ok((out, l.shape().clone()))
+        run(self, "rope", s, l)
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {

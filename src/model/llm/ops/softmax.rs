@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType, D};
 
-use super::contiguous;
+use super::{run, run2, Kernel, Kernel2};
 
 /// `softmax(scale · x + causal mask)` over the last dimension of `x` `[.., t, t]`: row i keeps
 /// columns 0..=i. Differentiable; on devices other than the CPU it runs as primitive ops.
@@ -18,7 +18,7 @@ pub fn causal_softmax(x: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
         candle_core::bail!("causal softmax needs square [.., t, t] scores, got {:?}", x.dims());
     }
     if x.device().is_cpu() {
-        return x.contiguous()?.apply_op1(CausalSoftmax { scale });
+        return x.contiguous()?.apply_op1(CausalSoftmax { scale, t });
     }
     let mask: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { -1e9 } else { 0.0 }).collect();
     let mask = Tensor::from_vec(mask, (t, t), x.device())?.to_dtype(x.dtype())?;
@@ -27,36 +27,44 @@ pub fn causal_softmax(x: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
 
 struct CausalSoftmax {
     scale: f64,
+    /// Length of a row (and rows per matrix).
+    t: usize,
 }
 
-fn forward<T: WithDType>(x: &[T], t: usize, scale: f64) -> Vec<T> {
-    let mut out = vec![T::from_f64(0.0); x.len()];
-    for (r, (row, o)) in x.chunks_exact(t).zip(out.chunks_exact_mut(t)).enumerate() {
-        let keep = r % t + 1;
-        let m = row[..keep].iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.to_f64() * scale));
-        let mut sum = 0.0;
-        for (o, v) in o[..keep].iter_mut().zip(&row[..keep]) {
-            let e = (v.to_f64() * scale - m).exp();
-            sum += e;
-            *o = T::from_f64(e);
+impl Kernel for CausalSoftmax {
+    fn apply<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+        let (t, scale) = (self.t, self.scale);
+        let mut out = vec![T::from_f64(0.0); x.len()];
+        for (r, (row, o)) in x.chunks_exact(t).zip(out.chunks_exact_mut(t)).enumerate() {
+            let keep = r % t + 1;
+            let m = row[..keep].iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.to_f64() * scale));
+            let mut sum = 0.0;
+            for (o, v) in o[..keep].iter_mut().zip(&row[..keep]) {
+                let e = (v.to_f64() * scale - m).exp();
+                sum += e;
+                *o = T::from_f64(e);
+            }
+            for o in &mut o[..keep] {
+                *o = T::from_f64(o.to_f64() / sum);
+            }
         }
-        for o in &mut o[..keep] {
-            *o = T::from_f64(o.to_f64() / sum);
-        }
+        out
     }
-    out
 }
 
-fn backward<T: WithDType>(p: &[T], g: &[T], t: usize, scale: f64) -> Vec<T> {
-    let mut out = vec![T::from_f64(0.0); p.len()];
-    for (r, ((pr, gr), o)) in p.chunks_exact(t).zip(g.chunks_exact(t)).zip(out.chunks_exact_mut(t)).enumerate() {
-        let keep = r % t + 1;
-        let dot: f64 = pr[..keep].iter().zip(&gr[..keep]).map(|(p, g)| p.to_f64() * g.to_f64()).sum();
-        for ((o, p), g) in o[..keep].iter_mut().zip(&pr[..keep]).zip(&gr[..keep]) {
-            *o = T::from_f64(scale * p.to_f64() * (g.to_f64() - dot));
+impl Kernel2 for CausalSoftmaxGrad {
+    fn apply<T: WithDType>(&self, p: &[T], g: &[T]) -> Vec<T> {
+        let (t, scale) = (self.0.t, self.0.scale);
+        let mut out = vec![T::from_f64(0.0); p.len()];
+        for (r, ((pr, gr), o)) in p.chunks_exact(t).zip(g.chunks_exact(t)).zip(out.chunks_exact_mut(t)).enumerate() {
+            let keep = r % t + 1;
+            let dot: f64 = pr[..keep].iter().zip(&gr[..keep]).map(|(p, g)| p.to_f64() * g.to_f64()).sum();
+            for ((o, p), g) in o[..keep].iter_mut().zip(&pr[..keep]).zip(&gr[..keep]) {
+                *o = T::from_f64(scale * p.to_f64() * (g.to_f64() - dot));
+            }
         }
+        out
     }
-    out
 }
 
 impl CustomOp1 for CausalSoftmax {
@@ -65,24 +73,19 @@ impl CustomOp1 for CausalSoftmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let t = l.dims()[l.dims().len() - 1];
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(forward(contiguous(v, l)?, t, self.scale)),
-            CpuStorage::F64(v) => CpuStorage::F64(forward(contiguous(v, l)?, t, self.scale)),
-            _ => candle_core::bail!("causal softmax supports f32 and f64"),
-        };
-        Ok((out, l.shape().clone()))
+        run(self, "causal softmax", s, l)
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(res.apply_op2_no_bwd(&grad_res.contiguous()?, &CausalSoftmaxGrad { scale: self.scale })?))
+        Ok(Some(res.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &CausalSoftmaxGrad(CausalSoftmax { scale: self.scale, t: self.t }),
+        )?))
     }
 }
 
 /// The backward pass as an op of (probabilities, upstream gradient).
-struct CausalSoftmaxGrad {
-    scale: f64,
-}
+struct CausalSoftmaxGrad(CausalSoftmax);
 
 impl CustomOp2 for CausalSoftmaxGrad {
     fn name(&self) -> &'static str {
@@ -96,17 +99,7 @@ impl CustomOp2 for CausalSoftmaxGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let t = l1.dims()[l1.dims().len() - 1];
-        let out = match (s1, s2) {
-            (CpuStorage::F32(p), CpuStorage::F32(g)) => {
-                CpuStorage::F32(backward(contiguous(p, l1)?, contiguous(g, l2)?, t, self.scale))
-            }
-            (CpuStorage::F64(p), CpuStorage::F64(g)) => {
-                CpuStorage::F64(backward(contiguous(p, l1)?, contiguous(g, l2)?, t, self.scale))
-            }
-            _ => candle_core::bail!("causal softmax supports f32 and f64"),
-        };
-        Ok((out, l1.shape().clone()))
+        run2(self, "causal softmax", (s1, l1), (s2, l2))
     }
 }
 
