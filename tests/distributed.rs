@@ -1,6 +1,8 @@
 //! Data-parallel training under a real launcher: `mpirun --oversubscribe` with Open MPI, the tiny
 //! LLM, on loopback. N ranks must equal 1 rank with the same global batch, a dead or stalled rank
 //! must end every rank quickly, and a run must resume on another number of ranks.
+// Ranks talk over MPI: only a build with the `mpi` feature can run these (scripts/test.sh builds it).
+#![cfg(feature = "mpi")]
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -77,7 +79,7 @@ fn train(dir: &Path, np: usize, job: &str, extra: &[&str]) {
 /// Largest relative difference allowed between runs on different numbers of ranks. They differ only in
 /// rounding: the all-reduce sums in another order, and OpenBLAS rounds a row of a product slightly
 /// differently depending on its place in the batch (6 steps: ~1.1e-5; ~2.5e-6 with candle's own gemm,
-/// `--no-default-features --features mpi`). A rank that trains the wrong users, or an all-reduce that
+/// `--features mpi` without `openblas`). A rank that trains the wrong users, or an all-reduce that
 /// drops a rank's share, changes the gradient itself, not its rounding.
 const RANKS_TOLERANCE: f32 = 5e-5;
 
@@ -240,12 +242,16 @@ impl Drop for OtlpReceiver {
     }
 }
 
+/// A W3C trace context a scheduler could hand the job.
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 #[test]
-fn a_two_rank_run_exports_its_spans_over_otlp() {
+fn a_two_rank_run_is_one_trace_under_the_schedulers_traceparent() {
     let dir = setup(&[("traced", 4, 60)]);
     let receiver = OtlpReceiver::start(dir.path());
     let out = mpirun(dir.path(), 2, &["train", "--job", "traced.yaml", "--model", "illmrec"])
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{}", receiver.port))
+        .env("TRACEPARENT", TRACEPARENT)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -256,6 +262,17 @@ fn a_two_rank_run_exports_its_spans_over_otlp() {
         let p = s["parent_span_id"].as_str().unwrap_or_default();
         by_id.get(p).map_or(String::new(), |p| p["name"].as_str().unwrap().to_string())
     };
+    // One trace for the whole job, the scheduler's.
+    assert!(spans.iter().all(|s| s["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"), "one trace id across ranks");
+    let job_of = |rank: i64| -> &serde_json::Value {
+        let jobs: Vec<&serde_json::Value> =
+            spans.iter().filter(|s| s["name"] == "job" && s["resource"]["illmrec.rank"] == rank).collect();
+        assert_eq!(jobs.len(), 1, "rank {rank}: one job span");
+        jobs[0]
+    };
+    let (root, other) = (job_of(0), job_of(1));
+    assert_eq!(root["parent_span_id"], "00f067aa0ba902b7", "rank 0's job span is the scheduler's child");
+    assert_eq!(other["parent_span_id"], root["span_id"], "rank 1's job span is rank 0's child");
     for rank in 0..2i64 {
         let mine: Vec<&serde_json::Value> = spans.iter().filter(|s| s["resource"]["illmrec.rank"] == rank).collect();
         let named = |n: &str| mine.iter().filter(|s| s["name"] == n).copied().collect::<Vec<_>>();
@@ -264,19 +281,19 @@ fn a_two_rank_run_exports_its_spans_over_otlp() {
             assert_eq!(s["resource"]["illmrec.job"], "dist");
             assert_eq!(s["resource"]["service.name"], "illmrec");
         }
-        let job = named("job");
-        assert_eq!(job.len(), 1, "rank {rank}: one job span");
-        assert_eq!(job[0]["parent_span_id"], "", "the job span is a root");
+        let job = job_of(rank);
+        // Numbers travel as numbers.
         assert_eq!(
-            (job[0]["attributes"]["command"].as_str(), job[0]["attributes"]["rank"].as_i64()),
+            (job["attributes"]["command"].as_str(), job["attributes"]["rank"].as_i64()),
             (Some("train"), Some(rank))
         );
+        assert_eq!(job["attributes"]["world_size"].as_i64(), Some(2), "{job}");
         let stage = named("stage");
         assert!(stage.iter().any(|s| s["attributes"]["stage"] == "train" && parent_name(s) == "job"), "rank {rank}");
         assert!(named("epoch").iter().all(|s| parent_name(s) == "stage"));
         let steps = named("step");
         assert_eq!(steps.len(), 4, "rank {rank}: one span per step");
-        assert!(steps.iter().all(|s| parent_name(s) == "epoch"));
+        assert!(steps.iter().all(|s| parent_name(s) == "epoch" && s["attributes"]["step"].is_i64()));
         let reduces = named("all_reduce");
         assert!(
             reduces.iter().filter(|s| parent_name(s) == "step").count() >= 4,
@@ -286,10 +303,26 @@ fn a_two_rank_run_exports_its_spans_over_otlp() {
         // Rank 0 writes the checkpoints (every 2 steps and the last), nobody else.
         let saves = named("checkpoint.save");
         assert_eq!(saves.len(), if rank == 0 { 2 } else { 0 }, "rank {rank}");
-        // All spans of a rank share its trace.
-        let trace = &job[0]["trace_id"];
-        assert!(mine.iter().all(|s| &s["trace_id"] == trace));
     }
+}
+
+#[test]
+fn without_a_traceparent_rank_zero_starts_the_trace_of_the_job() {
+    let dir = setup(&[("traced", 2, 60)]);
+    let receiver = OtlpReceiver::start(dir.path());
+    let out = mpirun(dir.path(), 2, &["train", "--job", "traced.yaml", "--model", "illmrec"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{}", receiver.port))
+        .env_remove("TRACEPARENT")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let spans = receiver.spans();
+    let jobs: Vec<&serde_json::Value> = spans.iter().filter(|s| s["name"] == "job").collect();
+    assert_eq!(jobs.len(), 2);
+    let root = jobs.iter().find(|s| s["resource"]["illmrec.rank"] == 0).unwrap();
+    assert_eq!(root["parent_span_id"], "", "rank 0's job span is the root");
+    let trace = &root["trace_id"];
+    assert!(spans.iter().all(|s| &s["trace_id"] == trace), "every rank's spans are in rank 0's trace");
 }
 
 #[test]

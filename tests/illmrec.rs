@@ -5,8 +5,9 @@ use illmrec::config::JobConfig;
 use illmrec::data::prompt::Variant;
 use illmrec::data::{prepare::prepare, snapshot, Split};
 use illmrec::eval::{evaluate, Plan, Protocol};
+use illmrec::pipeline::train_job;
 use illmrec::store::Store;
-use illmrec::train::illmrec::{fit, IllmRecScorer, TrainOptions};
+use illmrec::train::illmrec::{fit, load_scorer, TrainOptions};
 
 const JOB: &str = r#"
 name: tiny
@@ -43,8 +44,8 @@ fn setup() -> (tempfile::TempDir, JobConfig, Store) {
     (dir, job, store)
 }
 
-fn single() -> illmrec::dist::Guarded {
-    illmrec::dist::init(&illmrec::dist::DistConfig::default()).unwrap()
+fn single() -> illmrec::distributed::Guarded {
+    illmrec::distributed::init(&illmrec::distributed::DistConfig::default()).unwrap()
 }
 
 fn weights(store: &Store) -> Vec<u8> {
@@ -55,11 +56,11 @@ fn weights(store: &Store) -> Vec<u8> {
 #[test]
 fn resumed_training_equals_uninterrupted_training_bit_for_bit() {
     let (_dir, job, store) = setup();
-    let straight = fit(&job, &store, Variant::Image, TrainOptions::default(), &mut single()).unwrap();
+    let straight = fit(&train_job(&job), &store, Variant::Image, TrainOptions::default(), &mut single()).unwrap();
     assert_eq!((straight.first_step, straight.last_step, straight.total_steps), (0, 6, 6));
     let w_straight = weights(&store);
     let stopped = fit(
-        &job,
+        &train_job(&job),
         &store,
         Variant::Image,
         TrainOptions { stop_after: Some(3), ..TrainOptions::default() },
@@ -67,9 +68,14 @@ fn resumed_training_equals_uninterrupted_training_bit_for_bit() {
     )
     .unwrap();
     assert_eq!(stopped.last_step, 3);
-    let resumed =
-        fit(&job, &store, Variant::Image, TrainOptions { resume: true, ..TrainOptions::default() }, &mut single())
-            .unwrap();
+    let resumed = fit(
+        &train_job(&job),
+        &store,
+        Variant::Image,
+        TrainOptions { resume: true, ..TrainOptions::default() },
+        &mut single(),
+    )
+    .unwrap();
     assert_eq!((resumed.resumed_from, resumed.last_step), (Some(3), 6));
     let losses =
         |r: &illmrec::train::illmrec::FitReport| r.log.iter().map(|l| l.losses.loss.to_bits()).collect::<Vec<_>>();
@@ -89,9 +95,9 @@ fn every_variant_trains_and_scores_all_protocols() {
     let users: Vec<usize> = (0..ds.num_users().min(24)).collect();
     let mut tokens = Vec::new();
     for variant in [Variant::Image, Variant::Title, Variant::Description, Variant::ImageDescription] {
-        let r = fit(&job, &store, variant, TrainOptions::default(), &mut single()).unwrap();
+        let r = fit(&train_job(&job), &store, variant, TrainOptions::default(), &mut single()).unwrap();
         tokens.push((variant, r.tokens_per_item));
-        let scorer = IllmRecScorer::load(&job, &store, &ds, variant).unwrap();
+        let scorer = load_scorer(&train_job(&job), &store, &ds, variant).unwrap();
         let protocols = [Protocol::Full, Protocol::Sampled(29)];
         let plan = Plan { split: Split::Test, protocols: &protocols, ks: &[1, 5, 10], users: &users, batch_size: 8 };
         let m = evaluate(&scorer, &ds, &plan, None).unwrap();
@@ -112,7 +118,7 @@ fn a_grown_catalog_reuses_features_warm_starts_and_is_scored_by_the_old_model() 
     use illmrec::model::Scorer;
     let (_dir, job, store) = setup();
     let old = snapshot::load(&store, "tiny").unwrap();
-    fit(&job, &store, Variant::Image, TrainOptions::default(), &mut single()).unwrap();
+    fit(&train_job(&job), &store, Variant::Image, TrainOptions::default(), &mut single()).unwrap();
 
     // The catalog grows: same seed, more items and users; prepared under the same dataset name.
     let mut grown_job = job.clone();
@@ -135,7 +141,7 @@ fn a_grown_catalog_reuses_features_warm_starts_and_is_scored_by_the_old_model() 
     }
 
     // The old model, not retrained, scores every item of the grown catalog, new ones from their features.
-    let scorer = IllmRecScorer::load(&job, &store, &grown, Variant::Image).unwrap();
+    let scorer = load_scorer(&train_job(&job), &store, &grown, Variant::Image).unwrap();
     let history = &grown.sequences[0][..3];
     let scores = scorer.score(&[history]).unwrap();
     assert_eq!(scores.len(), grown.num_items() + 1);
@@ -153,7 +159,7 @@ fn a_grown_catalog_reuses_features_warm_starts_and_is_scored_by_the_old_model() 
     grown_job.name = "tiny-grown".into();
     grown_job.data.dataset = Some("tiny".into());
     let warm = TrainOptions { from: Some("tiny-illmrec".into()), stop_after: Some(0), ..TrainOptions::default() };
-    fit(&grown_job, &store, Variant::Image, warm, &mut single()).unwrap();
+    fit(&train_job(&grown_job), &store, Variant::Image, warm, &mut single()).unwrap();
     let a = illmrec::train::runs::load_latest(&store, "tiny-illmrec").unwrap().unwrap();
     let b = illmrec::train::runs::load_latest(&store, "tiny-grown-illmrec").unwrap().unwrap();
     for file in ["weights.safetensors", "optimizer.safetensors"] {
@@ -161,7 +167,7 @@ fn a_grown_catalog_reuses_features_warm_starts_and_is_scored_by_the_old_model() 
     }
     assert_eq!(b.state["warm_start_from"], "tiny-illmrec");
     let trained = fit(
-        &grown_job,
+        &train_job(&grown_job),
         &store,
         Variant::Image,
         TrainOptions { from: Some("tiny-illmrec".into()), ..TrainOptions::default() },

@@ -66,7 +66,7 @@ fn sbatch_script_matches_golden_and_parses() {
     assert!(status.success(), "bash -n rejects the rendered script");
 
     // mpirun inside the allocation instead of srun.
-    let (job, _) = demo(|j| j.dist.slurm.launcher = illmrec::dist::cluster::SlurmLauncher::Mpirun);
+    let (job, _) = demo(|j| j.dist.slurm.launcher = illmrec::distributed::cluster::SlurmLauncher::Mpirun);
     let script = slurm::render(&job, Path::new("/j.yaml"), Path::new("/w"), model).unwrap();
     assert!(script.contains("\nmpirun --bind-to none illmrec train --job /j.yaml"), "{script}");
 }
@@ -80,7 +80,7 @@ fn mpijob_and_indexed_job_match_golden_and_validate() {
     golden("demo-cluster.mpijob.yaml", &mpijob);
     validate(dir.path(), "mpijob.yaml", &mpijob);
 
-    let (job, merged) = demo(|j| j.dist.k8s.workload = illmrec::dist::cluster::K8sWorkload::IndexedJob);
+    let (job, merged) = demo(|j| j.dist.k8s.workload = illmrec::distributed::cluster::K8sWorkload::IndexedJob);
     let indexed = k8s::render(&job, &merged, model).unwrap();
     golden("demo-cluster.indexed-job.yaml", &indexed);
     validate(dir.path(), "indexed.yaml", &indexed);

@@ -51,17 +51,31 @@ impl Moto {
         moto
     }
 
-    /// Creates a bucket with one unsigned request (moto accepts those unless auth is enforced).
+    /// Creates a bucket with one unsigned request (moto accepts those unless auth is enforced). A
+    /// server that accepts connections before it is ready may reset the first ones: retried for 30 s.
     fn create_bucket(&self, bucket: &str) {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        write!(
-            s,
-            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.port
-        )
-        .unwrap();
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).unwrap();
+        let started = Instant::now();
+        let reply = loop {
+            let attempt = || -> std::io::Result<String> {
+                let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+                write!(
+                    s,
+                    "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    self.port
+                )?;
+                let mut reply = String::new();
+                s.read_to_string(&mut reply)?;
+                Ok(reply)
+            };
+            match attempt() {
+                Ok(reply) => break reply,
+                Err(e) if started.elapsed() < Duration::from_secs(30) => {
+                    eprintln!("creating bucket {bucket}: {e}, retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("creating bucket {bucket}: {e}"),
+            }
+        };
         assert!(reply.starts_with("HTTP/1.1 200"), "creating bucket {bucket}: {reply}");
     }
 }

@@ -4,6 +4,8 @@
 //! and preempted (SIGUSR1 to the batch script, as `--signal=B:USR1@N` sends it before the time limit)
 //! resumes from LATEST and ends with the same parameters as the uninterrupted run; `illmrec status`
 //! and `illmrec cancel` follow the jobs.
+// Ranks talk over MPI: only a build with the `mpi` feature can run these (scripts/test.sh builds it).
+#![cfg(feature = "mpi")]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::config::JobConfig;
 use crate::data::prompt::Variant;
 use crate::data::Split;
-use crate::dist::Guarded;
+use crate::distributed::Guarded;
 use crate::eval::Protocol;
 use crate::store::Store;
 use crate::train::illmrec::TrainOptions;
@@ -102,10 +102,10 @@ pub fn run(
         let ds = crate::data::snapshot::load(store, &dataset)?;
 
         let t = Instant::now();
-        let feats = crate::train::job_features(&job, store, &ds)?;
+        let feats = crate::pipeline::features(&job, store, &ds)?;
         let features_seconds = t.elapsed().as_secs_f64();
         let accuracy = |job: &JobConfig| -> Result<Accuracy, TrainError> {
-            let r = crate::train::evaluate_saved(job, store, &ds, kind, Split::Test, &[plan.protocol])?;
+            let r = crate::pipeline::evaluate(job, store, &ds, kind, Split::Test, &[plan.protocol])?;
             let m = &r[0].metrics;
             Ok(Accuracy { hit5: m.get("hit@5").unwrap_or(f64::NAN), ndcg5: m.get("ndcg@5").unwrap_or(f64::NAN) })
         };
@@ -114,7 +114,13 @@ pub fn run(
         let mut scratch_job = job.clone();
         scratch_job.name = format!("{}-{items}-scratch", base.name);
         let t = Instant::now();
-        let scratch_fit = crate::train::illmrec::fit(&scratch_job, store, variant, TrainOptions::default(), coll)?;
+        let scratch_fit = crate::train::illmrec::fit(
+            &crate::pipeline::train_job(&scratch_job),
+            store,
+            variant,
+            TrainOptions::default(),
+            coll,
+        )?;
         let scratch_seconds = t.elapsed().as_secs_f64();
         let scratch = accuracy(&scratch_job)?;
 
@@ -124,10 +130,10 @@ pub fn run(
             warm_job.name = format!("{}-{items}-warm", base.name);
             let steps = ((scratch_fit.total_steps as f64 * plan.warm_fraction).ceil() as u64).max(1);
             warm_job.train.illmrec.max_steps = Some(steps);
-            let from = Some(crate::train::run_id(prev, kind));
+            let from = Some(crate::train::run_id(&prev.name, kind));
             let t = Instant::now();
             crate::train::illmrec::fit(
-                &warm_job,
+                &crate::pipeline::train_job(&warm_job),
                 store,
                 variant,
                 TrainOptions { from, ..TrainOptions::default() },

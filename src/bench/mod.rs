@@ -9,9 +9,10 @@ use serde::Serialize;
 use crate::config::JobConfig;
 use crate::data::prompt::{PromptBuilder, Variant};
 use crate::data::Dataset;
-use crate::dist::{Collective, Guarded};
+use crate::distributed::{Collective, Guarded};
+use crate::model::illmrec::session::Session;
 use crate::store::Store;
-use crate::train::illmrec::{Session, Stepper, Timings};
+use crate::train::illmrec::{session, Stepper, Timings};
 use crate::train::TrainError;
 
 /// Peak resident memory of this process so far, in MiB (Linux; 0 elsewhere).
@@ -73,8 +74,9 @@ pub fn step(
     coll: &mut Guarded,
 ) -> Result<StepBench, TrainError> {
     let ds = crate::data::snapshot::load(store, job.dataset())?;
-    let sess = Session::new(job, store, &ds, variant)?;
-    let mut stepper = Stepper::new(job, &sess, &ds, coll.rank(), coll.world())?;
+    let tj = crate::pipeline::train_job(job);
+    let sess = session::open(&tj, store, &ds, variant)?;
+    let mut stepper = Stepper::new(&tj, &sess, &ds, coll.rank(), coll.world())?;
     coll.set_timeout(std::time::Duration::from_secs(job.dist.startup_timeout_secs));
     let mut sum = Timings::default();
     let (mut optimizer, mut collective, mut wall) = (0.0, 0.0, 0.0);
@@ -128,8 +130,8 @@ fn variant_tokens(sess: &Session, ds: &Dataset) -> Result<Vec<VariantTokens>, Tr
             let builder = PromptBuilder { variant, max_description_words: sess.builder.max_description_words };
             Ok(VariantTokens {
                 variant: variant.name(),
-                tokens_per_item: sess.tokens_per_item_with(&builder, ds)?,
-                mean_prompt_tokens: sess.mean_prompt_tokens_with(&builder, ds, 500)?,
+                tokens_per_item: sess.tokens_per_item(&builder, ds)?,
+                mean_prompt_tokens: sess.mean_prompt_tokens(&builder, ds, 500)?,
             })
         })
         .collect()

@@ -7,9 +7,10 @@ use clap::{Parser, Subcommand};
 
 use crate::config::JobConfig;
 use crate::data::{self, Split};
-use crate::dist::Collective;
+use crate::distributed::{Collective, Launcher};
 use crate::eval::{self, Protocol};
 use crate::launch;
+use crate::pipeline;
 use crate::store::Store;
 use crate::train::illmrec::TrainOptions;
 use crate::train::{self, ModelKind};
@@ -212,12 +213,12 @@ enum BenchCommand {
     },
 }
 
-/// Runs the command line; the process's exit status (0, or `dist::preempt::EXIT_CODE` for a run
+/// Runs the command line; the process's exit status (0, or `distributed::preempt::EXIT_CODE` for a run
 /// that stopped on a preemption signal with a checkpoint).
 pub fn main() -> Result<i32> {
     let cli = Cli::parse();
     let done: Result<()> = match cli.command {
-        Command::Synth { job } => with_job(&job, "synth", |job| synth(&job)),
+        Command::Synth { job } => with_job(&job, "synth", |job| pipeline::synth(&job)),
         Command::Prepare { job, json } => with_job(&job, "prepare", |job| {
             let report = data::prepare::prepare(job.dataset(), &job.data, &open_store(&job)?, &job.telemetry)?;
             if json {
@@ -230,7 +231,7 @@ pub fn main() -> Result<i32> {
         Command::Features { job, json } => with_job(&job, "features", |job| {
             let store = open_store(&job)?;
             let ds = data::snapshot::load(&store, job.dataset())?;
-            let report = train::job_features(&job, &store, &ds)?;
+            let report = pipeline::features(&job, &store, &ds)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -239,26 +240,33 @@ pub fn main() -> Result<i32> {
             Ok(())
         }),
         Command::Train { job, model, resume, auto_resume, stop_after, from } => {
-            crate::dist::configure_threads(&crate::dist::Launcher::detect());
-            crate::dist::preempt::install().context("installing the SIGUSR1 (preemption) handler")?;
-            let preempted = with_job(&job, "train", |job| {
-                let mut coll = crate::dist::init(&job.dist)?;
+            configure_threads();
+            crate::distributed::preempt::install().context("installing the SIGUSR1 (preemption) handler")?;
+            let job = load(&job)?;
+            let span = JobSpan::new(&job.name, "train");
+            // The collective starts before the span does: the span's parent comes through it.
+            let mut coll = match crate::distributed::init(&job.dist) {
+                Ok(coll) => coll,
+                Err(e) => return span.run(|| Err(e.into())),
+            };
+            span.join(&coll)?;
+            let preempted = span.run(|| {
                 let store = open_store(&job)?;
-                let run = train::run_id(&job, model);
-                let resume = resume || (auto_resume && train::runs::has_checkpoint(&store, &run)?);
-                let report = train::train(&job, &store, model, TrainOptions { resume, stop_after, from }, &mut coll)?;
+                let tj = pipeline::train_job(&job);
+                let resume = resume || (auto_resume && train::runs::has_checkpoint(&store, &tj.run_id(model))?);
+                let report = train::train(&tj, &store, model, TrainOptions { resume, stop_after, from }, &mut coll)?;
                 if coll.rank() == 0 {
                     println!("{} -> runs/{}", report.summary, report.run_id);
                 }
                 Ok(report.preempted)
             })?;
-            return Ok(if preempted { crate::dist::preempt::EXIT_CODE } else { 0 });
+            return Ok(if preempted { crate::distributed::preempt::EXIT_CODE } else { 0 });
         }
         Command::Eval { job, model, protocol, split, json } => with_job(&job, "eval", |job| {
             let protocols = if protocol.is_empty() { job.eval.protocols.clone() } else { protocol };
             let store = open_store(&job)?;
             let ds = data::snapshot::load(&store, job.dataset())?;
-            let results = train::evaluate_saved(&job, &store, &ds, model, split, &protocols)?;
+            let results = pipeline::evaluate(&job, &store, &ds, model, split, &protocols)?;
             if json {
                 for r in &results {
                     println!("{}", r.to_json());
@@ -276,7 +284,7 @@ pub fn main() -> Result<i32> {
                 .iter()
                 .position(|id| *id == user)
                 .with_context(|| format!("user `{user}` is not in dataset {} (snapshot {})", ds.name, ds.key))?;
-            let scorer = train::load_scorer(&job, &store, model, &ds)?;
+            let scorer = train::load_scorer(&pipeline::train_job(&job), &store, model, &ds)?;
             let recs = eval::recommend::top_k(scorer.as_ref(), &ds, &ds.sequences[u], k)?;
             if json {
                 println!("{}", serde_json::to_string(&recs)?);
@@ -309,15 +317,14 @@ pub fn main() -> Result<i32> {
                         Path::new("<embedded jobs/demo.yaml>"),
                         Path::new("."),
                     )?;
-                    crate::telemetry::init_logging(&job.telemetry.level, &job.name);
+                    start_logging(&job);
                     job
                 }
             };
             if let Some(root) = root {
                 job.storage.root = root;
             }
-            let name = job.name.clone();
-            in_job_span(&name, "run", || run(&job))
+            JobSpan::new(&job.name, "run").run(|| pipeline::run(&job, &open_store(&job)?))
         }
     };
     done.map(|()| 0)
@@ -327,33 +334,62 @@ pub fn main() -> Result<i32> {
 /// root span.
 fn with_job<T>(path: &Path, command: &'static str, f: impl FnOnce(JobConfig) -> Result<T>) -> Result<T> {
     let job = load(path)?;
-    let name = job.name.clone();
-    in_job_span(&name, command, || f(job))
+    JobSpan::new(&job.name, command).run(|| f(job))
 }
 
-/// The root span of a command: job, command, rank and world size; an error marks it failed.
-fn in_job_span<T>(job: &str, command: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let launcher = crate::dist::Launcher::detect();
-    let span = tracing::info_span!(
-        "job",
-        job,
-        command,
-        rank = crate::telemetry::otel::rank_and_world().0,
-        world_size = launcher.world,
-        launcher = launcher.name,
-        error = tracing::field::Empty,
-        otel.status_code = tracing::field::Empty,
-    );
-    let result = span.in_scope(f);
-    if let Err(e) = &result {
-        span.record("error", format!("{e:#}"));
-        span.record("otel.status_code", "ERROR");
+/// The root span of a command: job, command, rank and world size. A `TRACEPARENT` in the
+/// environment (W3C trace context) becomes its parent; under a launcher, `join` makes every rank's
+/// root span a child of rank 0's, so a job of N ranks is one trace.
+struct JobSpan(tracing::Span);
+
+impl JobSpan {
+    fn new(job: &str, command: &'static str) -> Self {
+        let launcher = Launcher::detect();
+        let span = tracing::info_span!(
+            "job",
+            job,
+            command,
+            rank = launcher.rank as i64,
+            world_size = launcher.world as i64,
+            launcher = launcher.name,
+            error = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        if let Some(parent) = crate::telemetry::otel::parent_from_env() {
+            crate::telemetry::otel::set_parent(&span, parent);
+        }
+        Self(span)
     }
-    result
+
+    /// Rank 0 hands its span's context to the other ranks, which become its children. Call before
+    /// `run` on ranks other than 0 (a started span cannot change its parent).
+    fn join(&self, coll: &dyn Collective) -> Result<()> {
+        if coll.world() < 2 {
+            return Ok(());
+        }
+        let mut bytes = if coll.rank() == 0 { crate::telemetry::otel::context_bytes(&self.0) } else { Vec::new() };
+        coll.broadcast(0, &mut bytes).context("sharing the trace context")?;
+        if coll.rank() != 0 {
+            if let Some(parent) = crate::telemetry::otel::context_from_bytes(&bytes) {
+                crate::telemetry::otel::set_parent(&self.0, parent);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` inside the span; an error marks the span failed.
+    fn run<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let result = self.0.in_scope(f);
+        if let Err(e) = &result {
+            self.0.record("error", format!("{e:#}"));
+            self.0.record("otel.status_code", "ERROR");
+        }
+        result
+    }
 }
 
 fn bench(what: BenchCommand) -> Result<()> {
-    crate::dist::configure_threads(&crate::dist::Launcher::detect());
+    configure_threads();
     match what {
         BenchCommand::Llm { job, shapes } => {
             let shapes = shapes
@@ -395,7 +431,7 @@ fn bench(what: BenchCommand) -> Result<()> {
                 .map(|&(i, u)| (((i as f64) * scale).round() as usize, ((u as f64) * scale).round() as usize))
                 .collect();
             let plan = crate::bench::growth::GrowthPlan { steps, warm_fraction, protocol, warm_from_scratch };
-            let mut coll = crate::dist::init(&job.dist)?;
+            let mut coll = crate::distributed::init(&job.dist)?;
             let rows = crate::bench::growth::run(&job, &open_store(&job)?, variant, &plan, &mut coll)?;
             if !json {
                 print!("{}", crate::bench::growth::table(&rows, protocol));
@@ -484,10 +520,10 @@ fn bench_step(
     model: ModelKind,
     steps: usize,
     warmup: usize,
-) -> Result<(crate::bench::StepBench, crate::dist::Guarded)> {
+) -> Result<(crate::bench::StepBench, crate::distributed::Guarded)> {
     let job = load(job)?;
     let variant = illmrec_variant(model)?;
-    let mut coll = crate::dist::init(&job.dist)?;
+    let mut coll = crate::distributed::init(&job.dist)?;
     let step = crate::bench::step(&job, &open_store(&job)?, variant, steps, warmup, &mut coll)?;
     Ok((step, coll))
 }
@@ -502,72 +538,22 @@ fn print_bench(text: &impl std::fmt::Display, value: &serde_json::Value, json_on
 
 fn load(path: &Path) -> Result<JobConfig> {
     let job = JobConfig::load(path)?;
-    crate::telemetry::init_logging(&job.telemetry.level, &job.name);
+    start_logging(&job);
     Ok(job)
+}
+
+/// One share of this machine's cores per local rank, for candle's pool and the BLAS alike.
+fn configure_threads() {
+    let n = crate::distributed::configure_threads(&Launcher::detect());
+    crate::model::llm::set_cpu_threads(n);
+}
+
+/// Logs on stderr and, when the environment names a collector, traces (see `telemetry`).
+fn start_logging(job: &JobConfig) {
+    let launcher = Launcher::detect();
+    crate::telemetry::init_logging(&job.telemetry.level, &job.name, launcher.rank, launcher.world);
 }
 
 fn open_store(job: &JobConfig) -> Result<Store> {
     Store::open_with(&job.storage).context("opening the storage root (storage.root)")
-}
-
-fn synth(job: &JobConfig) -> Result<()> {
-    let cfg = job.data.synth.as_ref().context("the job has no `data.synth` section")?;
-    let started = std::time::Instant::now();
-    let r = data::synth::generate(cfg, &job.telemetry)?;
-    println!(
-        "synth: {} items ({} with images), {} users, {} interactions -> {} in {:.1}s",
-        r.items,
-        r.images,
-        r.users,
-        r.interactions,
-        cfg.out.display(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
-}
-
-fn run(job: &JobConfig) -> Result<()> {
-    let started = std::time::Instant::now();
-    if job.data.synth.is_some() {
-        synth(job)?;
-    }
-    let store = open_store(job)?;
-    let prepared = data::prepare::prepare(job.dataset(), &job.data, &store, &job.telemetry)?;
-    println!("{prepared}");
-    let ds = data::snapshot::load(&store, job.dataset())?;
-    let mut results = Vec::new();
-    let mut features_ready = false;
-    let mut coll = crate::dist::init(&job.dist)?;
-    if coll.world() > 1 {
-        anyhow::bail!("`run` is the single-process pipeline; start `train` under mpirun/srun for several ranks");
-    }
-    for name in &job.train.models {
-        let kind: ModelKind = name.parse().map_err(anyhow::Error::msg)?;
-        let t = std::time::Instant::now();
-        // Features once, before the first LLM model (after SASRec, whose item table is the CF feature).
-        if matches!(kind, ModelKind::Illmrec(_)) && !features_ready {
-            println!("features:\n{}", train::job_features(job, &store, &ds)?);
-            features_ready = true;
-        }
-        let report = train::train(job, &store, kind, TrainOptions::default(), &mut coll)?;
-        println!("{} ({:.1}s)", report.summary, t.elapsed().as_secs_f64());
-        results.extend(train::evaluate_saved(job, &store, &ds, kind, Split::Test, &job.eval.protocols)?);
-    }
-    let table = eval::markdown_table(&results);
-    // The job's report: every model's results and the LLM recommenders' loss curves.
-    let mut curves = Vec::new();
-    for name in &job.train.models {
-        let kind: ModelKind = name.parse().map_err(anyhow::Error::msg)?;
-        if matches!(kind, ModelKind::Illmrec(_)) {
-            curves.push(train::illmrec::loss_curve(&store, &train::run_id(job, kind))?);
-        }
-    }
-    let report_dir = crate::store::key(&["reports", &job.name]);
-    for (file, bytes) in eval::report::files(&job.name, &results, &curves) {
-        store.put(&crate::store::key(&[&report_dir, file]), bytes)?;
-    }
-    println!("\ntest split, {} users, {} items:\n{table}", ds.num_users(), ds.num_items());
-    println!("report: {}/{report_dir}/ (results.md, metrics.json, metrics.png, loss.png)", store.url());
-    println!("done in {:.1}s; everything is under {}", started.elapsed().as_secs_f64(), store.url());
-    Ok(())
 }

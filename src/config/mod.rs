@@ -13,26 +13,14 @@ use serde::Deserialize;
 use serde_norway::{Mapping, Value};
 
 use crate::data::DataConfig;
-use crate::dist::DistConfig;
+use crate::distributed::DistConfig;
 use crate::eval::EvalConfig;
 use crate::features::FeaturesConfig;
+use crate::invalid::Invalid;
 use crate::model::ModelConfig;
 use crate::store::StorageConfig;
 use crate::telemetry::TelemetryConfig;
 use crate::train::TrainConfig;
-
-/// A section's verdict on its own values: the key (relative to the section) and what is wrong.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Invalid {
-    pub key: String,
-    pub message: String,
-}
-
-impl Invalid {
-    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { key: key.into(), message: message.into() }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -1,4 +1,4 @@
-//! I-LLMRec's prompts (illmrec-method.md, "Prompts"), as segments: text, an item's token slot (filled
+//! I-LLMRec's prompts (docs/illmrec-method.md, "Prompts"), as segments: text, an item's token slot (filled
 //! with the adapted item feature), and the [REC] slot. The tokenizer and the model turn segments into
 //! input embeddings; this module decides only what the prompt says.
 

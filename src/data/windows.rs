@@ -1,4 +1,4 @@
-//! Training samples for I-LLMRec (illmrec-method.md, "Data"): one per user and epoch, a window of the
+//! Training samples for I-LLMRec (docs/illmrec-method.md, "Data"): one per user and epoch, a window of the
 //! user's training sequence and the item after it. Every random choice draws from a stream named by
 //! (seed, epoch, user), so a sample does not depend on batch size, step, or how users are spread over
 //! ranks: the property the data-parallel equivalence and exact resume rest on.

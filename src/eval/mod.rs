@@ -10,8 +10,8 @@ pub mod users;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Invalid;
 use crate::data::{Dataset, Split};
+use crate::invalid::Invalid;
 use crate::model::{ModelError, Scorer};
 use crate::telemetry::{Progress, TelemetryConfig};
 pub use metrics::{MetricSums, Metrics};

@@ -1,7 +1,7 @@
 //! Top-k recommendations for one user: every item scored, the user's own items left out.
 
 use crate::data::Dataset;
-use crate::model::{Result, Scorer};
+use crate::model::{ModelError, Result, Scorer};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Recommendation {
@@ -11,14 +11,24 @@ pub struct Recommendation {
     pub score: f32,
 }
 
-/// The `k` best items after `history` (item indices), best first; ties go to the lower index.
+/// The `k` best items after `history` (item indices), best first; ties go to the lower index. A
+/// request that can only answer nothing (k = 0, or a history that holds every item) is an error.
 pub fn top_k(scorer: &dyn Scorer, ds: &Dataset, history: &[u32], k: usize) -> Result<Vec<Recommendation>> {
-    let scores = scorer.score(&[history])?;
+    if k == 0 {
+        return Err(ModelError::Invalid("k must be at least 1: a top-0 list recommends nothing".into()));
+    }
     let mut seen = vec![false; ds.num_items() + 1];
     for &h in history {
         seen[h as usize] = true;
     }
     let mut candidates: Vec<u32> = (1..=ds.num_items() as u32).filter(|&i| !seen[i as usize]).collect();
+    if candidates.is_empty() {
+        return Err(ModelError::Invalid(format!(
+            "the history holds all {} items of the catalog: there is nothing left to recommend",
+            ds.num_items()
+        )));
+    }
+    let scores = scorer.score(&[history])?;
     candidates.sort_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]).then(a.cmp(&b)));
     Ok(candidates
         .into_iter()
@@ -69,5 +79,12 @@ mod tests {
         let ids: Vec<&str> = r.iter().map(|x| x.item.as_str()).collect();
         assert_eq!(ids, ["i3", "i4", "i5"]);
         assert_eq!((r[0].rank, r[0].title.as_str(), r[0].score), (1, "T3", 5.0));
+        // Lists that could only be empty are refused, with the reason.
+        let zero = top_k(&scorer, &ds, &[1, 2], 0).unwrap_err().to_string();
+        assert!(zero.contains("k must be at least 1"), "{zero}");
+        let all = top_k(&scorer, &ds, &[1, 2, 3, 4, 5], 3).unwrap_err().to_string();
+        assert!(all.contains("nothing left to recommend"), "{all}");
+        // A k beyond what is left returns what is left.
+        assert_eq!(top_k(&scorer, &ds, &[1, 2], 10).unwrap().len(), 3);
     }
 }

@@ -83,7 +83,8 @@ pub(crate) fn hash_dir_files(dir: &Path, names: &[&str]) -> Result<String, Featu
     Ok(hex::encode(&h.finalize()[..8]))
 }
 
-/// Where SASRec's item table (the CF feature) of a run lives.
+/// Where a trained SASRec run keeps its item table (the CF feature). The pipeline hands this key to
+/// `compute` and `load`; this module never guesses which run it is.
 pub fn cf_table_key(sasrec_run: &str) -> String {
     key(&["runs", sasrec_run, "features", "cf.safetensors"])
 }
@@ -163,27 +164,28 @@ impl Encoder {
     }
 }
 
-/// Fills the caches of every configured feature type for the snapshot `ds`.
+/// Fills the caches of every configured feature type for the snapshot `ds`; the CF feature is read
+/// from the item table at `cf_table`.
 pub fn compute(
     cfg: &FeaturesConfig,
     ds: &Dataset,
     store: &Store,
-    sasrec_run: &str,
+    cf_table: &str,
     telemetry: &TelemetryConfig,
     device: &Device,
 ) -> Result<FeaturesReport, FeatureError> {
     let mut reports = Vec::new();
-    let _stage = tracing::info_span!("stage", stage = "features", items = ds.num_items()).entered();
+    let _stage = tracing::info_span!("stage", stage = "features", items = ds.num_items() as i64).entered();
     for kind in cfg.kinds() {
         let _span = tracing::info_span!("features.extract", kind = %kind).entered();
         let started = Instant::now();
         let mut report = match (kind, import_of(cfg, kind)) {
             (_, Some(import)) => import_table(import, kind, ds, store)?,
             (FeatureKind::Cf, None) => {
-                let table = load_cf_table(store, sasrec_run)?;
+                let table = load_cf_table(store, cf_table)?;
                 KindReport {
                     kind,
-                    encoder: format!("sasrec run {sasrec_run}"),
+                    encoder: format!("table {cf_table}"),
                     dim: table.dim,
                     computed: 0,
                     reused: table.item_ids.len(),
@@ -383,14 +385,13 @@ fn import_table(
     })
 }
 
-fn load_cf_table(store: &Store, sasrec_run: &str) -> Result<FeatureTable, FeatureError> {
-    let k = cf_table_key(sasrec_run);
-    let bytes = store.get_opt(&k)?.ok_or_else(|| {
+fn load_cf_table(store: &Store, k: &str) -> Result<FeatureTable, FeatureError> {
+    let bytes = store.get_opt(k)?.ok_or_else(|| {
         FeatureError::Invalid(format!(
             "no CF table at {k}: train SASRec first (`illmrec train --job FILE --model sasrec`)"
         ))
     })?;
-    Ok(FeatureTable::from_bytes(&bytes, &k)?)
+    Ok(FeatureTable::from_bytes(&bytes, k)?)
 }
 
 /// Finds the cached vector of a content key.
@@ -415,14 +416,15 @@ impl ItemFeatures {
     }
 }
 
-/// The cached features of `kind` for every item of `ds`. Items without an image are allowed (they
-/// fall back to the text feature); any other gap is an error naming the items.
+/// The cached features of `kind` for every item of `ds` (the CF feature from the item table at
+/// `cf_table`). Items without an image are allowed (they fall back to the text feature); any other
+/// gap is an error naming the items.
 pub fn load(
     cfg: &FeaturesConfig,
     kind: FeatureKind,
     ds: &Dataset,
     store: &Store,
-    sasrec_run: &str,
+    cf_table: &str,
 ) -> Result<ItemFeatures, FeatureError> {
     let n = ds.num_items();
     let (encoder, dim, lookup): (String, usize, Lookup) = match (kind, import_of(cfg, kind)) {
@@ -432,15 +434,11 @@ pub fn load(
             (id, table.dim, Box::new(move |k: &str| cache.get(k).map(<[f32]>::to_vec)))
         }
         (FeatureKind::Cf, None) => {
-            let table = load_cf_table(store, sasrec_run)?;
+            let table = load_cf_table(store, cf_table)?;
             let rows: std::collections::HashMap<String, usize> =
                 table.item_ids.iter().enumerate().map(|(r, id)| (format!("id:{id}"), r)).collect();
             let dim = table.dim;
-            (
-                format!("sasrec run {sasrec_run}"),
-                dim,
-                Box::new(move |k: &str| rows.get(k).map(|&r| table.row(r).to_vec())),
-            )
+            (format!("table {cf_table}"), dim, Box::new(move |k: &str| rows.get(k).map(|&r| table.row(r).to_vec())))
         }
         (kind, None) => {
             let (id, dim) = encoder_identity(cfg, kind)?;

@@ -4,7 +4,7 @@
 use super::template::{render as render_template, Values};
 use super::{dns_name, run_client, LaunchError, Result};
 use crate::config::JobConfig;
-use crate::dist::cluster::K8sWorkload;
+use crate::distributed::cluster::K8sWorkload;
 use crate::train::ModelKind;
 
 const CONFIGMAP: &str = include_str!("../../k8s/configmap.yaml.tmpl");

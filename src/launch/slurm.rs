@@ -6,7 +6,7 @@ use std::path::Path;
 use super::template::{render as render_template, Values};
 use super::{run_client, LaunchError, Result};
 use crate::config::JobConfig;
-use crate::dist::cluster::SlurmLauncher;
+use crate::distributed::cluster::SlurmLauncher;
 use crate::train::ModelKind;
 
 const TEMPLATE: &str = include_str!("../../slurm/sbatch.sh.tmpl");
@@ -43,7 +43,7 @@ pub fn render(job: &JobConfig, job_file: &Path, workdir: &Path, model: ModelKind
         .set("output", &s.output)
         .set("signal_before_secs", s.signal_before_secs)
         .set("max_restarts", s.max_restarts)
-        .set("preempted_exit", crate::dist::preempt::EXIT_CODE)
+        .set("preempted_exit", crate::distributed::preempt::EXIT_CODE)
         .set("launch", launch)
         .set("binary", shell_word(&s.binary))
         .block("directives", directives.into_iter().map(|o| format!("#SBATCH {o}")).collect());

@@ -1,5 +1,5 @@
 //! Building blocks written from primitive candle ops, because candle's fused layer norm and softmax
-//! have no backward pass (see candle-notes.md), and seeded where candle's own randomness is not.
+//! have no backward pass (see docs/candle.md), and seeded where candle's own randomness is not.
 
 use candle_core::{DType, Device, Shape, Tensor, Var, D};
 use rand::Rng as _;

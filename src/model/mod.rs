@@ -8,7 +8,7 @@ pub mod sasrec;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Invalid;
+use crate::invalid::Invalid;
 
 pub use sasrec::{SasRec, SasRecConfig};
 

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::layers::{const_var, dropout, layer_norm, linear, xavier_var};
 use super::{HostTensor, Result, Scorer};
-use crate::config::Invalid;
+use crate::invalid::Invalid;
 use crate::seed::Rng;
 
 const LN_EPS: f64 = 1e-8;

@@ -84,19 +84,19 @@ impl Default for StorageConfig {
 }
 
 impl StorageConfig {
-    pub fn validate(&self) -> std::result::Result<(), crate::config::Invalid> {
+    pub fn validate(&self) -> std::result::Result<(), crate::invalid::Invalid> {
         let r = &self.root;
         let known = r == "memory://" || r.starts_with("file://") || r.starts_with("s3://") || !r.contains("://");
         if !known || r.is_empty() || r == "file://" || r == "s3://" {
-            return Err(crate::config::Invalid::new(
+            return Err(crate::invalid::Invalid::new(
                 "root",
                 format!("`{r}`: use file://PATH, a plain path, s3://BUCKET/PREFIX or memory://"),
             ));
         }
         if self.multipart_mib < 5 {
-            return Err(crate::config::Invalid::new("multipart_mib", "S3 parts must be at least 5 MiB"));
+            return Err(crate::invalid::Invalid::new("multipart_mib", "S3 parts must be at least 5 MiB"));
         }
-        self.s3.validate().map_err(|e| crate::config::Invalid::new(format!("s3.{}", e.key), e.message))
+        self.s3.validate().map_err(|e| crate::invalid::Invalid::new(format!("s3.{}", e.key), e.message))
     }
 }
 

@@ -10,7 +10,7 @@ pub use progress::Progress;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Invalid;
+use crate::invalid::Invalid;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -66,8 +66,9 @@ impl TelemetryConfig {
 
 /// Installs the log subscriber once per process (later calls are no-ops): log lines on stderr and,
 /// when the OTEL_EXPORTER_OTLP_* variables name a collector, spans exported over OTLP (`otel.rs`).
-/// `job` names the job in the exported spans.
-pub fn init_logging(level: &str, job: &str) {
+/// `job` names the job in the exported spans; `rank` and `world` (from the launcher's environment)
+/// are this process's place in it.
+pub fn init_logging(level: &str, job: &str, rank: usize, world: usize) {
     use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::prelude::*;
     static ONCE: std::sync::Once = std::sync::Once::new();
@@ -83,7 +84,7 @@ pub fn init_logging(level: &str, job: &str) {
             .with_filter(filter);
         let mut otel_error = None;
         let otel = if otel::wanted() {
-            match otel::start(job) {
+            match otel::start(job, rank, world) {
                 // Only our spans: the exporter's own HTTP client must not trace itself.
                 Ok(tracer) => Some(
                     tracing_opentelemetry::layer()

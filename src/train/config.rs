@@ -2,8 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Invalid;
 use crate::eval::Protocol;
+use crate::invalid::Invalid;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -25,7 +25,8 @@ pub struct TrainConfig {
 pub struct IllmRecTrainConfig {
     #[serde(default = "d_llm_epochs")]
     pub epochs: u64,
-    /// Users per step (per rank when distributed).
+    /// Users per step over all ranks (the global batch): each of N ranks takes batch_size / N of
+    /// them, so it must be a multiple of the number of ranks.
     #[serde(default = "d_llm_batch")]
     pub batch_size: usize,
     #[serde(default = "d_llm_lr")]

@@ -15,16 +15,16 @@ use serde_json::json;
 
 pub use config::{IllmRecTrainConfig, SasRecTrainConfig, TrainConfig};
 
-use crate::config::JobConfig;
 use crate::data::prompt::Variant;
-use crate::data::Split;
 use crate::data::{DataError, Dataset};
-use crate::dist::Collective;
-use crate::eval::{EvalError, EvalResult, Protocol};
-use crate::features::FeatureTable;
+use crate::distributed::{Collective, DistConfig};
+use crate::eval::EvalError;
+use crate::features::{FeatureTable, FeaturesConfig};
 use crate::model::pop::Pop;
+use crate::model::ModelConfig;
 use crate::model::{HostTensor, ModelError, SasRec, Scorer};
 use crate::store::{Store, StoreError};
+use crate::telemetry::TelemetryConfig;
 use crate::tensorfile::{to_bytes, Array, TensorFile, TensorFileError};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +43,9 @@ pub enum TrainError {
     #[error(transparent)]
     Features(Box<crate::features::FeatureError>),
     #[error(transparent)]
-    Dist(#[from] crate::dist::DistError),
+    Dist(#[from] crate::distributed::DistError),
+    #[error(transparent)]
+    Llm(#[from] crate::model::llm::LlmError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -100,9 +102,32 @@ impl fmt::Display for ModelKind {
     }
 }
 
-/// The run a model of the job is saved as: `<job>-<model>`, with `:` and `+` spelled `-`.
-pub fn run_id(job: &JobConfig, kind: ModelKind) -> String {
-    format!("{}-{}", job.name, kind.to_string().replace([':', '+'], "-"))
+/// What training reads of a job: its name (runs are saved as `<name>-<model>`), its dataset, the
+/// sections that shape a model and its training, and the artefacts earlier stages handed over. The
+/// `config` layer assembles it from a job file; training never sees the file itself.
+#[derive(Debug, Clone)]
+pub struct TrainJob<'a> {
+    pub name: &'a str,
+    pub dataset: &'a str,
+    pub features: &'a FeaturesConfig,
+    pub model: &'a ModelConfig,
+    pub train: &'a TrainConfig,
+    pub dist: &'a DistConfig,
+    pub telemetry: &'a TelemetryConfig,
+    /// Where SASRec's item table (the CF feature) lies in the store.
+    pub cf_table: String,
+}
+
+impl TrainJob<'_> {
+    /// The run a model of the job is saved as: `<job>-<model>`, with `:` and `+` spelled `-`.
+    pub fn run_id(&self, kind: ModelKind) -> String {
+        run_id(self.name, kind)
+    }
+}
+
+/// The run of `kind` in the job named `job`.
+pub fn run_id(job: &str, kind: ModelKind) -> String {
+    format!("{job}-{}", kind.to_string().replace([':', '+'], "-"))
 }
 
 /// What a training run produced, for the terminal.
@@ -115,13 +140,13 @@ pub struct TrainReport {
 
 /// Fits `kind` on the latest snapshot of the job's dataset and saves it.
 pub fn train(
-    job: &JobConfig,
+    job: &TrainJob<'_>,
     store: &Store,
     kind: ModelKind,
     opts: illmrec::TrainOptions,
-    coll: &mut crate::dist::Guarded,
+    coll: &mut crate::distributed::Guarded,
 ) -> Result<TrainReport> {
-    let id = run_id(job, kind);
+    let id = job.run_id(kind);
     let _stage = tracing::info_span!("stage", stage = "train", model = %kind, run = %id).entered();
     if opts.from.is_some() && !matches!(kind, ModelKind::Illmrec(_)) {
         return Err(TrainError::Invalid(format!("--from: warm starts apply to LLM recommenders, not {kind}")));
@@ -162,7 +187,7 @@ pub fn train(
     if coll.world() > 1 {
         return Err(TrainError::Invalid(format!("{kind} trains in one process; start it without mpirun/srun")));
     }
-    let ds = crate::data::snapshot::load(store, job.dataset())?;
+    let ds = crate::data::snapshot::load(store, job.dataset)?;
     let mut state =
         json!({"model": kind.to_string(), "dataset": ds.name, "dataset_key": ds.key, "num_items": ds.num_items()});
     let (tensors, summary) = match kind {
@@ -173,7 +198,7 @@ pub fn train(
         }
         ModelKind::Sasrec => {
             let (model, report) =
-                sasrec::fit(&ds, &job.model.sasrec, &job.train.sasrec, job.train.seed, &job.telemetry)?;
+                sasrec::fit(&ds, &job.model.sasrec, &job.train.sasrec, job.train.seed, job.telemetry)?;
             state["config"] = serde_json::to_value(&job.model.sasrec).unwrap_or_default();
             state["fit"] = serde_json::to_value(&report).unwrap_or_default();
             let weights = model.to_host()?;
@@ -211,52 +236,12 @@ fn save_cf_table(store: &Store, run_id: &str, ds: &Dataset, model: &SasRec) -> R
     Ok(())
 }
 
-/// Computes (or reuses from the cache) the item features the job names; the CF feature comes from
-/// the job's SASRec run.
-pub fn job_features(job: &JobConfig, store: &Store, ds: &Dataset) -> Result<crate::features::FeaturesReport> {
-    let sasrec_run = run_id(job, ModelKind::Sasrec);
-    Ok(crate::features::compute(&job.features, ds, store, &sasrec_run, &job.telemetry, &Device::Cpu)?)
-}
-
-/// Evaluates one trained model under `protocols` and saves the results in the run's report folder.
-pub fn evaluate_saved(
-    job: &JobConfig,
-    store: &Store,
-    ds: &Dataset,
-    model: ModelKind,
-    split: Split,
-    protocols: &[Protocol],
-) -> Result<Vec<EvalResult>> {
-    let _stage = tracing::info_span!("stage", stage = "eval", model = %model, split = ?split).entered();
-    let scorer = load_scorer(job, store, model, ds)?;
-    let users = job.eval.users.pick(ds.num_users(), job.eval.seed);
-    let plan = crate::eval::Plan { split, protocols, ks: &job.eval.ks, users: &users, batch_size: job.eval.batch_size };
-    let metrics = crate::eval::evaluate(scorer.as_ref(), ds, &plan, Some(&job.telemetry))?;
-    let results: Vec<EvalResult> = protocols
-        .iter()
-        .zip(metrics)
-        .map(|(p, m)| EvalResult { model: model.to_string(), protocol: *p, split, users: users.len(), metrics: m })
-        .collect();
-    let id = run_id(job, model);
-    let json: Vec<serde_json::Value> = results.iter().map(EvalResult::to_json).collect();
-    let name = format!("eval-{}.json", if split == Split::Test { "test" } else { "valid" });
-    let bytes = serde_json::to_vec_pretty(&json).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    runs::put_report(store, &id, &name, bytes)?;
-    if split == Split::Test {
-        let curves = vec![illmrec::loss_curve(store, &id)?];
-        for (file, bytes) in crate::eval::report::files(&id, &results, &curves) {
-            runs::put_report(store, &id, file, bytes)?;
-        }
-    }
-    Ok(results)
-}
-
 /// Loads the latest checkpoint of the job's `kind` run, checking it was trained on `ds`.
-pub fn load_scorer(job: &JobConfig, store: &Store, kind: ModelKind, ds: &Dataset) -> Result<Box<dyn Scorer>> {
+pub fn load_scorer(job: &TrainJob<'_>, store: &Store, kind: ModelKind, ds: &Dataset) -> Result<Box<dyn Scorer>> {
     if let ModelKind::Illmrec(variant) = kind {
-        return Ok(Box::new(illmrec::IllmRecScorer::load(job, store, ds, variant)?));
+        return Ok(Box::new(illmrec::load_scorer(job, store, ds, variant)?));
     }
-    let id = run_id(job, kind);
+    let id = job.run_id(kind);
     let ckpt = runs::load_latest(store, &id)?.ok_or_else(|| {
         TrainError::Invalid(format!(
             "no trained `{kind}` under {}/runs/{id}: run `illmrec train --job FILE --model {kind}` first",

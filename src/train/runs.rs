@@ -64,7 +64,7 @@ pub fn save(
     state: &serde_json::Value,
     keep: usize,
 ) -> Result<()> {
-    let _span = tracing::info_span!("checkpoint.save", run = run_id, step).entered();
+    let _span = tracing::info_span!("checkpoint.save", run = run_id, step = step as i64).entered();
     let seen = store.get_pointer(&latest_key(run_id))?;
     let folder = format!("{step:010}-{}", attempt_id());
     let d = key(&[&checkpoints_dir(run_id), &folder]);

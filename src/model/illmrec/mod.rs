@@ -1,8 +1,10 @@
-//! I-LLMRec's trainable parts around the frozen LLM (illmrec-method.md, "Trainable parts", "Loss"):
+//! I-LLMRec's trainable parts around the frozen LLM (docs/illmrec-method.md, "Trainable parts", "Loss"):
 //! the adaptor that turns an item feature into one LLM token, the learnable [REC] vector, user- and
 //! item-side projection heads per feature type, the two losses, and retrieval scores.
 
 pub mod batch;
+pub mod scorer;
+pub mod session;
 
 use std::collections::BTreeMap;
 
@@ -13,9 +15,9 @@ use serde::{Deserialize, Serialize};
 use super::layers::{bce_with_logits, layer_norm, linear};
 use super::llm::{embed_with, Llm};
 use super::{HostTensor, ModelError, Result};
-use crate::config::Invalid;
 use crate::data::prompt::Variant;
 use crate::data::FeatureKind;
+use crate::invalid::Invalid;
 use crate::seed::Rng;
 use batch::EncodedBatch;
 
@@ -46,6 +48,34 @@ pub struct IllmRecConfig {
     /// Also tune the LLM's input-embedding matrix, as the authors' code does (the LM head stays frozen).
     #[serde(default)]
     pub train_input_embeddings: bool,
+    /// How a user head's output and an item head's output make a score: `dot` (the paper) or
+    /// `cosine` divided by `temperature`, whose logits stay in a fixed range however the heads grow.
+    #[serde(default)]
+    pub similarity: Similarity,
+    /// The divisor of cosine scores (ignored for `dot`).
+    #[serde(default = "d_temperature")]
+    pub temperature: f64,
+}
+
+/// How user and item vectors make a score.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Similarity {
+    #[default]
+    Dot,
+    Cosine,
+}
+
+/// The retrieval loss over a target and its sampled negatives, per feature type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetrievalLoss {
+    /// Binary cross-entropy: the target labelled 1, each negative 0 (the paper, with one negative);
+    /// the negatives' term is their mean.
+    #[default]
+    Bce,
+    /// Cross-entropy of the target among itself and the negatives (a sampled softmax).
+    Softmax,
 }
 
 fn d_token() -> FeatureKind {
@@ -66,6 +96,9 @@ fn d_history() -> usize {
 fn d_desc_words() -> usize {
     100
 }
+fn d_temperature() -> f64 {
+    0.1
+}
 
 impl Default for IllmRecConfig {
     fn default() -> Self {
@@ -78,6 +111,8 @@ impl Default for IllmRecConfig {
             max_history: d_history(),
             max_description_words: d_desc_words(),
             train_input_embeddings: false,
+            similarity: Similarity::Dot,
+            temperature: d_temperature(),
         }
     }
 }
@@ -95,6 +130,9 @@ impl IllmRecConfig {
         }
         if self.max_history < 2 {
             return Err(Invalid::new("max_history", "must be at least 2"));
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(Invalid::new("temperature", "must be a positive number"));
         }
         Ok(())
     }
@@ -362,28 +400,63 @@ impl IllmRec {
         Ok(flat.index_select(&idx, 0)?)
     }
 
-    /// L_RERI: per feature type, BCE of the target (label 1) and one negative (label 0) under the
-    /// dot product of the user and item heads; mean over feature types and users. A term whose item
-    /// lacks the feature counts as 0.
-    pub fn retrieval_loss(&self, h: &Tensor, targets: &[u32], negatives: &[u32], feats: &Features) -> Result<Tensor> {
+    /// Scores of user vectors `u [rows, d]` against item vectors `v [rows, n, d]`: `[rows, n]`.
+    fn pair_scores(&self, u: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (u, v) = match self.cfg.similarity {
+            Similarity::Dot => (u.clone(), v.clone()),
+            Similarity::Cosine => (unit_rows(u)?.affine(1.0 / self.cfg.temperature, 0.0)?, unit_rows(v)?),
+        };
+        Ok(v.broadcast_mul(&u.unsqueeze(1)?)?.sum(D::Minus1)?)
+    }
+
+    /// L_RERI: per feature type, a loss of the target against the sampled negatives under the user
+    /// and item heads (`kind`: BCE, the paper's, or a sampled softmax); mean over feature types and
+    /// users. `negatives` holds `per_user` items for each row, row-major. A target that lacks the
+    /// feature contributes nothing to that type's term; a negative that lacks it is left out.
+    pub fn retrieval_loss(
+        &self,
+        h: &Tensor,
+        targets: &[u32],
+        negatives: &[u32],
+        per_user: usize,
+        kind: RetrievalLoss,
+        feats: &Features,
+    ) -> Result<Tensor> {
         let device = h.device();
         let rows = targets.len();
+        if per_user == 0 || negatives.len() != rows * per_user {
+            return Err(ModelError::Invalid(format!(
+                "{} negatives for {rows} users x {per_user} each",
+                negatives.len()
+            )));
+        }
         let mut total: Option<Tensor> = None;
-        for ((kind, user), (_, item)) in self.user_heads.iter().zip(&self.item_heads) {
-            let f = feature(feats, *kind)?;
+        for ((kind_f, user), (_, item)) in self.user_heads.iter().zip(&self.item_heads) {
+            let f = feature(feats, *kind_f)?;
             let u = user.forward(h)?;
-            let mut term = None;
-            for (items, label) in [(targets, 1.0), (negatives, 0.0)] {
-                let idx = Tensor::from_slice(items, rows, device)?;
-                let logits = (&u * item.forward(&f.values.index_select(&idx, 0)?)?)?.sum(D::Minus1)?;
-                let w = f.present_t.index_select(&idx, 0)?;
-                let l = bce_with_logits(&logits, label, &w, rows as f64)?;
-                term = Some(match term {
-                    None => l,
-                    Some(t) => (t + l)?,
-                });
-            }
-            let term = term.ok_or_else(|| ModelError::Invalid("empty retrieval loss".into()))?;
+            let side = |items: &[u32], n: usize| -> Result<(Tensor, Tensor)> {
+                let idx = Tensor::from_slice(items, items.len(), device)?;
+                let v = item.forward(&f.values.index_select(&idx, 0)?)?.reshape((rows, n, ()))?;
+                Ok((v, f.present_t.index_select(&idx, 0)?.reshape((rows, n))?))
+            };
+            let (pos, pos_w) = side(targets, 1)?;
+            let (neg, neg_w) = side(negatives, per_user)?;
+            let pos_logits = self.pair_scores(&u, &pos)?;
+            let neg_logits = self.pair_scores(&u, &neg)?;
+            let term = match kind {
+                RetrievalLoss::Bce => {
+                    let p = bce_with_logits(&pos_logits, 1.0, &pos_w, rows as f64)?;
+                    let n = bce_with_logits(&neg_logits, 0.0, &neg_w, (rows * per_user) as f64)?;
+                    (p + n.affine(per_user as f64, 0.0)?)?
+                }
+                RetrievalLoss::Softmax => {
+                    // Negatives without the feature are pushed out of the softmax.
+                    let masked = (neg_logits + neg_w.affine(1e9, -1e9)?)?;
+                    let all = Tensor::cat(&[&pos_logits, &masked], 1)?;
+                    let log_p = candle_nn::ops::log_softmax(&all, D::Minus1)?.narrow(1, 0, 1)?;
+                    (log_p * &pos_w)?.sum_all()?.affine(-1.0 / rows as f64, 0.0)?
+                }
+            };
             total = Some(match total {
                 None => term,
                 Some(t) => (t + term)?,
@@ -407,19 +480,34 @@ impl IllmRec {
         Ok((picked * w)?.sum_all()?.neg()?)
     }
 
-    /// Item-side embeddings of every item for each retrieval feature type: `[items + 1, head_dim]`.
+    /// Item-side embeddings of every item for each retrieval feature type: `[items + 1, head_dim]`
+    /// (unit length under the cosine similarity).
     pub fn item_embeddings(&self, feats: &Features) -> Result<Vec<Tensor>> {
-        self.item_heads.iter().map(|(k, head)| Ok(head.forward(&feature(feats, *k)?.values)?.detach())).collect()
+        self.item_heads
+            .iter()
+            .map(|(k, head)| {
+                let e = head.forward(&feature(feats, *k)?.values)?.detach();
+                Ok(match self.cfg.similarity {
+                    Similarity::Dot => e,
+                    Similarity::Cosine => unit_rows(&e)?,
+                })
+            })
+            .collect()
     }
 
-    /// Scores `[rows, items + 1]`: the mean, over the retrieval feature types an item has, of the dot
-    /// product of the user's and the item's head outputs.
+    /// Scores `[rows, items + 1]`: the mean, over the retrieval feature types an item has, of the
+    /// similarity of the user's and the item's head outputs.
     pub fn scores(&self, h: &Tensor, item_embs: &[Tensor], feats: &Features) -> Result<Tensor> {
         let mut sum: Option<Tensor> = None;
         let mut count: Option<Tensor> = None;
         for (((kind, user), emb), _) in self.user_heads.iter().zip(item_embs).zip(&self.item_heads) {
             let f = feature(feats, *kind)?;
-            let s = user.forward(h)?.matmul(&emb.t()?)?.broadcast_mul(&f.present_t.unsqueeze(0)?)?;
+            let u = user.forward(h)?;
+            let u = match self.cfg.similarity {
+                Similarity::Dot => u,
+                Similarity::Cosine => unit_rows(&u)?.affine(1.0 / self.cfg.temperature, 0.0)?,
+            };
+            let s = u.matmul(&emb.t()?)?.broadcast_mul(&f.present_t.unsqueeze(0)?)?;
             sum = Some(match sum {
                 None => s,
                 Some(t) => (t + s)?,
@@ -440,6 +528,12 @@ impl IllmRec {
     pub fn load_host(&self, tensors: &[HostTensor]) -> Result<()> {
         super::load_host_into(&self.vars, tensors)
     }
+}
+
+/// Rows scaled to unit length (rows of zeros stay zero).
+fn unit_rows(x: &Tensor) -> candle_core::Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.affine(1.0, 1e-12)?.sqrt()?;
+    x.broadcast_div(&norm)
 }
 
 fn feature(feats: &Features, kind: FeatureKind) -> Result<&FeatureMatrix> {

@@ -74,8 +74,13 @@ fn setup(dtype: DType, cfg: IllmRecConfig) -> Setup {
 }
 
 fn loss(s: &Setup) -> Tensor {
+    loss_with(s, &[1, 3], RetrievalLoss::Bce)
+}
+
+/// L_RERI (targets 6 and 5, `negatives` split evenly between the two users) + L_RISA.
+fn loss_with(s: &Setup, negatives: &[u32], kind: RetrievalLoss) -> Tensor {
     let h = s.model.user_states(&s.llm, &s.retrieval, &s.feats).unwrap();
-    let reri = s.model.retrieval_loss(&h, &[6, 5], &[1, 3], &s.feats).unwrap();
+    let reri = s.model.retrieval_loss(&h, &[6, 5], negatives, negatives.len() / 2, kind, &s.feats).unwrap();
     let risa = s.model.alignment_loss(&s.llm, &s.alignment, &s.feats).unwrap();
     (reri + risa).unwrap()
 }
@@ -92,11 +97,11 @@ fn every_trainable_tensor_gets_a_finite_nonzero_gradient_and_the_llm_none() {
         assert!(g.iter().any(|&x| x != 0.0), "{name}: zero gradient");
     }
     assert!(grads.get(s.llm.model.embedding_matrix()).is_none(), "the frozen LLM must get no gradient");
-    let vars: Vec<&Var> = s.model.vars().iter().map(|(_, v)| v).collect();
-    let mut params = crate::train::optim::read_params(&vars).unwrap();
-    let mut opt = crate::train::optim::AdamW::new(params.len(), [0.9, 0.999], 0.0);
-    opt.update(&mut params, &crate::train::optim::flatten_grads(&vars, &grads).unwrap(), 1e-2);
-    crate::train::optim::write_params(&vars, &params).unwrap();
+    // A plain gradient step on every trainable tensor touches nothing of the LLM.
+    for (_, v) in s.model.vars() {
+        let g = grads.get(v.as_tensor()).unwrap();
+        v.set(&(v.as_tensor() - g.affine(1e-2, 0.0).unwrap()).unwrap()).unwrap();
+    }
     let after: Vec<f32> = s.llm.model.embedding_matrix().flatten_all().unwrap().to_vec1().unwrap();
     assert!(before == after, "LLM weights changed");
 }
@@ -110,13 +115,12 @@ fn tuning_input_embeddings_adds_them_to_the_trainable_set() {
     assert!(g.iter().any(|&x| x != 0.0));
 }
 
-#[test]
-fn gradient_matches_finite_differences_through_the_frozen_llm() {
-    let s = setup(DType::F64, cfg());
-    let grads = loss(&s).backward().unwrap();
+/// Largest relative difference between the analytic gradient and central finite differences, over
+/// one coordinate of each kind of trainable tensor: upstream of the LLM (adaptor, fallback, [REC])
+/// and downstream of it (heads).
+fn finite_difference_check(s: &Setup, loss: impl Fn(&Setup) -> Tensor) -> f64 {
+    let grads = loss(s).backward().unwrap();
     let mut worst: f64 = 0.0;
-    // One coordinate of each kind of trainable tensor, upstream of the LLM (adaptor, fallback, [REC])
-    // and downstream of it (heads).
     for (name, coord) in [
         ("adaptor.w1", 5),
         ("adaptor.b2", 3),
@@ -132,7 +136,7 @@ fn gradient_matches_finite_differences_through_the_frozen_llm() {
             let mut v = base.clone();
             v[coord] += delta;
             var.set(&Tensor::from_vec(v, var.as_tensor().shape(), &Device::Cpu).unwrap()).unwrap();
-            let l = loss(&s).to_scalar::<f64>().unwrap();
+            let l = loss(s).to_scalar::<f64>().unwrap();
             var.set(&Tensor::from_vec(base.clone(), var.as_tensor().shape(), &Device::Cpu).unwrap()).unwrap();
             l
         };
@@ -142,7 +146,48 @@ fn gradient_matches_finite_differences_through_the_frozen_llm() {
         worst = worst.max(rel);
         assert!(rel < 1e-4, "{name}[{coord}]: analytic {analytic} vs numeric {numeric}");
     }
-    eprintln!("largest relative difference analytic vs finite differences: {worst:.2e}");
+    worst
+}
+
+#[test]
+fn gradient_matches_finite_differences_through_the_frozen_llm() {
+    let worst = finite_difference_check(&setup(DType::F64, cfg()), loss);
+    eprintln!("dot + BCE: largest relative difference analytic vs finite differences: {worst:.2e}");
+    // The cosine similarity with a sampled softmax over three negatives per user (one of them,
+    // item 3, without an image feature: masked out of the image head's softmax).
+    let cosine = IllmRecConfig { similarity: Similarity::Cosine, temperature: 0.2, ..cfg() };
+    let worst = finite_difference_check(&setup(DType::F64, cosine), |s| {
+        loss_with(s, &[1, 3, 4, 2, 3, 6], RetrievalLoss::Softmax)
+    });
+    eprintln!("cosine + softmax: largest relative difference analytic vs finite differences: {worst:.2e}");
+}
+
+#[test]
+fn with_one_negative_the_softmax_loss_is_the_logistic_loss_of_the_margin() {
+    // -log(e^p / (e^p + e^n)) = log(1 + e^(n - p)): check it through the model on one head.
+    let c = IllmRecConfig { retrieval: vec![FeatureKind::Text], ..cfg() };
+    let s = setup(DType::F64, c);
+    let h = s.model.user_states(&s.llm, &s.retrieval, &s.feats).unwrap();
+    let got = s
+        .model
+        .retrieval_loss(&h, &[6, 5], &[1, 2], 1, RetrievalLoss::Softmax, &s.feats)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let embs = s.model.item_embeddings(&s.feats).unwrap();
+    let sc = s.model.scores(&h, &embs, &s.feats).unwrap().to_vec2::<f64>().unwrap();
+    let want = ((sc[0][1] - sc[0][6]).exp().ln_1p() + (sc[1][2] - sc[1][5]).exp().ln_1p()) / 2.0;
+    assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+    // And the BCE with one negative: softplus(-p) + softplus(n), averaged over users.
+    let bce = s
+        .model
+        .retrieval_loss(&h, &[6, 5], &[1, 2], 1, RetrievalLoss::Bce, &s.feats)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let sp = |x: f64| x.exp().ln_1p();
+    let want = (sp(-sc[0][6]) + sp(sc[0][1]) + sp(-sc[1][5]) + sp(sc[1][2])) / 2.0;
+    assert!((bce - want).abs() < 1e-9, "{bce} vs {want}");
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //!
 //! candle's matmul backward always computes the weight-side gradient, even for a plain tensor that no
 //! one will ever read; for a frozen LLM that is a third of the backward's matmul work and a weight-sized
-//! buffer per layer (candle-notes.md measured ~40% of CPU time and 1.9 GB of peak memory on SmolLM2).
+//! buffer per layer (docs/candle.md measured ~40% of CPU time and 1.9 GB of peak memory on SmolLM2).
 //! On the CPU, f32 products go through OpenBLAS when the `openblas` feature is on (see `blas.rs`).
 
 use candle_core::backend::BackendStorage;

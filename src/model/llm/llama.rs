@@ -3,7 +3,7 @@
 //! never updated, and no gradient is computed for them (see `frozen.rs`).
 //!
 //! RMS norm, RoPE and the causal softmax are this crate's own fused ops with backward passes (`ops/`):
-//! candle's fused versions have none (candle-notes.md), so the gradient would silently stop there.
+//! candle's fused versions have none (docs/candle.md), so the gradient would silently stop there.
 
 use std::collections::HashMap;
 

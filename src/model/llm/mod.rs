@@ -19,7 +19,7 @@ pub use frozen::{cpu_matmul_backend, FrozenLinear};
 pub use llama::{embed_with, Llama, LlamaConfig};
 pub use tiny::TinyLlmConfig;
 
-use crate::config::Invalid;
+use crate::invalid::Invalid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LlmError {
@@ -35,6 +35,16 @@ pub enum LlmError {
     Tokenizer(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// Tells the CPU matmul library how many threads it may use (candle's own pool reads its size from
+/// the environment, see `distributed::configure_threads`); OpenBLAS reads its environment before
+/// `main` runs, so it must be told.
+pub fn set_cpu_threads(n: usize) {
+    #[cfg(feature = "openblas")]
+    blas::set_threads(n);
+    #[cfg(not(feature = "openblas"))]
+    let _ = n;
 }
 
 /// Where the LLM comes from (`model.llm` in a job).

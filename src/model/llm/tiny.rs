@@ -13,7 +13,7 @@ use tokenizers::AddedToken;
 
 use super::load::byte_level_tokenizer;
 use super::{Llama, LlamaConfig, Llm, LlmError};
-use crate::config::Invalid;
+use crate::invalid::Invalid;
 use crate::model::layers::normal_tensor;
 use crate::seed::stream;
 

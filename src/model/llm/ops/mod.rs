@@ -2,7 +2,7 @@
 //!
 //! Written from primitives, each of these is several passes over [b, t, hidden] tensors forward and
 //! more backward; at SmolLM2's sizes that traffic costs about as much as the matmuls (perf, README
-//! "Speed of a training step"). candle's own fused versions have no backward (candle-notes.md).
+//! "Speed of a training step"). candle's own fused versions have no backward (docs/candle.md).
 //! On other devices, or dtypes other than f32/f64, the primitive versions run instead.
 
 mod rms_norm;

@@ -1,11 +1,14 @@
-//! Who started this process, as how many ranks, and how many share this machine: read from the
-//! launcher's environment before any backend starts (rank and world come from the backend itself).
+//! Who started this process, as which rank of how many, and how many share this machine: read from
+//! the launcher's environment before any backend starts. This is the one reader of that environment
+//! (threads, the world-size check and the trace resource all use it); once a backend runs, its own
+//! rank and world are the ones collectives use.
 
 /// What the launcher's environment says.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Launcher {
     /// "mpirun", "srun", "hydra" or "none".
     pub name: &'static str,
+    pub rank: usize,
     pub world: usize,
     /// Ranks on this machine.
     pub local: usize,
@@ -28,36 +31,36 @@ impl Launcher {
     fn from_env(get: impl Fn(&str) -> Option<String>) -> Self {
         let num = |k: &str| get(k).and_then(|v| v.trim().parse::<usize>().ok());
         if let Some(world) = num("OMPI_COMM_WORLD_SIZE") {
-            return Self { name: "mpirun", world, local: num("OMPI_COMM_WORLD_LOCAL_SIZE").unwrap_or(1) };
+            let rank = num("OMPI_COMM_WORLD_RANK").unwrap_or(0);
+            return Self { name: "mpirun", rank, world, local: num("OMPI_COMM_WORLD_LOCAL_SIZE").unwrap_or(1) };
         }
-        if get("SLURM_PROCID").is_some() {
+        if let Some(rank) = num("SLURM_PROCID") {
             if let Some(world) = num("SLURM_NTASKS") {
                 let local = get("SLURM_TASKS_PER_NODE").as_deref().and_then(slurm_tasks_per_node).unwrap_or(1);
-                return Self { name: "srun", world, local };
+                return Self { name: "srun", rank, world, local };
             }
         }
         if let Some(world) = num("PMI_SIZE") {
-            return Self { name: "hydra", world, local: num("MPI_LOCALNRANKS").unwrap_or(1) };
+            let rank = num("PMI_RANK").unwrap_or(0);
+            return Self { name: "hydra", rank, world, local: num("MPI_LOCALNRANKS").unwrap_or(1) };
         }
-        Self { name: "none", world: 1, local: 1 }
+        Self { name: "none", rank: 0, world: 1, local: 1 }
     }
 }
 
-/// Gives each of the `local` ranks on this machine its share of the cores for candle's and OpenBLAS's
-/// math (unless RAYON_NUM_THREADS is set already): oversubscribed spinning thread pools are slower than one
-/// thread each (candle-notes.md). Call before any tensor work.
+/// Each of the `local` ranks on this machine gets its share of the cores for its math threads
+/// (unless RAYON_NUM_THREADS is set already): oversubscribed spinning thread pools are slower than one
+/// thread each (docs/candle.md). Sets candle's pool size through the environment, so call it before
+/// any tensor work; returns the count for the other libraries that need telling (the BLAS).
 pub fn configure_threads(launcher: &Launcher) -> usize {
-    let n = var("RAYON_NUM_THREADS").unwrap_or_else(|| {
+    var("RAYON_NUM_THREADS").unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let n = (cores / launcher.local.max(1)).max(1);
         // Single-threaded here (called before any pool exists), as set_var requires.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
         n
-    });
-    #[cfg(feature = "openblas")]
-    crate::model::llm::blas::set_threads(n);
-    n
+    })
 }
 
 #[cfg(test)]
@@ -72,17 +75,20 @@ mod tests {
 
     #[test]
     fn reads_mpirun_srun_and_hydra() {
-        assert_eq!(env(&[]), Launcher { name: "none", world: 1, local: 1 });
+        assert_eq!(env(&[]), Launcher { name: "none", rank: 0, world: 1, local: 1 });
         assert_eq!(
-            env(&[("OMPI_COMM_WORLD_SIZE", "4"), ("OMPI_COMM_WORLD_LOCAL_SIZE", "2")]),
-            Launcher { name: "mpirun", world: 4, local: 2 }
+            env(&[("OMPI_COMM_WORLD_SIZE", "4"), ("OMPI_COMM_WORLD_RANK", "3"), ("OMPI_COMM_WORLD_LOCAL_SIZE", "2")]),
+            Launcher { name: "mpirun", rank: 3, world: 4, local: 2 }
         );
         assert_eq!(
             env(&[("SLURM_PROCID", "1"), ("SLURM_NTASKS", "6"), ("SLURM_TASKS_PER_NODE", "2(x3)")]),
-            Launcher { name: "srun", world: 6, local: 2 }
+            Launcher { name: "srun", rank: 1, world: 6, local: 2 }
         );
         // An sbatch script's environment (no SLURM_PROCID) is not a rank's.
         assert_eq!(env(&[("SLURM_NTASKS", "6")]).world, 1);
-        assert_eq!(env(&[("PMI_SIZE", "3")]).world, 3);
+        assert_eq!(
+            env(&[("PMI_SIZE", "3"), ("PMI_RANK", "2")]),
+            Launcher { name: "hydra", rank: 2, world: 3, local: 1 }
+        );
     }
 }

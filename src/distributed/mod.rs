@@ -21,7 +21,7 @@ pub use launcher::{configure_threads, Launcher};
 pub use single::Single;
 pub use watchdog::Watchdog;
 
-use crate::config::Invalid;
+use crate::invalid::Invalid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DistError {
@@ -198,7 +198,7 @@ impl Collective for Guarded {
         self.inner.name()
     }
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), DistError> {
-        let _span = tracing::info_span!("all_reduce", floats = buf.len(), backend = self.inner.name()).entered();
+        let _span = tracing::info_span!("all_reduce", floats = buf.len() as i64, backend = self.inner.name()).entered();
         self.guard("all-reduce", || self.inner.all_reduce_sum(buf))
     }
     fn broadcast(&self, root: usize, bytes: &mut Vec<u8>) -> Result<(), DistError> {

@@ -1,0 +1,224 @@
+//! The job as a pipeline of stages: which stage runs before which, and what one stage hands the next.
+//!
+//! ```text
+//! synth? -> prepare -> train non-LLM models (SASRec first when the CF feature needs its item table)
+//!        -> features -> train LLM recommenders -> evaluate every model -> report
+//! ```
+//! The stages themselves live in `data`, `features`, `train` and `eval` and know nothing of the job
+//! file; this module (with the command line above it) is the only place that reads a whole job and
+//! passes each stage its sections and the artefacts of the stages before it.
+
+use std::time::Instant;
+
+use candle_core::Device;
+
+use crate::config::JobConfig;
+use crate::data::{self, Dataset, Split};
+use crate::distributed::Collective;
+use crate::eval::{self, EvalResult, Protocol};
+use crate::features::{self, FeatureKind, FeaturesReport};
+use crate::store::{self, Store};
+use crate::train::illmrec::TrainOptions;
+use crate::train::{self, runs, ModelKind, Result, TrainError, TrainJob};
+
+/// Where the CF feature comes from: the item table of the job's SASRec run.
+pub fn cf_table(job: &JobConfig) -> String {
+    features::cf_table_key(&train::run_id(&job.name, ModelKind::Sasrec))
+}
+
+/// What training reads of the job, with the artefacts of the stages before it.
+pub fn train_job(job: &JobConfig) -> TrainJob<'_> {
+    TrainJob {
+        name: &job.name,
+        dataset: job.dataset(),
+        features: &job.features,
+        model: &job.model,
+        train: &job.train,
+        dist: &job.dist,
+        telemetry: &job.telemetry,
+        cf_table: cf_table(job),
+    }
+}
+
+/// One stage of `run`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Synth,
+    Prepare,
+    Train(ModelKind),
+    Features,
+    Evaluate(ModelKind),
+}
+
+/// The stages `run` executes for the job, in order: every model of `train.models` is trained and
+/// evaluated; item features are computed once, before the first LLM recommender, and after SASRec
+/// when the features include its item table (SASRec is added to the plan if the job does not list
+/// it).
+pub fn plan(job: &JobConfig) -> Result<Vec<Stage>> {
+    let models = job
+        .train
+        .models
+        .iter()
+        .map(|m| m.parse::<ModelKind>().map_err(TrainError::Invalid))
+        .collect::<Result<Vec<_>>>()?;
+    let mut stages = Vec::new();
+    if job.data.synth.is_some() {
+        stages.push(Stage::Synth);
+    }
+    stages.push(Stage::Prepare);
+    let needs_cf = job.features.kinds().contains(&FeatureKind::Cf);
+    let mut trained = Vec::new();
+    for &kind in &models {
+        if matches!(kind, ModelKind::Illmrec(_)) && !stages.contains(&Stage::Features) {
+            if needs_cf && !trained.contains(&ModelKind::Sasrec) {
+                stages.push(Stage::Train(ModelKind::Sasrec));
+                trained.push(ModelKind::Sasrec);
+            }
+            stages.push(Stage::Features);
+        }
+        if !trained.contains(&kind) {
+            stages.push(Stage::Train(kind));
+            trained.push(kind);
+        }
+    }
+    stages.extend(models.iter().map(|&k| Stage::Evaluate(k)));
+    Ok(stages)
+}
+
+/// Computes (or reuses from the cache) the item features the job names.
+pub fn features(job: &JobConfig, store: &Store, ds: &Dataset) -> Result<FeaturesReport> {
+    Ok(features::compute(&job.features, ds, store, &cf_table(job), &job.telemetry, &Device::Cpu)?)
+}
+
+/// Evaluates one trained model under `protocols` and saves the results in the run's report folder.
+pub fn evaluate(
+    job: &JobConfig,
+    store: &Store,
+    ds: &Dataset,
+    model: ModelKind,
+    split: Split,
+    protocols: &[Protocol],
+) -> Result<Vec<EvalResult>> {
+    let _stage = tracing::info_span!("stage", stage = "eval", model = %model, split = ?split).entered();
+    let tj = train_job(job);
+    let scorer = train::load_scorer(&tj, store, model, ds)?;
+    let users = job.eval.users.pick(ds.num_users(), job.eval.seed);
+    let plan = eval::Plan { split, protocols, ks: &job.eval.ks, users: &users, batch_size: job.eval.batch_size };
+    let metrics = eval::evaluate(scorer.as_ref(), ds, &plan, Some(&job.telemetry))?;
+    let results: Vec<EvalResult> = protocols
+        .iter()
+        .zip(metrics)
+        .map(|(p, m)| EvalResult { model: model.to_string(), protocol: *p, split, users: users.len(), metrics: m })
+        .collect();
+    let id = tj.run_id(model);
+    let json: Vec<serde_json::Value> = results.iter().map(EvalResult::to_json).collect();
+    let name = format!("eval-{}.json", if split == Split::Test { "test" } else { "valid" });
+    let bytes = serde_json::to_vec_pretty(&json).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    runs::put_report(store, &id, &name, bytes)?;
+    if split == Split::Test {
+        let curves = vec![train::illmrec::loss_curve(store, &id)?];
+        for (file, bytes) in eval::report::files(&id, &results, &curves) {
+            runs::put_report(store, &id, file, bytes)?;
+        }
+    }
+    Ok(results)
+}
+
+/// Writes the synthetic catalog the job's `data.synth` section describes.
+pub fn synth(job: &JobConfig) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let cfg = job.data.synth.as_ref().context("the job has no `data.synth` section")?;
+    let started = Instant::now();
+    let r = data::synth::generate(cfg, &job.telemetry)?;
+    println!(
+        "synth: {} items ({} with images), {} users, {} interactions -> {} in {:.1}s",
+        r.items,
+        r.images,
+        r.users,
+        r.interactions,
+        cfg.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Runs the whole job, single process: every stage of `plan`, then the job's report
+/// (`reports/<job>/`: results.md, metrics.json, metrics.png, loss.png).
+pub fn run(job: &JobConfig, store: &Store) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut coll = crate::distributed::init(&job.dist)?;
+    if coll.world() > 1 {
+        anyhow::bail!("`run` is the single-process pipeline; start `train` under mpirun/srun for several ranks");
+    }
+    let tj = train_job(job);
+    let mut ds: Option<Dataset> = None;
+    let mut results = Vec::new();
+    let mut curves = Vec::new();
+    for stage in plan(job)? {
+        match stage {
+            Stage::Synth => synth(job)?,
+            Stage::Prepare => {
+                println!("{}", data::prepare::prepare(job.dataset(), &job.data, store, &job.telemetry)?);
+                ds = Some(data::snapshot::load(store, job.dataset())?);
+            }
+            Stage::Features => {
+                let ds = ds.as_ref().ok_or_else(|| anyhow::anyhow!("features before prepare"))?;
+                println!("features:\n{}", features(job, store, ds)?);
+            }
+            Stage::Train(kind) => {
+                let t = Instant::now();
+                let report = train::train(&tj, store, kind, TrainOptions::default(), &mut coll)?;
+                println!("{} ({:.1}s)", report.summary, t.elapsed().as_secs_f64());
+                if matches!(kind, ModelKind::Illmrec(_)) {
+                    curves.push(train::illmrec::loss_curve(store, &tj.run_id(kind))?);
+                }
+            }
+            Stage::Evaluate(kind) => {
+                let ds = ds.as_ref().ok_or_else(|| anyhow::anyhow!("evaluation before prepare"))?;
+                results.extend(evaluate(job, store, ds, kind, Split::Test, &job.eval.protocols)?);
+            }
+        }
+    }
+    let report_dir = store::key(&["reports", &job.name]);
+    for (file, bytes) in eval::report::files(&job.name, &results, &curves) {
+        store.put(&store::key(&[&report_dir, file]), bytes)?;
+    }
+    if let Some(ds) = &ds {
+        println!("\ntest split, {} users, {} items:", ds.num_users(), ds.num_items());
+    }
+    print!("{}", eval::markdown_table(&results));
+    println!("report: {}/{report_dir}/ (results.md, metrics.json, metrics.png, loss.png)", store.url());
+    println!("done in {:.1}s; everything is under {}", started.elapsed().as_secs_f64(), store.url());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(models: &str, cf: bool) -> JobConfig {
+        let features = if cf { "features: {text: {tiny_bert: {seed: 1}}, cf: sasrec}\n" } else { "" };
+        let text = format!(
+            "name: j\ndata: {{source: {{recbole: {{dir: d, name: n}}}}}}\n{features}train: {{models: [{models}]}}\n"
+        );
+        JobConfig::from_str_with_base(&text, std::path::Path::new("j.yaml"), std::path::Path::new(".")).unwrap()
+    }
+
+    #[test]
+    fn features_come_before_the_first_llm_model_and_after_sasrec_when_they_need_it() {
+        use Stage::*;
+        let (pop, sasrec, llm) = (ModelKind::Pop, ModelKind::Sasrec, "illmrec".parse::<ModelKind>().unwrap());
+        assert_eq!(
+            plan(&job("pop, illmrec", true)).unwrap(),
+            vec![Prepare, Train(pop), Train(sasrec), Features, Train(llm), Evaluate(pop), Evaluate(llm)]
+        );
+        assert_eq!(
+            plan(&job("illmrec, sasrec", false)).unwrap(),
+            vec![Prepare, Features, Train(llm), Train(sasrec), Evaluate(llm), Evaluate(sasrec)]
+        );
+        assert_eq!(
+            plan(&job("pop, sasrec", true)).unwrap(),
+            vec![Prepare, Train(pop), Train(sasrec), Evaluate(pop), Evaluate(sasrec)]
+        );
+    }
+}

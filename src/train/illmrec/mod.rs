@@ -1,0 +1,247 @@
+//! Training the LLM recommenders (I-LLMRec and its prompt variants) on a frozen LLM.
+//!
+//! `fit` drives the steps (`step.rs`) of a data-parallel run, commits checkpoints (`checkpoint.rs`)
+//! through the run's folder, and resumes them exactly: all randomness is keyed by (seed, epoch,
+//! user), so the checkpoint's step is the whole of the "RNG state" and resuming replays nothing and
+//! skips nothing.
+
+pub mod checkpoint;
+pub mod session;
+pub mod step;
+
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::json;
+
+use super::optim::AdamW;
+use super::{runs, ModelKind, Result, TrainError, TrainJob};
+use crate::data::prompt::Variant;
+use crate::distributed::{check_same, Collective, Guarded};
+use crate::store::Store;
+use crate::telemetry::Progress;
+use checkpoint::{
+    check_fingerprint, fingerprint, optimizer_file, read_log, restore, state_digest, weights_file, write_log,
+};
+pub use checkpoint::{load_scorer, loss_curve};
+use step::StepLog;
+pub use step::{Stepper, Timings};
+
+/// How a training call starts and stops.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Continue from the run's LATEST checkpoint instead of starting over.
+    pub resume: bool,
+    /// Stop (with a checkpoint) after this global step, as a preempted job would.
+    pub stop_after: Option<u64>,
+    /// Warm start: a new run (step 0, this job's data and schedule) whose trainable weights and
+    /// optimizer state come from this run's LATEST checkpoint, e.g. the model of the catalog before
+    /// it grew.
+    pub from: Option<String>,
+}
+
+/// Attempts at the final checkpoint before the run gives up, with a doubling pause between them.
+const FINAL_SAVE_ATTEMPTS: u32 = 5;
+
+/// What a training call did, for the terminal and the run's report.
+#[derive(Debug, Clone, Serialize)]
+pub struct FitReport {
+    pub variant: &'static str,
+    pub llm: String,
+    pub backend: &'static str,
+    pub world_size: usize,
+    pub trainable_parameters: usize,
+    pub users: usize,
+    pub steps_per_epoch: u64,
+    pub total_steps: u64,
+    pub first_step: u64,
+    pub last_step: u64,
+    pub resumed_from: Option<u64>,
+    /// Stopped early on a preemption signal, with a checkpoint: resume to finish.
+    pub preempted: bool,
+    pub seconds: f64,
+    pub samples_per_second: f64,
+    /// Seconds inside collectives (all-reduce, checks), this rank.
+    pub collective_seconds: f64,
+    pub tokens_per_item: f64,
+    pub mean_prompt_tokens: f64,
+    pub fallback_items: usize,
+    pub log: Vec<StepLog>,
+}
+
+/// Trains `variant` on the job's latest snapshot (or continues it with `opts.resume`) as one rank of
+/// `coll`: each rank computes the gradients of its share of the step's users, one all-reduce averages
+/// them (with the losses riding along), and every rank applies the same update. Rank 0 writes the
+/// checkpoints and the log.
+pub fn fit(
+    job: &TrainJob<'_>,
+    store: &Store,
+    variant: Variant,
+    opts: TrainOptions,
+    coll: &mut Guarded,
+) -> Result<FitReport> {
+    let started = Instant::now();
+    let tcfg = &job.train.illmrec;
+    let (rank, world) = (coll.rank(), coll.world());
+    let lead = rank == 0;
+    let ds = crate::data::snapshot::load(store, job.dataset)?;
+    let run_id = job.run_id(ModelKind::Illmrec(variant));
+    let sess = session::open(job, store, &ds, variant)?;
+    let mut stepper = Stepper::new(job, &sess, &ds, rank, world)?;
+    let plan = stepper.plan.clone();
+    let finger = fingerprint(job, variant, &ds);
+    let (mut next_step, mut log, resumed_from) = if opts.resume {
+        let ckpt = runs::load_latest(store, &run_id)?.ok_or_else(|| {
+            TrainError::Invalid(format!("--resume: run {run_id} has no checkpoint under {}", store.url()))
+        })?;
+        check_fingerprint(&ckpt.state["fingerprint"], &finger, &run_id)?;
+        restore(&sess, &mut stepper, &ckpt, &run_id, tcfg)?;
+        (ckpt.step, read_log(store, &run_id, ckpt.step)?, Some(ckpt.step))
+    } else {
+        if let Some(from) = &opts.from {
+            let ckpt = runs::load_latest(store, from)?.ok_or_else(|| {
+                TrainError::Invalid(format!("--from: run {from} has no checkpoint under {}", store.url()))
+            })?;
+            restore(&sess, &mut stepper, &ckpt, from, tcfg)?;
+            tracing::info!("warm start from runs/{from} checkpoint {}", ckpt.name);
+        }
+        if lead {
+            runs::clear(store, &run_id)?;
+        }
+        (0, Vec::new(), None)
+    };
+    // Every rank has loaded the model: from here a collective should return within a step.
+    check_same(coll, "the starting parameters and step", &state_digest(&stepper.params, next_step))?;
+    coll.set_timeout(std::time::Duration::from_secs(job.dist.timeout_secs));
+    coll.take_spent();
+    let last = opts.stop_after.map_or(plan.total_steps, |s| s.min(plan.total_steps));
+    let mut progress = lead.then(|| {
+        Progress::new(job.telemetry, &format!("illmrec:{}", variant.name()), plan.total_steps)
+            .with_samples_per_unit(plan.global_batch)
+    });
+    if let Some(p) = progress.as_mut() {
+        p.inc(next_step);
+    }
+    let save = |step: u64, opt: &AdamW, log: &[StepLog]| -> Result<()> {
+        let state = json!({
+            "model": ModelKind::Illmrec(variant).to_string(),
+            "variant": variant.name(),
+            "dataset": ds.name,
+            "dataset_key": ds.key,
+            "step": step,
+            "epoch": plan.epoch_of(step),
+            "steps_per_epoch": plan.steps_per_epoch,
+            "total_steps": plan.total_steps,
+            "world_size": world,
+            "rng": "counter-based: every draw is keyed by (seed, epoch, user); the step is the whole state",
+            "fingerprint": finger,
+            "warm_start_from": opts.from,
+        });
+        runs::save(
+            store,
+            &run_id,
+            step,
+            vec![("weights.safetensors", weights_file(&sess.model)?), ("optimizer.safetensors", optimizer_file(opt))],
+            &state,
+            tcfg.keep_checkpoints,
+        )?;
+        write_log(store, &run_id, log)
+    };
+    let first_step = next_step;
+    let mut comm = 0.0;
+    let step_timeout = std::time::Duration::from_secs(job.dist.timeout_secs);
+    // A checkpoint makes a handful of requests, each allowed the store's whole retry budget.
+    let save_budget = store.request_budget() * 6;
+    let mut preempted = false;
+    let mut epoch_span: Option<(u64, tracing::Span)> = None;
+    while next_step < last {
+        let epoch = plan.epoch_of(next_step);
+        if epoch_span.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            epoch_span = Some((epoch, tracing::info_span!("epoch", epoch = epoch as i64)));
+        }
+        let parent = epoch_span.as_ref().and_then(|(_, s)| s.id());
+        let _step = tracing::info_span!(parent: parent, "step", step = (next_step + 1) as i64).entered();
+        let out = stepper.step(coll, next_step, crate::distributed::preempt::requested())?;
+        next_step += 1;
+        comm += out.collective_seconds;
+        if let Some(p) = progress.as_mut() {
+            let l = out.log.losses;
+            p.set_message(format!("loss {:.4} (reri {:.4} risa {:.4})", l.loss, l.reri, l.risa));
+            p.inc(1);
+        }
+        log.push(out.log);
+        if out.stop {
+            tracing::warn!("preemption signal: stopping after step {next_step} with a checkpoint");
+            preempted = true;
+            break;
+        }
+        if next_step % tcfg.checkpoint_every == 0 && next_step < last {
+            // The others wait for rank 0's save with the store's retry budget added to their
+            // deadline: a slow store must not look like a stalled rank to their watchdogs (and on a
+            // local root the deadline stays the step's, so a stalled rank is still caught fast).
+            coll.set_timeout(step_timeout + save_budget);
+            // Storage trouble costs this checkpoint, not the run: the previous one stays in force
+            // and the next one tries again.
+            if lead {
+                match save(next_step, &stepper.opt, &log) {
+                    Err(TrainError::Store(e)) => {
+                        tracing::warn!("checkpoint at step {next_step} failed, training goes on: {e}");
+                    }
+                    other => other?,
+                }
+            }
+            coll.barrier()?;
+            coll.set_timeout(step_timeout);
+        }
+    }
+    if let Some(p) = progress {
+        p.finish();
+    }
+    // The final save may retry FINAL_SAVE_ATTEMPTS times with pauses of 2, 4, 8, ... seconds.
+    let pauses = std::time::Duration::from_secs((1u64 << FINAL_SAVE_ATTEMPTS) - 2);
+    coll.set_timeout(step_timeout + save_budget * FINAL_SAVE_ATTEMPTS + pauses);
+    if lead && (next_step > first_step || resumed_from.is_none()) {
+        let mut attempt = 1;
+        loop {
+            match save(next_step, &stepper.opt, &log) {
+                Err(TrainError::Store(e)) if attempt < FINAL_SAVE_ATTEMPTS => {
+                    let pause = std::time::Duration::from_secs(1 << attempt);
+                    tracing::warn!(
+                        "final checkpoint at step {next_step} failed (attempt {attempt} of {FINAL_SAVE_ATTEMPTS}), \
+                         retrying in {}s: {e}",
+                        pause.as_secs()
+                    );
+                    std::thread::sleep(pause);
+                    attempt += 1;
+                }
+                other => break other?,
+            }
+        }
+    }
+    // Nobody leaves before the last checkpoint is committed: a launcher that restarts the job on
+    // the first exit would otherwise resume from the one before.
+    coll.barrier()?;
+    let seconds = started.elapsed().as_secs_f64();
+    let trained = (next_step - first_step) as f64 * plan.global_batch as f64;
+    Ok(FitReport {
+        variant: variant.name(),
+        llm: sess.llm.name.clone(),
+        backend: coll.name(),
+        world_size: world,
+        trainable_parameters: sess.model.num_parameters(),
+        users: ds.num_users(),
+        steps_per_epoch: plan.steps_per_epoch,
+        total_steps: plan.total_steps,
+        first_step,
+        last_step: next_step,
+        resumed_from,
+        preempted,
+        seconds,
+        samples_per_second: trained / seconds.max(1e-9),
+        collective_seconds: comm,
+        tokens_per_item: sess.tokens_per_item(&sess.builder, &ds)?,
+        mean_prompt_tokens: sess.mean_prompt_tokens(&sess.builder, &ds, 200)?,
+        fallback_items: sess.fallback_items,
+        log,
+    })
+}

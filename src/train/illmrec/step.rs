@@ -1,0 +1,207 @@
+//! One data-parallel training step of an LLM recommender: this rank's share of the step's users,
+//! their RERI and RISA prompts through the LLM, L = L_RERI + w * L_RISA backpropagated into the
+//! trainable set, one all-reduce that averages the gradients, global-norm clipping, and the same
+//! AdamW update on every rank.
+
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::super::optim::{clip_global_norm, flatten_grads, read_params, write_params, AdamW};
+use super::super::{IllmRecTrainConfig, Result, TrainError, TrainJob};
+use crate::data::windows::{trainable_users, training_sample, TrainingSample};
+use crate::data::Dataset;
+use crate::distributed::plan::ShardPlan;
+use crate::distributed::{check_same, Collective, Guarded};
+use crate::model::illmrec::session::Session;
+use crate::model::illmrec::RetrievalLoss;
+
+/// Seconds spent in each phase of a step, and the tokens (padding included) the LLM processed.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Timings {
+    pub prompts: f64,
+    pub forward: f64,
+    pub backward: f64,
+    pub padded_tokens: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct Losses {
+    pub loss: f64,
+    pub reri: f64,
+    pub risa: f64,
+}
+
+/// One line of the training log (`report/train-log.jsonl`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepLog {
+    pub step: u64,
+    pub epoch: u64,
+    #[serde(flatten)]
+    pub losses: Losses,
+    pub grad_norm: f64,
+    pub lr: f64,
+}
+
+/// What one step did.
+#[derive(Debug, Clone)]
+pub struct StepOutcome {
+    pub log: StepLog,
+    pub timings: Timings,
+    /// Seconds this rank spent in collectives during the step.
+    pub collective_seconds: f64,
+    pub optimizer_seconds: f64,
+    /// Some rank asked to stop after this step (preemption).
+    pub stop: bool,
+}
+
+/// Linear decay from `base` to 0 over `total` steps, no warm-up: the rate of update `step` (0-based).
+pub fn linear_decay(base: f64, step: u64, total: u64) -> f64 {
+    base * (total - step.min(total)) as f64 / total.max(1) as f64
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Forward and backward of one batch of samples: the flat gradient (in the model's variable order),
+/// the losses, and where the time went.
+pub fn gradients(
+    sess: &Session,
+    ds: &Dataset,
+    samples: &[TrainingSample],
+    risa_weight: f64,
+) -> Result<(Vec<f32>, Losses, Timings)> {
+    let t0 = Instant::now();
+    let histories: Vec<Vec<&crate::data::Item>> =
+        samples.iter().map(|s| s.history.iter().map(|&i| ds.item(i)).collect()).collect();
+    let retrieval = sess.encode_all(histories.iter().map(|h| sess.builder.retrieval(h)).collect())?;
+    let alignment = if risa_weight > 0.0 {
+        let prompts = histories
+            .iter()
+            .zip(samples)
+            .map(|(h, s)| sess.builder.alignment(h, ds.item(s.target), s.property, s.paraphrase))
+            .collect();
+        Some(sess.encode_all(prompts)?)
+    } else {
+        None
+    };
+    let t1 = Instant::now();
+    let h = sess.model.user_states(&sess.llm, &retrieval, &sess.feats)?;
+    let targets: Vec<u32> = samples.iter().map(|s| s.target).collect();
+    let negatives: Vec<u32> = samples.iter().map(|s| s.negative).collect();
+    let reri = sess.model.retrieval_loss(&h, &targets, &negatives, 1, RetrievalLoss::Bce, &sess.feats)?;
+    let mut loss = reri.clone();
+    let mut risa_value = 0.0;
+    if let Some(alignment) = &alignment {
+        let risa = sess.model.alignment_loss(&sess.llm, alignment, &sess.feats)?;
+        risa_value = scalar(&risa)?;
+        loss = (loss + risa.affine(risa_weight, 0.0)?)?;
+    }
+    let losses = Losses { loss: scalar(&loss)?, reri: scalar(&reri)?, risa: risa_value };
+    let t2 = Instant::now();
+    let grads = loss.backward()?;
+    let flat = flatten_grads(&sess.vars(), &grads)?;
+    let t3 = Instant::now();
+    let tokens = retrieval.rows * retrieval.len + alignment.as_ref().map_or(0, |a| a.rows * a.len);
+    let timings = Timings {
+        prompts: (t1 - t0).as_secs_f64(),
+        forward: (t2 - t1).as_secs_f64(),
+        backward: (t3 - t2).as_secs_f64(),
+        padded_tokens: tokens,
+    };
+    Ok((flat, losses, timings))
+}
+
+/// The training loop's moving parts: the plan, the flat parameters and the optimizer. `step` runs
+/// one global step as this rank; `fit` and `illmrec bench step` both drive it.
+pub struct Stepper<'a> {
+    sess: &'a Session,
+    ds: &'a Dataset,
+    pub plan: ShardPlan,
+    cfg: &'a IllmRecTrainConfig,
+    seed: u64,
+    check_every: u64,
+    pub params: Vec<f32>,
+    pub opt: AdamW,
+    order: Option<(u64, Vec<usize>)>,
+}
+
+impl<'a> Stepper<'a> {
+    pub fn new(job: &TrainJob<'a>, sess: &'a Session, ds: &'a Dataset, rank: usize, world: usize) -> Result<Self> {
+        let cfg = &job.train.illmrec;
+        let plan = ShardPlan::new(
+            trainable_users(ds),
+            job.train.seed,
+            cfg.batch_size,
+            rank,
+            world,
+            cfg.epochs,
+            cfg.max_steps,
+        )?;
+        let params = read_params(&sess.vars())?;
+        let opt = AdamW::new(params.len(), cfg.betas, cfg.weight_decay);
+        Ok(Self {
+            sess,
+            ds,
+            plan,
+            cfg,
+            seed: job.train.seed,
+            check_every: job.dist.check_every,
+            params,
+            opt,
+            order: None,
+        })
+    }
+
+    /// Global step `step` (0-based): this rank's share of the users, one all-reduce that averages
+    /// the gradients (the losses and this rank's vote to stop ride along), clipping, the update every
+    /// rank applies alike. A stop asked on any rank is seen by all after the same step.
+    pub fn step(&mut self, coll: &Guarded, step: u64, stop: bool) -> Result<StepOutcome> {
+        let epoch = self.plan.epoch_of(step);
+        if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            self.order = Some((epoch, self.plan.agreed_order(coll, epoch)?));
+        }
+        let order = self.order.as_ref().map(|(_, o)| &o[..]).unwrap_or_default();
+        let max_history = self.sess.model.cfg.max_history;
+        let samples: Vec<TrainingSample> = self
+            .plan
+            .rank_users(order, step)
+            .iter()
+            .map(|&u| training_sample(self.ds, u, epoch, self.seed, max_history))
+            .collect();
+        let (mut grads, local, timings) = gradients(self.sess, self.ds, &samples, self.cfg.risa_weight)?;
+        // Dividing the sum of per-rank means by the world size gives the mean over the global batch.
+        grads.extend([local.loss as f32, local.reri as f32, local.risa as f32, if stop { 1.0 } else { 0.0 }]);
+        coll.all_reduce_sum(&mut grads)?;
+        let stop = grads.pop().is_some_and(|votes| votes > 0.0);
+        let scale = 1.0 / coll.world() as f32;
+        grads.iter_mut().for_each(|g| *g *= scale);
+        let tail = grads.split_off(grads.len() - 3);
+        let losses = Losses { loss: tail[0] as f64, reri: tail[1] as f64, risa: tail[2] as f64 };
+        if !losses.loss.is_finite() {
+            return Err(TrainError::Invalid(format!("the loss became {} at step {}", losses.loss, step + 1)));
+        }
+        let started = Instant::now();
+        let grad_norm = clip_global_norm(&mut grads, self.cfg.grad_clip);
+        let lr = linear_decay(self.cfg.lr, step, self.plan.total_steps);
+        self.opt.update(&mut self.params, &grads, lr);
+        write_params(&self.sess.vars(), &self.params)?;
+        let optimizer_seconds = started.elapsed().as_secs_f64();
+        if (step + 1) % self.check_every == 0 {
+            check_same(
+                coll,
+                &format!("the parameters after step {}", step + 1),
+                &super::checkpoint::state_digest(&self.params, step + 1),
+            )?;
+        }
+        Ok(StepOutcome {
+            log: StepLog { step: step + 1, epoch, losses, grad_norm, lr },
+            timings,
+            collective_seconds: coll.take_spent().as_secs_f64(),
+            optimizer_seconds,
+            stop,
+        })
+    }
+}
