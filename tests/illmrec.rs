@@ -8,6 +8,7 @@ use illmrec::eval::{evaluate, Plan, Protocol};
 use illmrec::pipeline::train_job;
 use illmrec::store::Store;
 use illmrec::train::illmrec::{fit, load_scorer, TrainOptions};
+use illmrec::train::runs::Which;
 
 const JOB: &str = r#"
 name: tiny
@@ -97,7 +98,7 @@ fn every_variant_trains_and_scores_all_protocols() {
     for variant in [Variant::Image, Variant::Title, Variant::Description, Variant::ImageDescription] {
         let r = fit(&train_job(&job), &store, variant, TrainOptions::default(), &mut single()).unwrap();
         tokens.push((variant, r.tokens_per_item));
-        let scorer = load_scorer(&train_job(&job), &store, &ds, variant).unwrap();
+        let scorer = load_scorer(&train_job(&job), &store, &ds, variant, Which::Best).unwrap();
         let protocols = [Protocol::Full, Protocol::Sampled(29)];
         let plan = Plan { split: Split::Test, protocols: &protocols, ks: &[1, 5, 10], users: &users, batch_size: 8 };
         let m = evaluate(&scorer, &ds, &plan, None).unwrap();
@@ -141,7 +142,7 @@ fn a_grown_catalog_reuses_features_warm_starts_and_is_scored_by_the_old_model() 
     }
 
     // The old model, not retrained, scores every item of the grown catalog, new ones from their features.
-    let scorer = load_scorer(&train_job(&job), &store, &grown, Variant::Image).unwrap();
+    let scorer = load_scorer(&train_job(&job), &store, &grown, Variant::Image, Which::Best).unwrap();
     let history = &grown.sequences[0][..3];
     let scores = scorer.score(&[history]).unwrap();
     assert_eq!(scores.len(), grown.num_items() + 1);

@@ -16,7 +16,6 @@ use serde::Serialize;
 
 use crate::config::JobConfig;
 use crate::data::prompt::Variant;
-use crate::data::Split;
 use crate::distributed::Guarded;
 use crate::eval::Protocol;
 use crate::store::Store;
@@ -105,7 +104,13 @@ pub fn run(
         let feats = crate::pipeline::features(&job, store, &ds)?;
         let features_seconds = t.elapsed().as_secs_f64();
         let accuracy = |job: &JobConfig| -> Result<Accuracy, TrainError> {
-            let r = crate::pipeline::evaluate(job, store, &ds, kind, Split::Test, &[plan.protocol])?;
+            let r = crate::pipeline::evaluate(
+                job,
+                store,
+                &ds,
+                kind,
+                &crate::pipeline::EvalRequest::test(&[plan.protocol]),
+            )?;
             let m = &r[0].metrics;
             Ok(Accuracy { hit5: m.get("hit@5").unwrap_or(f64::NAN), ndcg5: m.get("ndcg@5").unwrap_or(f64::NAN) })
         };

@@ -77,11 +77,19 @@ enum Command {
         job: PathBuf,
         #[arg(long)]
         model: ModelKind,
-        /// full, sampled:100, sampled:29, ... (repeatable; default: the job's `eval.protocols`).
+        /// full, sampled:100, sampled:29, ... (repeatable; default: the job's `eval.protocols`, none
+        /// when --candidates is given).
         #[arg(long)]
         protocol: Vec<Protocol>,
+        /// Also rank each user's test target among a fixed list: a JSON-lines file of
+        /// {"user", "candidates", "target"} (source ids), e.g. a benchmark's 1+29 lists.
+        #[arg(long, value_name = "FILE")]
+        candidates: Option<PathBuf>,
         #[arg(long, default_value = "test")]
         split: Split,
+        /// Which checkpoint: best (the best validation, else the latest), latest, or a step number.
+        #[arg(long, default_value = "best")]
+        checkpoint: train::runs::Which,
         /// One JSON object per protocol: {"model", "protocol", "users", "metrics"}.
         #[arg(long)]
         json: bool,
@@ -97,6 +105,9 @@ enum Command {
         user: String,
         #[arg(long, default_value_t = 10)]
         k: usize,
+        /// Which checkpoint: best (the best validation, else the latest), latest, or a step number.
+        #[arg(long, default_value = "best")]
+        checkpoint: train::runs::Which,
         #[arg(long)]
         json: bool,
     },
@@ -262,11 +273,20 @@ pub fn main() -> Result<i32> {
             })?;
             return Ok(if preempted { crate::distributed::preempt::EXIT_CODE } else { 0 });
         }
-        Command::Eval { job, model, protocol, split, json } => with_job(&job, "eval", |job| {
-            let protocols = if protocol.is_empty() { job.eval.protocols.clone() } else { protocol };
+        Command::Eval { job, model, protocol, candidates, split, checkpoint, json } => with_job(&job, "eval", |job| {
+            if candidates.is_some() && split != Split::Test {
+                anyhow::bail!("--candidates ranks test targets: drop --split {split:?}");
+            }
+            let protocols = match (protocol.is_empty(), &candidates) {
+                (false, _) => protocol,
+                (true, Some(_)) => Vec::new(),
+                (true, None) => job.eval.protocols.clone(),
+            };
             let store = open_store(&job)?;
             let ds = data::snapshot::load(&store, job.dataset())?;
-            let results = pipeline::evaluate(&job, &store, &ds, model, split, &protocols)?;
+            let req =
+                pipeline::EvalRequest { split, protocols: &protocols, candidates: candidates.as_deref(), checkpoint };
+            let results = pipeline::evaluate(&job, &store, &ds, model, &req)?;
             if json {
                 for r in &results {
                     println!("{}", r.to_json());
@@ -276,7 +296,7 @@ pub fn main() -> Result<i32> {
             }
             Ok(())
         }),
-        Command::Recommend { job, model, user, k, json } => with_job(&job, "recommend", |job| {
+        Command::Recommend { job, model, user, k, checkpoint, json } => with_job(&job, "recommend", |job| {
             let store = open_store(&job)?;
             let ds = data::snapshot::load(&store, job.dataset())?;
             let u = ds
@@ -284,7 +304,7 @@ pub fn main() -> Result<i32> {
                 .iter()
                 .position(|id| *id == user)
                 .with_context(|| format!("user `{user}` is not in dataset {} (snapshot {})", ds.name, ds.key))?;
-            let scorer = train::load_scorer(&pipeline::train_job(&job), &store, model, &ds)?;
+            let scorer = train::load_scorer(&pipeline::train_job(&job), &store, model, &ds, checkpoint)?;
             let recs = eval::recommend::top_k(scorer.as_ref(), &ds, &ds.sequences[u], k)?;
             if json {
                 println!("{}", serde_json::to_string(&recs)?);

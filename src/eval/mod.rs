@@ -1,6 +1,7 @@
 //! Evaluation: Hit@k and NDCG@k of each user's held-out item under the `full` and `sampled:N`
 //! protocols, over all users or a seeded sample of them.
 
+pub mod candidates;
 pub mod metrics;
 pub mod plots;
 pub mod protocol;
@@ -86,11 +87,11 @@ pub enum EvalError {
     Invalid(String),
 }
 
-/// One model under one protocol.
+/// One model under one protocol (`full`, `sampled:N`, or fixed candidate lists: `candidates:<file>`).
 #[derive(Debug, Clone)]
 pub struct EvalResult {
     pub model: String,
-    pub protocol: Protocol,
+    pub protocol: String,
     pub split: Split,
     pub users: usize,
     pub metrics: Metrics,
@@ -101,7 +102,7 @@ impl EvalResult {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "model": self.model,
-            "protocol": self.protocol.to_string(),
+            "protocol": self.protocol,
             "users": self.users,
             "metrics": self.metrics.to_json(),
         })
@@ -127,7 +128,54 @@ pub fn evaluate(
     plan: &Plan<'_>,
     progress: Option<&TelemetryConfig>,
 ) -> Result<Vec<Metrics>, EvalError> {
-    let Plan { split, protocols, ks, users, batch_size } = *plan;
+    Ok(target_ranks(scorer, ds, plan, progress)?.iter().map(|ranks| metrics_of(ranks, plan.ks)).collect())
+}
+
+/// Hit@k and NDCG@k of targets with these 0-based ranks.
+pub fn metrics_of(ranks: &[usize], ks: &[usize]) -> Metrics {
+    let mut sums = MetricSums::new(ks);
+    for &r in ranks {
+        sums.add(r);
+    }
+    sums.means()
+}
+
+/// The checks every score row passes before it is ranked: one score per item, all finite.
+fn check_scores(
+    scores: &[f32],
+    rows: usize,
+    width: usize,
+    user_of_row: impl Fn(usize) -> String,
+) -> Result<(), EvalError> {
+    if scores.len() != rows * width {
+        return Err(EvalError::Invalid(format!(
+            "the model returned {} scores for {rows} users x {width} items",
+            scores.len()
+        )));
+    }
+    for row in 0..rows {
+        let s = &scores[row * width..(row + 1) * width];
+        if let Some(i) = s[1..].iter().position(|v| !v.is_finite()) {
+            return Err(EvalError::Invalid(format!(
+                "the model scored item {} of user {} as {}",
+                i + 1,
+                user_of_row(row),
+                s[i + 1]
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The target's 0-based rank (ties against it) for every user of the plan under every protocol:
+/// `ranks[p][i]` is user `plan.users[i]` under `plan.protocols[p]`.
+pub fn target_ranks(
+    scorer: &dyn Scorer,
+    ds: &Dataset,
+    plan: &Plan<'_>,
+    progress: Option<&TelemetryConfig>,
+) -> Result<Vec<Vec<usize>>, EvalError> {
+    let Plan { split, protocols, users, batch_size, .. } = *plan;
     for p in protocols {
         if let Protocol::Sampled(n) = p {
             if *n > ds.negatives.per_user {
@@ -135,38 +183,23 @@ pub fn evaluate(
             }
         }
     }
-    let n_items = ds.num_items();
-    let width = n_items + 1;
-    let mut sums: Vec<MetricSums> = protocols.iter().map(|_| MetricSums::new(ks)).collect();
+    let width = ds.num_items() + 1;
+    let mut ranks: Vec<Vec<usize>> = protocols.iter().map(|_| Vec::with_capacity(users.len())).collect();
     let mut in_history = vec![false; width];
     let mut bar = progress.map(|t| Progress::new(t, "eval", users.len() as u64));
     for chunk in users.chunks(batch_size.max(1)) {
         let histories: Vec<&[u32]> = chunk.iter().map(|&u| ds.history(u, split)).collect();
         let scores = scorer.score(&histories)?;
-        if scores.len() != chunk.len() * width {
-            return Err(EvalError::Invalid(format!(
-                "the model returned {} scores for {} users x {width} items",
-                scores.len(),
-                chunk.len()
-            )));
-        }
+        check_scores(&scores, chunk.len(), width, |row| ds.user_ids[chunk[row]].clone())?;
         for (row, &u) in chunk.iter().enumerate() {
             let s = &scores[row * width..(row + 1) * width];
-            if let Some(i) = s[1..].iter().position(|v| !v.is_finite()) {
-                return Err(EvalError::Invalid(format!(
-                    "the model scored item {} of user {} as {}",
-                    i + 1,
-                    ds.user_ids[u],
-                    s[i + 1]
-                )));
-            }
             let target = ds.target(u, split) as usize;
             let ts = s[target];
             for &h in histories[row] {
                 in_history[h as usize] = true;
             }
-            for (p, sum) in protocols.iter().zip(&mut sums) {
-                let rank = match p {
+            for (p, out) in protocols.iter().zip(&mut ranks) {
+                out.push(match p {
                     Protocol::Full => metrics::pessimistic_rank(
                         ts,
                         (1..width).filter(|&i| i != target && !in_history[i]).map(|i| s[i]),
@@ -174,8 +207,7 @@ pub fn evaluate(
                     Protocol::Sampled(n) => {
                         metrics::pessimistic_rank(ts, ds.negatives(u, split, *n).iter().map(|&i| s[i as usize]))
                     }
-                };
-                sum.add(rank);
+                });
             }
             for &h in histories[row] {
                 in_history[h as usize] = false;
@@ -188,7 +220,7 @@ pub fn evaluate(
     if let Some(b) = bar {
         b.finish();
     }
-    Ok(sums.iter().map(MetricSums::means).collect())
+    Ok(ranks)
 }
 
 /// A table of results, one row per (model, protocol), for the terminal and the README.

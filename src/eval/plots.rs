@@ -12,6 +12,8 @@ use super::EvalResult;
 
 const FONT: &str = "sans-serif";
 const SIZE: (u32, u32) = (960, 540);
+/// Pixels to the right of the bar charts for their legend.
+const LEGEND_WIDTH: u32 = 170;
 const PALETTE: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
@@ -23,11 +25,14 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(127, 127, 127),
 ];
 
-/// One training run's losses by step.
-#[derive(Debug, Clone)]
+/// One training run's losses by step, and its validation metric by step where it validated.
+#[derive(Debug, Clone, Default)]
 pub struct LossCurve {
     pub label: String,
     pub points: Vec<(u64, f64)>,
+    pub validation: Vec<(u64, f64)>,
+    /// What `validation` measures (`ndcg@10`, ...).
+    pub validation_metric: String,
 }
 
 fn font_paths() -> Vec<std::path::PathBuf> {
@@ -100,7 +105,8 @@ fn moving_average(points: &[(u64, f64)], window: usize) -> Vec<(u64, f64)> {
         .collect()
 }
 
-/// Training loss by step: each run's raw losses (thin) and their moving average (bold).
+/// Training loss by step: each run's raw losses (thin) and their moving average (bold); below, when
+/// runs validated, their validation metric by step (the best point marked).
 pub fn loss_png(title: &str, curves: &[LossCurve]) -> Result<Vec<u8>, String> {
     let all = curves.iter().flat_map(|c| c.points.iter());
     let (max_x, min_y, max_y) =
@@ -108,9 +114,16 @@ pub fn loss_png(title: &str, curves: &[LossCurve]) -> Result<Vec<u8>, String> {
     if !min_y.is_finite() {
         return Err("no losses to plot".into());
     }
+    let validated = curves.iter().any(|c| !c.validation.is_empty());
     let pad = ((max_y - min_y) * 0.05).max(1e-3);
     png(|area| {
-        let mut chart = ChartBuilder::on(&area)
+        let (top, bottom) = if validated {
+            let (t, b) = area.split_vertically((SIZE.1 * 3 / 5) as i32);
+            (t, Some(b))
+        } else {
+            (area, None)
+        };
+        let mut chart = ChartBuilder::on(&top)
             .caption(title, (FONT, 24))
             .margin(16)
             .x_label_area_size(44)
@@ -146,8 +159,64 @@ pub fn loss_png(title: &str, curves: &[LossCurve]) -> Result<Vec<u8>, String> {
             .border_style(BLACK)
             .position(SeriesLabelPosition::UpperRight)
             .draw()
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        if let Some(bottom) = bottom {
+            validation_panel(&bottom, curves, max_x)?;
+        }
+        Ok(())
     })
+}
+
+/// The validation metric of each run by step, with its best point marked.
+fn validation_panel(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    curves: &[LossCurve],
+    max_x: u64,
+) -> Result<(), String> {
+    let values = curves.iter().flat_map(|c| c.validation.iter().map(|p| p.1));
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let pad = ((hi - lo) * 0.1).max(1e-3);
+    let metrics: Vec<&str> = curves.iter().map(|c| c.validation_metric.as_str()).filter(|m| !m.is_empty()).collect();
+    let metric = metrics.first().copied().unwrap_or("metric");
+    let max_x = curves.iter().flat_map(|c| c.validation.iter().map(|p| p.0)).fold(max_x, u64::max);
+    let mut chart = ChartBuilder::on(area)
+        .caption(format!("validation {metric} (valid split)"), (FONT, 18))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..max_x as f64, (lo - pad).max(0.0)..(hi + pad))
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc(metric)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 16))
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()
+        .map_err(|e| e.to_string())?;
+    for (i, c) in curves.iter().enumerate().filter(|(_, c)| !c.validation.is_empty()) {
+        let colour = PALETTE[i % PALETTE.len()];
+        let pts: Vec<(f64, f64)> = c.validation.iter().map(|&(x, y)| (x as f64, y)).collect();
+        chart.draw_series(LineSeries::new(pts.iter().copied(), colour.stroke_width(2))).map_err(|e| e.to_string())?;
+        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, colour.filled()))).map_err(|e| e.to_string())?;
+        if let Some(&best) = pts.iter().max_by(|a, b| a.1.total_cmp(&b.1)) {
+            chart
+                .draw_series(std::iter::once(Circle::new(best, 7, colour.stroke_width(2))))
+                .map_err(|e| e.to_string())?
+                .label(format!("{}: best {:.4} at step {:.0}", c.label, best.1, best.0))
+                .legend(move |(x, y)| Circle::new((x + 10, y), 5, colour.stroke_width(2)));
+        }
+    }
+    chart
+        .configure_series_labels()
+        .label_font((FONT, 14))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| e.to_string())
 }
 
 /// Hit@k and NDCG@k of every model, grouped by metric; one panel per protocol.
@@ -155,7 +224,7 @@ pub fn metrics_png(title: &str, results: &[EvalResult]) -> Result<Vec<u8>, Strin
     let mut protocols: Vec<String> = Vec::new();
     let mut models: Vec<String> = Vec::new();
     for r in results {
-        let p = r.protocol.to_string();
+        let p = r.protocol.clone();
         if !protocols.contains(&p) {
             protocols.push(p);
         }
@@ -172,10 +241,12 @@ pub fn metrics_png(title: &str, results: &[EvalResult]) -> Result<Vec<u8>, Strin
         let area = area.titled(title, (FONT, 24)).map_err(|e| e.to_string())?;
         let panels = area.split_evenly((protocols.len(), 1));
         for (panel, protocol) in panels.iter().zip(&protocols) {
-            let rows: Vec<&EvalResult> = results.iter().filter(|r| r.protocol.to_string() == *protocol).collect();
+            let rows: Vec<&EvalResult> = results.iter().filter(|r| r.protocol == *protocol).collect();
             let top = rows.iter().flat_map(|r| r.metrics.0.iter().map(|(_, v)| *v)).fold(0.0f64, f64::max);
             let n = metrics.len();
-            let mut chart = ChartBuilder::on(panel)
+            // The legend gets a column of its own to the right, so it never covers a bar.
+            let (plot, legend) = panel.split_horizontally((SIZE.0 - LEGEND_WIDTH) as i32);
+            let mut chart = ChartBuilder::on(&plot)
                 .caption(format!("protocol {protocol}, test split"), (FONT, 18))
                 .margin(12)
                 .x_label_area_size(30)
@@ -208,20 +279,13 @@ pub fn metrics_png(title: &str, results: &[EvalResult]) -> Result<Vec<u8>, Strin
                     let x0 = i as f64 + 0.1 + j as f64 * width;
                     Some(Rectangle::new([(x0, 0.0), (x0 + width * 0.92, v)], colour.filled()))
                 });
-                chart
-                    .draw_series(bars)
-                    .map_err(|e| e.to_string())?
-                    .label(model.clone())
-                    .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], colour.filled()));
+                chart.draw_series(bars).map_err(|e| e.to_string())?;
+                let y = 40 + 22 * j as i32;
+                legend.draw(&Rectangle::new([(8, y - 7), (22, y + 7)], colour.filled())).map_err(|e| e.to_string())?;
+                legend
+                    .draw(&Text::new(model.clone(), (28, y - 8), (FONT, 14).into_font()))
+                    .map_err(|e| e.to_string())?;
             }
-            chart
-                .configure_series_labels()
-                .label_font((FONT, 14))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .position(SeriesLabelPosition::UpperLeft)
-                .draw()
-                .map_err(|e| e.to_string())?;
         }
         Ok(())
     })

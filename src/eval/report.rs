@@ -18,7 +18,7 @@ pub fn files(title: &str, results: &[EvalResult], curves: &[LossCurve]) -> Vec<(
         }
     }
     if curves.iter().any(|c| !c.points.is_empty()) {
-        match loss_png(&format!("{title}: training loss"), curves) {
+        match loss_png(&format!("{title}: training loss and validation"), curves) {
             Ok(png) => out.push(("loss.png", png)),
             Err(e) => tracing::warn!("{title}: loss.png left out: {e}"),
         }
@@ -35,7 +35,7 @@ mod tests {
     fn result(model: &str, hit5: f64) -> EvalResult {
         EvalResult {
             model: model.into(),
-            protocol: "sampled:100".parse().unwrap(),
+            protocol: "sampled:100".into(),
             split: Split::Test,
             users: 10,
             metrics: Metrics(vec![("hit@5".into(), hit5), ("ndcg@5".into(), hit5 / 2.0)]),
@@ -45,7 +45,12 @@ mod tests {
     #[test]
     fn a_report_holds_the_numbers_the_table_and_two_plots() {
         let results = [result("pop", 0.25), result("illmrec", 0.5)];
-        let curve = LossCurve { label: "r".into(), points: (1..=50).map(|s| (s, 1.0 / s as f64)).collect() };
+        let curve = LossCurve {
+            label: "r".into(),
+            points: (1..=50).map(|s| (s, 1.0 / s as f64)).collect(),
+            validation: vec![(10, 0.1), (20, 0.25), (30, 0.2)],
+            validation_metric: "ndcg@10".into(),
+        };
         let files = files("t", &results, &[curve]);
         let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
         assert_eq!(names, ["metrics.json", "results.md", "metrics.png", "loss.png"]);

@@ -84,7 +84,7 @@ fn too_many_negatives_and_nan_scores_are_errors() {
 #[test]
 fn json_has_the_documented_shape() {
     let m = run(Split::Test, &[Protocol::Full]).remove(0);
-    let r = EvalResult { model: "pop".into(), protocol: Protocol::Full, split: Split::Test, users: 2, metrics: m };
+    let r = EvalResult { model: "pop".into(), protocol: "full".into(), split: Split::Test, users: 2, metrics: m };
     let j = r.to_json();
     let keys: Vec<&String> = j.as_object().unwrap().keys().collect();
     assert_eq!(keys, ["model", "protocol", "users", "metrics"]);

@@ -90,26 +90,76 @@ pub fn features(job: &JobConfig, store: &Store, ds: &Dataset) -> Result<Features
     Ok(features::compute(&job.features, ds, store, &cf_table(job), &job.telemetry, &Device::Cpu)?)
 }
 
-/// Evaluates one trained model under `protocols` and saves the results in the run's report folder.
+/// What `evaluate` scores: a split under the job's protocols for its user sample, and optionally fixed
+/// candidate lists (test split), with one of the run's checkpoints.
+pub struct EvalRequest<'a> {
+    pub split: Split,
+    pub protocols: &'a [Protocol],
+    /// A JSON-lines file of `{user, candidates, target}` (eval::candidates).
+    pub candidates: Option<&'a std::path::Path>,
+    pub checkpoint: runs::Which,
+}
+
+impl<'a> EvalRequest<'a> {
+    /// The test split under `protocols`, BEST checkpoint.
+    pub fn test(protocols: &'a [Protocol]) -> Self {
+        Self { split: Split::Test, protocols, candidates: None, checkpoint: runs::Which::Best }
+    }
+}
+
+/// Evaluates one trained model and saves the results in the run's report folder.
 pub fn evaluate(
     job: &JobConfig,
     store: &Store,
     ds: &Dataset,
     model: ModelKind,
-    split: Split,
-    protocols: &[Protocol],
+    req: &EvalRequest<'_>,
 ) -> Result<Vec<EvalResult>> {
+    let split = req.split;
     let _stage = tracing::info_span!("stage", stage = "eval", model = %model, split = ?split).entered();
     let tj = train_job(job);
-    let scorer = train::load_scorer(&tj, store, model, ds)?;
+    let scorer = train::load_scorer(&tj, store, model, ds, req.checkpoint)?;
     let users = job.eval.users.pick(ds.num_users(), job.eval.seed);
-    let plan = eval::Plan { split, protocols, ks: &job.eval.ks, users: &users, batch_size: job.eval.batch_size };
+    let plan = eval::Plan {
+        split,
+        protocols: req.protocols,
+        ks: &job.eval.ks,
+        users: &users,
+        batch_size: job.eval.batch_size,
+    };
     let metrics = eval::evaluate(scorer.as_ref(), ds, &plan, Some(&job.telemetry))?;
-    let results: Vec<EvalResult> = protocols
+    let mut results: Vec<EvalResult> = req
+        .protocols
         .iter()
         .zip(metrics)
-        .map(|(p, m)| EvalResult { model: model.to_string(), protocol: *p, split, users: users.len(), metrics: m })
+        .map(|(p, m)| EvalResult {
+            model: model.to_string(),
+            protocol: p.to_string(),
+            split,
+            users: users.len(),
+            metrics: m,
+        })
         .collect();
+    if let Some(path) = req.candidates {
+        let lists = eval::candidates::read(path, ds)?;
+        let m = eval::candidates::evaluate(
+            scorer.as_ref(),
+            ds,
+            &lists,
+            &job.eval.ks,
+            job.eval.batch_size,
+            Some(&job.telemetry),
+        )?;
+        let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let per_list = lists.first().map_or(0, |l| l.candidates.len());
+        results.push(EvalResult {
+            model: model.to_string(),
+            protocol: format!("candidates:{name} (1+{})", per_list.saturating_sub(1)),
+            split: Split::Test,
+            users: lists.len(),
+            metrics: m,
+        });
+    }
     let id = tj.run_id(model);
     let json: Vec<serde_json::Value> = results.iter().map(EvalResult::to_json).collect();
     let name = format!("eval-{}.json", if split == Split::Test { "test" } else { "valid" });
@@ -175,7 +225,7 @@ pub fn run(job: &JobConfig, store: &Store) -> anyhow::Result<()> {
             }
             Stage::Evaluate(kind) => {
                 let ds = ds.as_ref().ok_or_else(|| anyhow::anyhow!("evaluation before prepare"))?;
-                results.extend(evaluate(job, store, ds, kind, Split::Test, &job.eval.protocols)?);
+                results.extend(evaluate(job, store, ds, kind, &EvalRequest::test(&job.eval.protocols))?);
             }
         }
     }

@@ -2,8 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::eval::Protocol;
+use crate::eval::{Protocol, UserSample};
 use crate::invalid::Invalid;
+use crate::model::illmrec::RetrievalLoss;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -50,9 +51,110 @@ pub struct IllmRecTrainConfig {
     /// Checkpoints kept (at least 2, so a damaged newest one leaves a good one).
     #[serde(default = "d_keep")]
     pub keep_checkpoints: usize,
-    /// Users per LLM call when scoring (evaluation, recommend).
+    /// Users per LLM call when scoring (evaluation, recommend, validation).
     #[serde(default = "d_eval_batch")]
     pub eval_batch_size: usize,
+    /// Learning-rate schedule after the warm-up: `linear` decay to 0 (the paper) or `cosine`.
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Steps of linear warm-up from 0 to `lr` (the paper: none).
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Learning rate of the projection heads, when it should differ from `lr` (same schedule).
+    #[serde(default)]
+    pub head_lr: Option<f64>,
+    /// Training windows drawn per user and epoch (the paper: 1).
+    #[serde(default = "d_one")]
+    pub windows_per_user: usize,
+    /// Negatives per training window for L_RERI (the paper: 1).
+    #[serde(default = "d_one")]
+    pub negatives: usize,
+    /// `bce` (the paper) or `softmax` over the target and its negatives.
+    #[serde(default)]
+    pub reri_loss: RetrievalLoss,
+    /// Steps between validations on the valid split (default: once per epoch); validation also runs
+    /// after the last step. 0 turns validation, early stopping and the BEST checkpoint off.
+    #[serde(default)]
+    pub validate_every: Option<u64>,
+    /// Validations in a row without a better validation metric before training stops early; unset:
+    /// never stop early.
+    #[serde(default = "d_patience_llm")]
+    pub patience: Option<usize>,
+    /// What validation scores.
+    #[serde(default)]
+    pub validation: ValidationConfig,
+}
+
+/// The learning rate after the warm-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// Linear decay to 0 at the last step.
+    #[default]
+    Linear,
+    /// Half a cosine from `lr` to 0.
+    Cosine,
+}
+
+/// What training validates on: a fixed seeded sample of users' valid targets, under one protocol,
+/// and the metric that decides BEST and early stopping.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    #[serde(default = "d_valid_users")]
+    pub users: UserSample,
+    /// Default: sampled:100, or as many negatives as the snapshot stores when fewer (full without).
+    #[serde(default)]
+    pub protocol: Option<Protocol>,
+    /// The metric that decides BEST and early stopping: hit@K or ndcg@K.
+    #[serde(default = "d_valid_metric")]
+    pub metric: String,
+}
+
+fn d_one() -> usize {
+    1
+}
+fn d_valid_users() -> UserSample {
+    UserSample::Named(crate::eval::users::UserSampleName::Cochran)
+}
+fn d_valid_metric() -> String {
+    "ndcg@10".into()
+}
+fn d_patience_llm() -> Option<usize> {
+    Some(3)
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self { users: d_valid_users(), protocol: None, metric: d_valid_metric() }
+    }
+}
+
+impl ValidationConfig {
+    /// The protocol for a snapshot that stores `negatives` per user.
+    pub fn protocol_for(&self, negatives: usize) -> Protocol {
+        self.protocol.unwrap_or(match negatives.min(100) {
+            0 => Protocol::Full,
+            n => Protocol::Sampled(n),
+        })
+    }
+
+    /// The cut-off of `metric` (`hit@5` -> 5).
+    pub fn metric_k(&self) -> Option<usize> {
+        let (name, k) = self.metric.split_once('@')?;
+        let k: usize = k.parse().ok()?;
+        (matches!(name, "hit" | "ndcg") && k > 0).then_some(k)
+    }
+
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.metric_k().is_none() {
+            return Err(Invalid::new("metric", format!("`{}` is not hit@K or ndcg@K", self.metric)));
+        }
+        if self.users == UserSample::Count(0) {
+            return Err(Invalid::new("users", "0 users would validate nothing"));
+        }
+        Ok(())
+    }
 }
 
 fn d_llm_epochs() -> u64 {
@@ -97,11 +199,25 @@ impl Default for IllmRecTrainConfig {
             checkpoint_every: d_ckpt_every(),
             keep_checkpoints: d_keep(),
             eval_batch_size: d_eval_batch(),
+            schedule: Schedule::Linear,
+            warmup_steps: 0,
+            head_lr: None,
+            windows_per_user: 1,
+            negatives: 1,
+            reri_loss: RetrievalLoss::Bce,
+            validate_every: None,
+            patience: d_patience_llm(),
+            validation: ValidationConfig::default(),
         }
     }
 }
 
 impl IllmRecTrainConfig {
+    /// Whether training validates (and so keeps a BEST checkpoint and may stop early).
+    pub fn validates(&self) -> bool {
+        self.validate_every != Some(0)
+    }
+
     pub fn validate(&self) -> Result<(), Invalid> {
         let bad = |k: &str, m: &str| Err(Invalid::new(k, m));
         if self.epochs == 0 || self.batch_size == 0 || self.eval_batch_size == 0 {
@@ -125,7 +241,16 @@ impl IllmRecTrainConfig {
         if self.keep_checkpoints < 2 {
             return bad("keep_checkpoints", "must be at least 2");
         }
-        Ok(())
+        if self.head_lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite())) {
+            return bad("head_lr", "must be a positive number");
+        }
+        if self.windows_per_user == 0 || self.negatives == 0 {
+            return bad("windows_per_user", "windows_per_user and negatives must be at least 1");
+        }
+        if self.patience == Some(0) {
+            return bad("patience", "must be at least 1 (leave it unset to never stop early)");
+        }
+        self.validation.validate().map_err(|e| Invalid::new(format!("validation.{}", e.key), e.message))
     }
 }
 

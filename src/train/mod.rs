@@ -6,6 +6,7 @@ pub mod illmrec;
 pub mod optim;
 pub mod runs;
 pub mod sasrec;
+pub mod schedule;
 
 use std::fmt;
 use std::str::FromStr;
@@ -13,7 +14,7 @@ use std::str::FromStr;
 use candle_core::Device;
 use serde_json::json;
 
-pub use config::{IllmRecTrainConfig, SasRecTrainConfig, TrainConfig};
+pub use config::{IllmRecTrainConfig, SasRecTrainConfig, Schedule, TrainConfig, ValidationConfig};
 
 use crate::data::prompt::Variant;
 use crate::data::{DataError, Dataset};
@@ -220,7 +221,7 @@ pub fn train(
         }
         ModelKind::Illmrec(_) => unreachable!("handled above"),
     };
-    runs::save(store, &id, 1, vec![("model.safetensors", tensors)], &state, 2)?;
+    runs::save(store, &id, 1, vec![("model.safetensors", tensors)], &state, 2, false)?;
     Ok(TrainReport { run_id: id, summary, preempted: false })
 }
 /// SASRec's item embeddings (rows 1..=N) as a feature table keyed by the items' source ids.
@@ -236,13 +237,20 @@ fn save_cf_table(store: &Store, run_id: &str, ds: &Dataset, model: &SasRec) -> R
     Ok(())
 }
 
-/// Loads the latest checkpoint of the job's `kind` run, checking it was trained on `ds`.
-pub fn load_scorer(job: &TrainJob<'_>, store: &Store, kind: ModelKind, ds: &Dataset) -> Result<Box<dyn Scorer>> {
+/// Loads a checkpoint (`which`) of the job's `kind` run, checking it was trained on `ds` (an
+/// I-LLMRec run also scores a grown catalog).
+pub fn load_scorer<'d>(
+    job: &TrainJob<'_>,
+    store: &Store,
+    kind: ModelKind,
+    ds: &'d Dataset,
+    which: runs::Which,
+) -> Result<Box<dyn Scorer + 'd>> {
     if let ModelKind::Illmrec(variant) = kind {
-        return Ok(Box::new(illmrec::load_scorer(job, store, ds, variant)?));
+        return Ok(Box::new(illmrec::load_scorer(job, store, ds, variant, which)?));
     }
     let id = job.run_id(kind);
-    let ckpt = runs::load_latest(store, &id)?.ok_or_else(|| {
+    let ckpt = runs::load(store, &id, which)?.ok_or_else(|| {
         TrainError::Invalid(format!(
             "no trained `{kind}` under {}/runs/{id}: run `illmrec train --job FILE --model {kind}` first",
             store.url()

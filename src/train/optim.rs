@@ -33,12 +33,25 @@ impl AdamW {
 
     /// One update of `params` from `grads` at learning rate `lr`.
     pub fn update(&mut self, params: &mut [f32], grads: &[f32], lr: f64) {
+        let n = params.len();
+        self.update_groups(params, grads, &[(n, lr)]);
+    }
+
+    /// One update where consecutive parameter groups have their own rates: `groups` lists (end of
+    /// the group, rate) in order, the last ending at `params.len()`.
+    pub fn update_groups(&mut self, params: &mut [f32], grads: &[f32], groups: &[(usize, f64)]) {
         assert_eq!(params.len(), self.m.len(), "parameter count changed under the optimizer");
         assert_eq!(grads.len(), self.m.len(), "gradient count does not match the parameters");
+        assert_eq!(groups.last().map(|g| g.0), Some(params.len()), "the groups must cover the parameters");
         self.step += 1;
         let t = self.step as i32;
         let (c1, c2) = (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t));
+        let mut group = 0;
         for i in 0..params.len() {
+            while i >= groups[group].0 {
+                group += 1;
+            }
+            let lr = groups[group].1;
             let g = grads[i] as f64;
             let m = self.beta1 * self.m[i] as f64 + (1.0 - self.beta1) * g;
             let v = self.beta2 * self.v[i] as f64 + (1.0 - self.beta2) * g * g;
@@ -115,6 +128,16 @@ mod tests {
             assert!((g - want).abs() < 1e-6, "{p:?}");
         }
         assert_eq!(opt.step, 1);
+    }
+
+    #[test]
+    fn each_group_moves_at_its_own_rate() {
+        let mut p = vec![0f32; 4];
+        let mut opt = AdamW::new(4, [0.9, 0.99], 0.0);
+        opt.update_groups(&mut p, &[1.0, 1.0, -1.0, 1.0], &[(1, 0.1), (3, 0.5), (4, 0.0)]);
+        for (g, want) in p.iter().zip([-0.1f32, -0.5, 0.5, 0.0]) {
+            assert!((g - want).abs() < 1e-6, "{p:?}");
+        }
     }
 
     #[test]

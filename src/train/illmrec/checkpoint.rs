@@ -7,6 +7,7 @@ use serde_json::json;
 use super::super::optim::{read_params, AdamW};
 use super::super::{runs, IllmRecTrainConfig, ModelKind, Result, TrainError, TrainJob};
 use super::step::{StepLog, Stepper};
+use super::validate::Validation;
 use crate::data::prompt::Variant;
 use crate::data::Dataset;
 use crate::model::illmrec::scorer::IllmRecScorer;
@@ -28,7 +29,10 @@ pub fn fingerprint(job: &TrainJob<'_>, variant: Variant, ds: &Dataset) -> serde_
         "features": job.features,
         "train": {"epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr, "betas": t.betas,
                   "weight_decay": t.weight_decay, "grad_clip": t.grad_clip, "risa_weight": t.risa_weight,
-                  "max_steps": t.max_steps},
+                  "max_steps": t.max_steps, "schedule": t.schedule, "warmup_steps": t.warmup_steps,
+                  "head_lr": t.head_lr, "windows_per_user": t.windows_per_user, "negatives": t.negatives,
+                  "reri_loss": t.reri_loss},
+        "validation": {"every": t.validate_every, "patience": t.patience, "sample": t.validation},
     })
 }
 
@@ -111,12 +115,18 @@ pub fn state_digest(params: &[f32], step: u64) -> Vec<u8> {
     h.finalize().to_vec()
 }
 
-/// Loads the LATEST checkpoint of the job's `variant` run into a scorer of `ds`'s items, which may be
-/// more than the run was trained on: new items are scored from their features.
-pub fn load_scorer(job: &TrainJob<'_>, store: &Store, ds: &Dataset, variant: Variant) -> Result<IllmRecScorer> {
+/// Loads a checkpoint (`which`: BEST by default) of the job's `variant` run into a scorer of `ds`'s
+/// items, which may be more than the run was trained on: new items are scored from their features.
+pub fn load_scorer<'d>(
+    job: &TrainJob<'_>,
+    store: &Store,
+    ds: &'d Dataset,
+    variant: Variant,
+    which: runs::Which,
+) -> Result<IllmRecScorer<'d, Session>> {
     let kind = ModelKind::Illmrec(variant);
     let run_id = job.run_id(kind);
-    let ckpt = runs::load_latest(store, &run_id)?.ok_or_else(|| {
+    let ckpt = runs::load(store, &run_id, which)?.ok_or_else(|| {
         TrainError::Invalid(format!(
             "no trained `{kind}` under {}/runs/{run_id}: run `illmrec train --job FILE --model {kind}` first",
             store.url()
@@ -124,11 +134,37 @@ pub fn load_scorer(job: &TrainJob<'_>, store: &Store, ds: &Dataset, variant: Var
     })?;
     let sess = super::session::open(job, store, ds, variant)?;
     let what = format!("runs/{run_id} checkpoint {}", ckpt.step);
+    tracing::info!("{kind}: scoring with the checkpoint of step {} ({which})", ckpt.step);
     sess.model.load_host(&read_weights(ckpt.file("weights.safetensors")?, &what)?)?;
     Ok(IllmRecScorer::new(sess, ds, job.train.illmrec.eval_batch_size)?)
 }
 
 const LOG_FILE: &str = "train-log.jsonl";
+const VALID_FILE: &str = "valid-log.jsonl";
+
+/// Writes the run's validations, one JSON line each, beside the training log.
+pub fn write_validations(store: &Store, run_id: &str, history: &[Validation]) -> Result<()> {
+    if history.is_empty() {
+        return Ok(());
+    }
+    let mut out = Vec::new();
+    for v in history {
+        serde_json::to_writer(&mut out, v).map_err(|e| TrainError::Invalid(e.to_string()))?;
+        out.push(b'\n');
+    }
+    runs::put_report(store, run_id, VALID_FILE, out)
+}
+
+/// The run's validations (empty for a run that did not validate).
+pub fn read_validations(store: &Store, run_id: &str) -> Result<Vec<Validation>> {
+    let k = crate::store::key(&[&runs::dir(run_id), "report", VALID_FILE]);
+    let Some(bytes) = store.get_opt(&k)? else { return Ok(Vec::new()) };
+    bytes
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|line| serde_json::from_slice(line).map_err(|e| TrainError::Invalid(format!("{k}: {e}"))))
+        .collect()
+}
 
 pub fn write_log(store: &Store, run_id: &str, log: &[StepLog]) -> Result<()> {
     let mut out = Vec::new();
@@ -139,10 +175,16 @@ pub fn write_log(store: &Store, run_id: &str, log: &[StepLog]) -> Result<()> {
     runs::put_report(store, run_id, LOG_FILE, out)
 }
 
-/// The run's training loss by step (empty for a run without a log).
+/// The run's training loss and validation metric by step (empty for a run without them).
 pub fn loss_curve(store: &Store, run_id: &str) -> Result<crate::eval::plots::LossCurve> {
     let points = read_log(store, run_id, u64::MAX)?.iter().map(|l| (l.step, l.losses.loss)).collect();
-    Ok(crate::eval::plots::LossCurve { label: run_id.to_string(), points })
+    let validations = read_validations(store, run_id)?;
+    Ok(crate::eval::plots::LossCurve {
+        label: run_id.to_string(),
+        points,
+        validation_metric: validations.first().map(|v| v.metric.clone()).unwrap_or_default(),
+        validation: validations.iter().map(|v| (v.step, v.value)).collect(),
+    })
 }
 
 /// The training log up to step `up_to`.

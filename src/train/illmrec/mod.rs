@@ -1,13 +1,15 @@
 //! Training the LLM recommenders (I-LLMRec and its prompt variants) on a frozen LLM.
 //!
-//! `fit` drives the steps (`step.rs`) of a data-parallel run, commits checkpoints (`checkpoint.rs`)
-//! through the run's folder, and resumes them exactly: all randomness is keyed by (seed, epoch,
-//! user), so the checkpoint's step is the whole of the "RNG state" and resuming replays nothing and
-//! skips nothing.
+//! `fit` drives the steps (`step.rs`) of a data-parallel run, validates (`validate.rs`), commits
+//! checkpoints (`checkpoint.rs`) through the run's folder, and resumes them exactly: all randomness
+//! is keyed by (seed, epoch, user, window) and the early-stopping state travels in the checkpoint,
+//! so the checkpoint's step is the whole of the "RNG state" and resuming replays nothing and skips
+//! nothing.
 
 pub mod checkpoint;
 pub mod session;
 pub mod step;
+pub mod validate;
 
 use std::time::Instant;
 
@@ -22,10 +24,12 @@ use crate::store::Store;
 use crate::telemetry::Progress;
 use checkpoint::{
     check_fingerprint, fingerprint, optimizer_file, read_log, restore, state_digest, weights_file, write_log,
+    write_validations,
 };
 pub use checkpoint::{load_scorer, loss_curve};
 use step::StepLog;
 pub use step::{Stepper, Timings};
+use validate::{EarlyStopping, Validation, Validator};
 
 /// How a training call starts and stops.
 #[derive(Debug, Clone, Default)]
@@ -59,20 +63,31 @@ pub struct FitReport {
     pub resumed_from: Option<u64>,
     /// Stopped early on a preemption signal, with a checkpoint: resume to finish.
     pub preempted: bool,
+    /// Stopped because `patience` validations brought no better value.
+    pub stopped_early: bool,
+    /// (step, value) of the best validation: the BEST checkpoint.
+    pub best: Option<(u64, f64)>,
+    pub validation_metric: String,
+    pub validation_users: usize,
     pub seconds: f64,
     pub samples_per_second: f64,
     /// Seconds inside collectives (all-reduce, checks), this rank.
     pub collective_seconds: f64,
+    /// Seconds validating, this rank.
+    pub validation_seconds: f64,
     pub tokens_per_item: f64,
     pub mean_prompt_tokens: f64,
     pub fallback_items: usize,
     pub log: Vec<StepLog>,
+    pub validations: Vec<Validation>,
 }
 
 /// Trains `variant` on the job's latest snapshot (or continues it with `opts.resume`) as one rank of
 /// `coll`: each rank computes the gradients of its share of the step's users, one all-reduce averages
-/// them (with the losses riding along), and every rank applies the same update. Rank 0 writes the
-/// checkpoints and the log.
+/// them (with the losses riding along), and every rank applies the same update. Every
+/// `validate_every` steps and after the last one the model is validated (`validate.rs`), a
+/// checkpoint is committed, and BEST moves to it when it is the best so far; `patience`
+/// validations without one end the run. Rank 0 writes the checkpoints and the logs.
 pub fn fit(
     job: &TrainJob<'_>,
     store: &Store,
@@ -90,13 +105,17 @@ pub fn fit(
     let mut stepper = Stepper::new(job, &sess, &ds, rank, world)?;
     let plan = stepper.plan.clone();
     let finger = fingerprint(job, variant, &ds);
-    let (mut next_step, mut log, resumed_from) = if opts.resume {
+    let validator = Validator::new(tcfg, &ds, job.train.seed);
+    let validate_every = tcfg.validate_every.unwrap_or(plan.steps_per_epoch).max(1);
+    let due = |step: u64| tcfg.validates() && step > 0 && (step % validate_every == 0 || step == plan.total_steps);
+    let (mut next_step, mut log, mut early, resumed_from) = if opts.resume {
         let ckpt = runs::load_latest(store, &run_id)?.ok_or_else(|| {
             TrainError::Invalid(format!("--resume: run {run_id} has no checkpoint under {}", store.url()))
         })?;
         check_fingerprint(&ckpt.state["fingerprint"], &finger, &run_id)?;
         restore(&sess, &mut stepper, &ckpt, &run_id, tcfg)?;
-        (ckpt.step, read_log(store, &run_id, ckpt.step)?, Some(ckpt.step))
+        let early: EarlyStopping = serde_json::from_value(ckpt.state["early_stopping"].clone()).unwrap_or_default();
+        (ckpt.step, read_log(store, &run_id, ckpt.step)?, early, Some(ckpt.step))
     } else {
         if let Some(from) = &opts.from {
             let ckpt = runs::load_latest(store, from)?.ok_or_else(|| {
@@ -108,7 +127,7 @@ pub fn fit(
         if lead {
             runs::clear(store, &run_id)?;
         }
-        (0, Vec::new(), None)
+        (0, Vec::new(), EarlyStopping::default(), None)
     };
     // Every rank has loaded the model: from here a collective should return within a step.
     check_same(coll, "the starting parameters and step", &state_digest(&stepper.params, next_step))?;
@@ -122,7 +141,7 @@ pub fn fit(
     if let Some(p) = progress.as_mut() {
         p.inc(next_step);
     }
-    let save = |step: u64, opt: &AdamW, log: &[StepLog]| -> Result<()> {
+    let save = |step: u64, opt: &AdamW, log: &[StepLog], early: &EarlyStopping, best: bool| -> Result<()> {
         let state = json!({
             "model": ModelKind::Illmrec(variant).to_string(),
             "variant": variant.name(),
@@ -133,9 +152,10 @@ pub fn fit(
             "steps_per_epoch": plan.steps_per_epoch,
             "total_steps": plan.total_steps,
             "world_size": world,
-            "rng": "counter-based: every draw is keyed by (seed, epoch, user); the step is the whole state",
+            "rng": "counter-based: every draw is keyed by (seed, epoch, user, window); the step is the whole state",
             "fingerprint": finger,
             "warm_start_from": opts.from,
+            "early_stopping": early,
         });
         runs::save(
             store,
@@ -144,17 +164,76 @@ pub fn fit(
             vec![("weights.safetensors", weights_file(&sess.model)?), ("optimizer.safetensors", optimizer_file(opt))],
             &state,
             tcfg.keep_checkpoints,
+            best,
         )?;
-        write_log(store, &run_id, log)
+        write_log(store, &run_id, log)?;
+        write_validations(store, &run_id, &early.history)
     };
     let first_step = next_step;
-    let mut comm = 0.0;
+    let (mut comm, mut validation_seconds) = (0.0, 0.0);
     let step_timeout = std::time::Duration::from_secs(job.dist.timeout_secs);
     // A checkpoint makes a handful of requests, each allowed the store's whole retry budget.
     let save_budget = store.request_budget() * 6;
-    let mut preempted = false;
+    // A checkpoint taken mid-run: the other ranks wait for rank 0's save with the store's retry
+    // budget added to their deadline, so a slow store does not look like a stalled rank (on a local
+    // root the deadline stays the step's, and a stalled rank is still caught fast). Storage trouble
+    // costs this checkpoint, not the run: the previous one stays in force and the next one retries.
+    let checkpoint = |coll: &mut Guarded, step: u64, opt: &AdamW, log: &[StepLog], early: &EarlyStopping, best| {
+        coll.set_timeout(step_timeout + save_budget);
+        if lead {
+            match save(step, opt, log, early, best) {
+                Err(TrainError::Store(e)) => tracing::warn!("checkpoint at step {step} failed, training goes on: {e}"),
+                other => other?,
+            }
+        }
+        coll.barrier()?;
+        coll.set_timeout(step_timeout);
+        Ok::<_, TrainError>(())
+    };
+    let (mut preempted, mut stopped_early, mut saved_at) = (false, false, None);
     let mut epoch_span: Option<(u64, tracing::Span)> = None;
-    while next_step < last {
+    loop {
+        // Validation after step `next_step` (also the one a resumed run owes its checkpoint).
+        if due(next_step) && !early.has(next_step) && !preempted {
+            let epoch = plan.epoch_of(next_step - 1);
+            let span = tracing::info_span!(
+                "validate",
+                step = next_step as i64,
+                users = validator.users() as i64,
+                value = tracing::field::Empty
+            );
+            let v = span.in_scope(|| validator.run(&sess, &ds, &*coll, next_step, epoch))?;
+            span.record("value", v.value);
+            validation_seconds += v.seconds;
+            comm += coll.take_spent().as_secs_f64();
+            let improved = early.record(v.clone());
+            let (best_step, best) = early.best.unwrap_or((next_step, v.value));
+            tracing::info!(
+                "validation after step {next_step}: {} {:.4} on {} users ({:.1}s){}; best {best:.4} at step {best_step}",
+                validator.metric(),
+                v.value,
+                validator.users(),
+                v.seconds,
+                if improved { ", new best" } else { "" }
+            );
+            if let Some(p) = progress.as_mut() {
+                p.set_message(format!("valid {} {:.4} (best {best:.4} @ {best_step})", validator.metric(), v.value));
+            }
+            checkpoint(coll, next_step, &stepper.opt, &log, &early, improved)?;
+            saved_at = Some(next_step);
+            if early.exhausted(tcfg.patience) {
+                tracing::info!(
+                    "stopping early: {} validations without a better {} (best {best:.4} at step {best_step})",
+                    early.since_best,
+                    validator.metric()
+                );
+                stopped_early = true;
+                break;
+            }
+        }
+        if next_step >= last || preempted {
+            break;
+        }
         let epoch = plan.epoch_of(next_step);
         if epoch_span.as_ref().is_none_or(|(e, _)| *e != epoch) {
             epoch_span = Some((epoch, tracing::info_span!("epoch", epoch = epoch as i64)));
@@ -166,44 +245,33 @@ pub fn fit(
         comm += out.collective_seconds;
         if let Some(p) = progress.as_mut() {
             let l = out.log.losses;
-            p.set_message(format!("loss {:.4} (reri {:.4} risa {:.4})", l.loss, l.reri, l.risa));
+            let valid = early.best.map(|(s, b)| format!(", valid best {b:.4} @ {s}")).unwrap_or_default();
+            p.set_message(format!("loss {:.4} (reri {:.4} risa {:.4}){valid}", l.loss, l.reri, l.risa));
             p.inc(1);
         }
         log.push(out.log);
         if out.stop {
             tracing::warn!("preemption signal: stopping after step {next_step} with a checkpoint");
             preempted = true;
-            break;
+            continue;
         }
-        if next_step % tcfg.checkpoint_every == 0 && next_step < last {
-            // The others wait for rank 0's save with the store's retry budget added to their
-            // deadline: a slow store must not look like a stalled rank to their watchdogs (and on a
-            // local root the deadline stays the step's, so a stalled rank is still caught fast).
-            coll.set_timeout(step_timeout + save_budget);
-            // Storage trouble costs this checkpoint, not the run: the previous one stays in force
-            // and the next one tries again.
-            if lead {
-                match save(next_step, &stepper.opt, &log) {
-                    Err(TrainError::Store(e)) => {
-                        tracing::warn!("checkpoint at step {next_step} failed, training goes on: {e}");
-                    }
-                    other => other?,
-                }
-            }
-            coll.barrier()?;
-            coll.set_timeout(step_timeout);
+        if next_step % tcfg.checkpoint_every == 0 && next_step < last && !due(next_step) {
+            checkpoint(coll, next_step, &stepper.opt, &log, &early, false)?;
+            saved_at = Some(next_step);
         }
     }
     if let Some(p) = progress {
         p.finish();
     }
-    // The final save may retry FINAL_SAVE_ATTEMPTS times with pauses of 2, 4, 8, ... seconds.
+    // The final save (unless the last validation just made it) may retry FINAL_SAVE_ATTEMPTS times
+    // with pauses of 2, 4, 8, ... seconds.
     let pauses = std::time::Duration::from_secs((1u64 << FINAL_SAVE_ATTEMPTS) - 2);
     coll.set_timeout(step_timeout + save_budget * FINAL_SAVE_ATTEMPTS + pauses);
-    if lead && (next_step > first_step || resumed_from.is_none()) {
+    let resumed_at_end = resumed_from == Some(next_step);
+    if lead && saved_at != Some(next_step) && !resumed_at_end {
         let mut attempt = 1;
         loop {
-            match save(next_step, &stepper.opt, &log) {
+            match save(next_step, &stepper.opt, &log, &early, false) {
                 Err(TrainError::Store(e)) if attempt < FINAL_SAVE_ATTEMPTS => {
                     let pause = std::time::Duration::from_secs(1 << attempt);
                     tracing::warn!(
@@ -236,12 +304,18 @@ pub fn fit(
         last_step: next_step,
         resumed_from,
         preempted,
+        stopped_early,
+        best: early.best,
+        validation_metric: validator.metric().to_string(),
+        validation_users: validator.users(),
         seconds,
         samples_per_second: trained / seconds.max(1e-9),
         collective_seconds: comm,
+        validation_seconds,
         tokens_per_item: sess.tokens_per_item(&sess.builder, &ds)?,
         mean_prompt_tokens: sess.mean_prompt_tokens(&sess.builder, &ds, 200)?,
         fallback_items: sess.fallback_items,
         log,
+        validations: early.history,
     })
 }

@@ -9,8 +9,9 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::super::optim::{clip_global_norm, flatten_grads, read_params, write_params, AdamW};
+use super::super::schedule::learning_rate;
 use super::super::{IllmRecTrainConfig, Result, TrainError, TrainJob};
-use crate::data::windows::{trainable_users, training_sample, TrainingSample};
+use crate::data::windows::{trainable_users, training_sample, SampleKey, TrainingSample};
 use crate::data::Dataset;
 use crate::distributed::plan::ShardPlan;
 use crate::distributed::{check_same, Collective, Guarded};
@@ -56,11 +57,6 @@ pub struct StepOutcome {
     pub stop: bool,
 }
 
-/// Linear decay from `base` to 0 over `total` steps, no warm-up: the rate of update `step` (0-based).
-pub fn linear_decay(base: f64, step: u64, total: u64) -> f64 {
-    base * (total - step.min(total)) as f64 / total.max(1) as f64
-}
-
 fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
@@ -72,6 +68,7 @@ pub fn gradients(
     ds: &Dataset,
     samples: &[TrainingSample],
     risa_weight: f64,
+    reri_loss: RetrievalLoss,
 ) -> Result<(Vec<f32>, Losses, Timings)> {
     let t0 = Instant::now();
     let histories: Vec<Vec<&crate::data::Item>> =
@@ -90,8 +87,9 @@ pub fn gradients(
     let t1 = Instant::now();
     let h = sess.model.user_states(&sess.llm, &retrieval, &sess.feats)?;
     let targets: Vec<u32> = samples.iter().map(|s| s.target).collect();
-    let negatives: Vec<u32> = samples.iter().map(|s| s.negative).collect();
-    let reri = sess.model.retrieval_loss(&h, &targets, &negatives, 1, RetrievalLoss::Bce, &sess.feats)?;
+    let per_user = samples.first().map_or(1, |s| s.negatives.len());
+    let negatives: Vec<u32> = samples.iter().flat_map(|s| s.negatives.iter().copied()).collect();
+    let reri = sess.model.retrieval_loss(&h, &targets, &negatives, per_user, reri_loss, &sess.feats)?;
     let mut loss = reri.clone();
     let mut risa_value = 0.0;
     if let Some(alignment) = &alignment {
@@ -119,29 +117,37 @@ pub fn gradients(
 pub struct Stepper<'a> {
     sess: &'a Session,
     ds: &'a Dataset,
+    /// Over sample ids `user * windows_per_user + window`.
     pub plan: ShardPlan,
     cfg: &'a IllmRecTrainConfig,
     seed: u64,
     check_every: u64,
     pub params: Vec<f32>,
     pub opt: AdamW,
+    /// (end in the flat parameters, whether it is a projection head) of consecutive runs of
+    /// variables: the optimizer's rate groups.
+    groups: Vec<(usize, bool)>,
     order: Option<(u64, Vec<usize>)>,
 }
 
 impl<'a> Stepper<'a> {
     pub fn new(job: &TrainJob<'a>, sess: &'a Session, ds: &'a Dataset, rank: usize, world: usize) -> Result<Self> {
         let cfg = &job.train.illmrec;
-        let plan = ShardPlan::new(
-            trainable_users(ds),
-            job.train.seed,
-            cfg.batch_size,
-            rank,
-            world,
-            cfg.epochs,
-            cfg.max_steps,
-        )?;
+        let w = cfg.windows_per_user;
+        let samples = trainable_users(ds).into_iter().flat_map(|u| (0..w).map(move |k| u * w + k)).collect();
+        let plan = ShardPlan::new(samples, job.train.seed, cfg.batch_size, rank, world, cfg.epochs, cfg.max_steps)?;
         let params = read_params(&sess.vars())?;
         let opt = AdamW::new(params.len(), cfg.betas, cfg.weight_decay);
+        let mut groups: Vec<(usize, bool)> = Vec::new();
+        let mut end = 0;
+        for (name, var) in sess.model.vars() {
+            end += var.elem_count();
+            let head = name.starts_with("user_head.") || name.starts_with("item_head.");
+            match groups.last_mut() {
+                Some(last) if last.1 == head => last.0 = end,
+                _ => groups.push((end, head)),
+            }
+        }
         Ok(Self {
             sess,
             ds,
@@ -151,8 +157,30 @@ impl<'a> Stepper<'a> {
             check_every: job.dist.check_every,
             params,
             opt,
+            groups,
             order: None,
         })
+    }
+
+    /// The learning rate of step `step` (0-based) and that of the projection heads.
+    pub fn rates(&self, step: u64) -> (f64, f64) {
+        let c = self.cfg;
+        let at = |base| learning_rate(base, step, self.plan.total_steps, c.warmup_steps, c.schedule);
+        (at(c.lr), at(c.head_lr.unwrap_or(c.lr)))
+    }
+
+    /// The training samples this rank takes at `step` of `epoch`, given the epoch's order.
+    fn samples(&self, order: &[usize], step: u64, epoch: u64) -> Vec<TrainingSample> {
+        let w = self.cfg.windows_per_user;
+        let max_history = self.sess.model.cfg.max_history;
+        self.plan
+            .rank_users(order, step)
+            .iter()
+            .map(|&id| {
+                let key = SampleKey { user: id / w, window: id % w };
+                training_sample(self.ds, key, epoch, self.seed, max_history, self.cfg.negatives)
+            })
+            .collect()
     }
 
     /// Global step `step` (0-based): this rank's share of the users, one all-reduce that averages
@@ -164,14 +192,9 @@ impl<'a> Stepper<'a> {
             self.order = Some((epoch, self.plan.agreed_order(coll, epoch)?));
         }
         let order = self.order.as_ref().map(|(_, o)| &o[..]).unwrap_or_default();
-        let max_history = self.sess.model.cfg.max_history;
-        let samples: Vec<TrainingSample> = self
-            .plan
-            .rank_users(order, step)
-            .iter()
-            .map(|&u| training_sample(self.ds, u, epoch, self.seed, max_history))
-            .collect();
-        let (mut grads, local, timings) = gradients(self.sess, self.ds, &samples, self.cfg.risa_weight)?;
+        let samples = self.samples(order, step, epoch);
+        let (mut grads, local, timings) =
+            gradients(self.sess, self.ds, &samples, self.cfg.risa_weight, self.cfg.reri_loss)?;
         // Dividing the sum of per-rank means by the world size gives the mean over the global batch.
         grads.extend([local.loss as f32, local.reri as f32, local.risa as f32, if stop { 1.0 } else { 0.0 }]);
         coll.all_reduce_sum(&mut grads)?;
@@ -185,8 +208,10 @@ impl<'a> Stepper<'a> {
         }
         let started = Instant::now();
         let grad_norm = clip_global_norm(&mut grads, self.cfg.grad_clip);
-        let lr = linear_decay(self.cfg.lr, step, self.plan.total_steps);
-        self.opt.update(&mut self.params, &grads, lr);
+        let (lr, head_lr) = self.rates(step);
+        let groups: Vec<(usize, f64)> =
+            self.groups.iter().map(|&(end, head)| (end, if head { head_lr } else { lr })).collect();
+        self.opt.update_groups(&mut self.params, &grads, &groups);
         write_params(&self.sess.vars(), &self.params)?;
         let optimizer_seconds = started.elapsed().as_secs_f64();
         if (step + 1) % self.check_every == 0 {
