@@ -69,6 +69,7 @@ impl Fixture {
             negatives: 1,
             seed: 1,
             on_bad_record: policy,
+            candidates: None,
         };
         let quiet = TelemetryConfig { progress: ProgressMode::Off, ..Default::default() };
         prepare("t", &cfg, &Store::open("memory://").unwrap(), &quiet)

@@ -89,6 +89,20 @@ fn weights(dir: &Path, job: &str) -> Vec<(String, Vec<f32>)> {
     common::latest_weights(&store, "dist-illmrec")
 }
 
+/// (step, loss, L_RERI, gradient norm) of every step of the run's training log.
+fn step_log(dir: &Path, job: &str) -> Vec<(u64, f64, f64, f64)> {
+    let path = dir.join(format!("store-{job}/runs/dist-illmrec/report/train-log.jsonl"));
+    std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let f = |k: &str| v[k].as_f64().unwrap();
+            (v["step"].as_u64().unwrap(), f("loss"), f("reri"), f("grad_norm"))
+        })
+        .collect()
+}
+
 #[test]
 fn two_ranks_equal_one_rank_with_the_same_global_batch() {
     let dir = setup(&[("one", 6, 60), ("two", 6, 60)]);
@@ -97,6 +111,22 @@ fn two_ranks_equal_one_rank_with_the_same_global_batch() {
     let (diff, at) = largest_difference(&weights(dir.path(), "one"), &weights(dir.path(), "two"));
     eprintln!("2 ranks vs 1 rank after 6 steps: largest relative difference {diff:.2e} at {at}");
     assert!(diff < RANKS_TOLERANCE, "{diff} at {at}");
+    // Step by step, the logged losses and gradient norms agree too: AdamW would hide a gradient
+    // scaled by the same factor everywhere (a missing division by the world size) from the weights,
+    // but not from these.
+    let (one, two) = (step_log(dir.path(), "one"), step_log(dir.path(), "two"));
+    assert_eq!(one.len(), 6);
+    assert_eq!(one.len(), two.len());
+    let rel = |a: f64, b: f64| (a - b).abs() / a.abs().max(1e-12);
+    let mut worst: f64 = 0.0;
+    for (a, b) in one.iter().zip(&two) {
+        assert_eq!(a.0, b.0);
+        for (x, y, what) in [(a.1, b.1, "loss"), (a.2, b.2, "reri"), (a.3, b.3, "grad_norm")] {
+            worst = worst.max(rel(x, y));
+            assert!(rel(x, y) < RANKS_TOLERANCE as f64, "step {}: {what} {x} on 1 rank vs {y} on 2", a.0);
+        }
+    }
+    eprintln!("per-step loss and gradient norm, 2 ranks vs 1: largest relative difference {worst:.2e}");
 }
 
 #[test]

@@ -35,6 +35,10 @@ pub struct DataConfig {
     /// What to do with a bad record (malformed line, missing field, duplicate, unreadable image).
     #[serde(default)]
     pub on_bad_record: OnBadRecord,
+    /// Fixed test candidate lists to store with the snapshot (JSON lines of {user, candidates,
+    /// target}, source ids; `data::candidates`), scored by the `candidates` protocol.
+    #[serde(default)]
+    pub candidates: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -46,6 +50,15 @@ pub enum SourceConfig {
     Amazon {
         reviews: PathBuf,
         meta: PathBuf,
+        #[serde(default)]
+        images: Option<PathBuf>,
+    },
+    /// Ready-made sequences (`user item item ...` per line, oldest first) and an item table (TSV with
+    /// an `item_id` column), as P5 / S3-Rec / MSRBench ship their Amazon subsets; images named by
+    /// the table's `image` column, under `images`.
+    Sequences {
+        file: PathBuf,
+        items: PathBuf,
         #[serde(default)]
         images: Option<PathBuf>,
     },

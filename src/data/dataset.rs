@@ -56,6 +56,8 @@ pub struct Dataset {
     pub user_ids: Vec<String>,
     pub sequences: Vec<Vec<u32>>,
     pub negatives: Negatives,
+    /// Fixed candidate lists for the test split, when the data came with them (`data.candidates`).
+    pub candidates: Vec<super::candidates::CandidateList>,
 }
 
 impl Item {

@@ -1,7 +1,9 @@
-//! Data: ingest (RecBole atomic files, Amazon Reviews 2018, synthetic catalogs), k-core filtering,
-//! the leave-one-out split, sampled negatives, and the snapshot every later stage reads.
+//! Data: ingest (RecBole atomic files, Amazon Reviews 2018, ready-made sequences with an item table,
+//! synthetic catalogs), k-core filtering, the leave-one-out split, sampled negatives, fixed candidate
+//! lists, and the snapshot every later stage reads.
 
 pub mod amazon;
+pub mod candidates;
 mod config;
 mod dataset;
 mod error;
@@ -12,6 +14,7 @@ pub mod negatives;
 pub mod prepare;
 pub mod prompt;
 pub mod recbole;
+pub mod sequences;
 pub mod snapshot;
 pub mod synth;
 pub mod windows;

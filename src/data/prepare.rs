@@ -7,7 +7,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::config::{DataConfig, SourceConfig};
-use super::dataset::Item;
+use super::dataset::{Dataset, Item};
 use super::error::{DataError, Result};
 use super::ingest::{BadRecords, RawData, RawInteraction};
 use super::kcore::{k_core, Counts};
@@ -58,12 +58,18 @@ impl std::fmt::Display for PrepareReport {
 pub fn prepare(name: &str, cfg: &DataConfig, store: &Store, telemetry: &TelemetryConfig) -> Result<PrepareReport> {
     let _stage = tracing::info_span!("stage", stage = "prepare", dataset = name).entered();
     let mut bad = BadRecords::new(cfg.on_bad_record);
-    let raw = match &cfg.source {
+    let mut raw = match &cfg.source {
         SourceConfig::Recbole { dir, name } => super::recbole::read(dir, name, &mut bad)?,
         SourceConfig::Amazon { reviews, meta, images } => {
             super::amazon::read(reviews, meta, images.as_deref(), &mut bad)?
         }
+        SourceConfig::Sequences { file, items, images } => {
+            super::sequences::read(file, items, images.as_deref(), &mut bad)?
+        }
     };
+    if let Some(path) = &cfg.candidates {
+        raw.sources.push(super::ingest::read_source(path)?.1);
+    }
     let snapshot_key = content_key(cfg, &raw);
     let previous = snapshot::latest(store, name)?;
     if let Some(manifest) = snapshot::read_manifest(store, name, &snapshot_key)? {
@@ -94,6 +100,20 @@ pub fn prepare(name: &str, cfg: &DataConfig, store: &Store, telemetry: &Telemetr
 
     let (items, user_ids, sequences, timestamps) = index(&kept, &raw.items, &readable);
     let negatives = super::negatives::sample(&sequences, items.len(), cfg.negatives, cfg.seed)?;
+    let mut ds = Dataset {
+        name: name.to_string(),
+        key: snapshot_key.clone(),
+        items,
+        user_ids,
+        sequences,
+        negatives,
+        candidates: vec![],
+    };
+    // Fixed lists are checked against what filtering left: every id must still be there.
+    if let Some(path) = &cfg.candidates {
+        ds.candidates = super::candidates::read(path, &ds)?;
+    }
+    let Dataset { items, user_ids, sequences, negatives, candidates, .. } = &ds;
     let manifest = Manifest {
         format: snapshot::FORMAT,
         name: name.to_string(),
@@ -110,19 +130,13 @@ pub fn prepare(name: &str, cfg: &DataConfig, store: &Store, telemetry: &Telemetr
         items_dropped_without_image: dropped_for_image,
         skipped: bad.report,
         negatives_per_user: cfg.negatives,
+        candidate_lists: candidates.len(),
         split: "leave-one-out by time: train = items[:-2], valid target = items[-2], test target = items[-1]".into(),
     };
-    copy_images(store, &manifest, &items, &readable, telemetry)?;
+    copy_images(store, &manifest, items, &readable, telemetry)?;
     snapshot::write(
         store,
-        Contents {
-            manifest: &manifest,
-            items: &items,
-            user_ids: &user_ids,
-            sequences: &sequences,
-            timestamps: &timestamps,
-            negatives: &negatives,
-        },
+        Contents { manifest: &manifest, items, user_ids, sequences, timestamps: &timestamps, negatives, candidates },
     )?;
     Ok(PrepareReport { reused: false, manifest })
 }

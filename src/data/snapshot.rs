@@ -5,6 +5,8 @@
 //! datasets/<name>/<key>/items.jsonl            one item per line, 1-based index, metadata, image key
 //! datasets/<name>/<key>/sequences.jsonl        one user per line: chronological item indices, timestamps
 //! datasets/<name>/<key>/negatives.safetensors  `valid` and `test`: u32 [users, negatives]
+//! datasets/<name>/<key>/candidates.jsonl       fixed test candidate lists (user, candidates, target
+//!                                              as indices), when the data came with them
 //! datasets/<name>/<key>/images/<sha256>.<ext>  item images as read from the source, named by content
 //! datasets/<name>/LATEST                       the key; written last, so a snapshot exists once named
 //! ```
@@ -12,6 +14,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::candidates::CandidateList;
 use super::dataset::{Dataset, Item, Negatives};
 use super::error::{DataError, Result};
 use super::ingest::{SkipReport, SourceFile};
@@ -40,6 +43,9 @@ pub struct Manifest {
     pub items_dropped_without_image: usize,
     pub skipped: SkipReport,
     pub negatives_per_user: usize,
+    /// Fixed candidate lists stored with the snapshot (`data.candidates`).
+    #[serde(default)]
+    pub candidate_lists: usize,
     pub split: String,
 }
 
@@ -80,6 +86,7 @@ pub struct Contents<'a> {
     pub sequences: &'a [Vec<u32>],
     pub timestamps: &'a [Vec<i64>],
     pub negatives: &'a Negatives,
+    pub candidates: &'a [CandidateList],
 }
 
 /// Writes the snapshot's files, then the manifest, then LATEST.
@@ -108,6 +115,14 @@ pub fn write(store: &Store, c: Contents<'_>) -> Result<()> {
         None,
     );
     store.put_new(&key(&[&base, "negatives.safetensors"]), neg)?;
+    if !c.candidates.is_empty() {
+        let mut lists = Vec::new();
+        for l in c.candidates {
+            serde_json::to_writer(&mut lists, l).map_err(|e| DataError::Invalid(e.to_string()))?;
+            lists.push(b'\n');
+        }
+        store.put_new(&key(&[&base, "candidates.jsonl"]), lists)?;
+    }
     let manifest = serde_json::to_vec_pretty(c.manifest).map_err(|e| DataError::Invalid(e.to_string()))?;
     store.put_new(&key(&[&base, "manifest.json"]), manifest)?;
     store.put(&latest_key(&c.manifest.name), c.manifest.key.clone())?;
@@ -159,5 +174,17 @@ pub fn load(store: &Store, name: &str) -> Result<Dataset> {
         ));
     }
     let negatives = Negatives { per_user: vshape[1], valid, test };
-    Ok(Dataset { name: name.to_string(), key: snapshot_key, items, user_ids, sequences, negatives })
+    let mut candidates = Vec::new();
+    if let Some(bytes) = store.get_opt(&key(&[&base, "candidates.jsonl"]))? {
+        for (i, line) in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()).enumerate() {
+            let l: CandidateList =
+                serde_json::from_slice(line).map_err(|e| bad(&format!("candidates.jsonl:{}", i + 1), &e))?;
+            let known = |x: u32| x >= 1 && x as usize <= items.len();
+            if l.user >= sequences.len() || !known(l.target) || !l.candidates.iter().all(|&c| known(c)) {
+                return Err(bad(&format!("candidates.jsonl:{}", i + 1), &"an index outside the snapshot"));
+            }
+            candidates.push(l);
+        }
+    }
+    Ok(Dataset { name: name.to_string(), key: snapshot_key, items, user_ids, sequences, negatives, candidates })
 }

@@ -103,6 +103,7 @@ mod tests {
             user_ids: vec!["a".into(), "b".into()],
             sequences: vec![(1..=20).collect(), vec![5, 6, 7, 8]],
             negatives: Negatives { per_user: 0, valid: vec![], test: vec![] },
+            candidates: vec![],
         }
     }
 

@@ -1,104 +1,12 @@
-//! Fixed candidate lists: every model ranks each user's target among exactly the same items, ours or
-//! a benchmark's (MSRBench ships 1 + 29 per user). A file has one JSON object per line,
-//! `{"user": ID, "candidates": [ID, ...], "target": ID}` (other keys are ignored; ids are the source
-//! data's, as strings or numbers). The target is the user's test item and the history is everything
-//! before it, as for the other protocols; candidates may include items outside the user's history
-//! only (a history item is not a candidate).
-
-use std::collections::HashMap;
-use std::path::Path;
-
-use serde::Deserialize;
+//! Ranking on fixed candidate lists (`data::candidates`): each user's test target against exactly
+//! the items of its list, ties against the target.
 
 use super::metrics::pessimistic_rank;
 use super::{check_scores, metrics_of, EvalError, Metrics};
+use crate::data::candidates::CandidateList;
 use crate::data::{Dataset, Split};
 use crate::model::Scorer;
 use crate::telemetry::{Progress, TelemetryConfig};
-
-/// One user's list, as dataset indices.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CandidateList {
-    pub user: usize,
-    /// The target and the others, in the file's order.
-    pub candidates: Vec<u32>,
-    pub target: u32,
-}
-
-#[derive(Deserialize)]
-struct Line {
-    user: Id,
-    candidates: Vec<Id>,
-    target: Id,
-}
-
-/// An id written as a string or a number.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Id {
-    Text(String),
-    Number(u64),
-}
-
-impl Id {
-    fn text(&self) -> String {
-        match self {
-            Id::Text(s) => s.clone(),
-            Id::Number(n) => n.to_string(),
-        }
-    }
-}
-
-/// Reads and checks a candidates file against the dataset; every error names the file and line.
-pub fn read(path: &Path, ds: &Dataset) -> Result<Vec<CandidateList>, EvalError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| EvalError::Invalid(format!("{}: cannot read the candidates file: {e}", path.display())))?;
-    let users: HashMap<&str, usize> = ds.user_ids.iter().enumerate().map(|(i, u)| (u.as_str(), i)).collect();
-    let items: HashMap<&str, u32> = ds.items.iter().map(|i| (i.id.as_str(), i.index)).collect();
-    let mut seen = HashMap::new();
-    let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let at = format!("{}:{}", path.display(), n + 1);
-        let bad = |msg: String| EvalError::Invalid(format!("{at}: {msg}"));
-        let l: Line =
-            serde_json::from_str(line).map_err(|e| bad(format!("not a {{user, candidates, target}} object: {e}")))?;
-        let (user_id, target_id) = (l.user.text(), l.target.text());
-        let user = *users
-            .get(user_id.as_str())
-            .ok_or_else(|| bad(format!("user `{user_id}` is not in dataset {}", ds.name)))?;
-        if let Some(first) = seen.insert(user, n + 1) {
-            return Err(bad(format!("user `{user_id}` has a list already (line {first})")));
-        }
-        if ds.history(user, Split::Test).is_empty() {
-            return Err(bad(format!("user `{user_id}` has no history before the target")));
-        }
-        let item = |id: &Id| -> Result<u32, EvalError> {
-            let id = id.text();
-            items.get(id.as_str()).copied().ok_or_else(|| bad(format!("candidate `{id}` is not in the item table")))
-        };
-        let candidates = l.candidates.iter().map(item).collect::<Result<Vec<u32>, _>>()?;
-        let target = item(&l.target)?;
-        if !candidates.contains(&target) {
-            return Err(bad(format!("target `{target_id}` is not among its candidates")));
-        }
-        let test = ds.target(user, Split::Test);
-        if target != test {
-            return Err(bad(format!(
-                "target `{target_id}` is not user `{user_id}`'s test item (`{}`)",
-                ds.item(test).id
-            )));
-        }
-        let history = ds.history(user, Split::Test);
-        if let Some(h) = candidates.iter().find(|c| **c != target && history.contains(c)) {
-            return Err(bad(format!("candidate `{}` is in user `{user_id}`'s history", ds.item(*h).id)));
-        }
-        out.push(CandidateList { user, candidates, target });
-    }
-    if out.is_empty() {
-        return Err(EvalError::Invalid(format!("{}: no candidate lists", path.display())));
-    }
-    Ok(out)
-}
 
 /// The target's 0-based rank among its list (ties against it), per list.
 pub fn target_ranks(
@@ -145,35 +53,13 @@ pub fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::{Item, Negatives};
+    use crate::data::candidates::tests::{ds, write};
 
     struct Fixed(Vec<f32>);
     impl Scorer for Fixed {
         fn score(&self, h: &[&[u32]]) -> crate::model::Result<Vec<f32>> {
             Ok(h.iter().flat_map(|_| self.0.clone()).collect())
         }
-    }
-
-    fn ds() -> Dataset {
-        let items = (1..=8)
-            .map(|i| Item { index: i, id: format!("{}", 100 + i), meta: Default::default(), image: None })
-            .collect();
-        Dataset {
-            name: "t".into(),
-            key: "k".into(),
-            items,
-            user_ids: vec!["7".into(), "8".into()],
-            // test targets: user 7 -> item 4 (id 104), user 8 -> item 1 (id 101)
-            sequences: vec![vec![1, 2, 3, 4], vec![5, 6, 1]],
-            negatives: Negatives { per_user: 0, valid: vec![], test: vec![] },
-        }
-    }
-
-    fn write(lines: &[&str]) -> (tempfile::TempDir, std::path::PathBuf) {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.jsonl");
-        std::fs::write(&p, lines.join("\n")).unwrap();
-        (dir, p)
     }
 
     //                          item: 0    1    2    3    4    5    6    7    8
@@ -183,45 +69,17 @@ mod tests {
     fn ranks_the_target_within_its_own_list_with_ties_against_it() {
         let (_d, p) = write(&[
             // user 7: target 104 (0.7) vs 105 (0.7, a tie), 107 (0.8), 108 (0.3) -> rank 2
-            r#"{"user": 7, "candidates": [105, 104, 107, 108], "target": 104, "extra": "ignored"}"#,
+            r#"{"user": 7, "candidates": [105, 104, 107, 108], "target": 104}"#,
             // user 8: target 101 (0.1) vs 108 (0.3) -> rank 1
             r#"{"user": "8", "candidates": ["101", "108"], "target": "101"}"#,
         ]);
         let ds = ds();
-        let lists = read(&p, &ds).unwrap();
-        assert_eq!(lists[0], CandidateList { user: 0, candidates: vec![5, 4, 7, 8], target: 4 });
+        let lists = crate::data::candidates::read(&p, &ds).unwrap();
         assert_eq!(target_ranks(&Fixed(SCORES.to_vec()), &ds, &lists, 1, None).unwrap(), vec![2, 1]);
         let m = evaluate(&Fixed(SCORES.to_vec()), &ds, &lists, &[1, 5], 2, None).unwrap();
         assert_eq!(m.get("hit@1"), Some(0.0));
         assert_eq!(m.get("hit@5"), Some(1.0));
         let want = (1.0 / 4f64.log2() + 1.0 / 3f64.log2()) / 2.0;
         assert!((m.get("ndcg@5").unwrap() - want).abs() < 1e-12);
-    }
-
-    #[test]
-    fn bad_lists_name_the_file_and_line() {
-        let ds = ds();
-        for (line, want) in [
-            (r#"{"user": 7, "candidates": [104, 999], "target": 104}"#, "candidate `999` is not in the item table"),
-            (r#"{"user": 9, "candidates": [104], "target": 104}"#, "user `9` is not in dataset t"),
-            (r#"{"user": 7, "candidates": [105, 106], "target": 104}"#, "target `104` is not among its candidates"),
-            (r#"{"user": 7, "candidates": [105, 103], "target": 105}"#, "is not user `7`'s test item (`104`)"),
-            (r#"{"user": 7, "candidates": [104, 102], "target": 104}"#, "candidate `102` is in user `7`'s history"),
-            (r#"{"user": 7, "target": 104}"#, "not a {user, candidates, target} object"),
-        ] {
-            let (_d, p) = write(&["", line]);
-            let err = read(&p, &ds).unwrap_err().to_string();
-            assert!(err.contains(&format!("{}:2: ", p.display())) && err.contains(want), "{err}");
-        }
-        let (_d, p) = write(&[
-            r#"{"user": 7, "candidates": [104], "target": 104}"#,
-            r#"{"user": 7, "candidates": [104], "target": 104}"#,
-        ]);
-        assert!(read(&p, &ds).unwrap_err().to_string().contains(":2: user `7` has a list already (line 1)"));
-        // A user whose whole sequence is the target has no history.
-        let mut lonely = ds.clone();
-        lonely.sequences[1] = vec![1];
-        let (_d, p) = write(&[r#"{"user": 8, "candidates": [101], "target": 101}"#]);
-        assert!(read(&p, &lonely).unwrap_err().to_string().contains("user `8` has no history"));
     }
 }

@@ -177,10 +177,14 @@ pub fn target_ranks(
 ) -> Result<Vec<Vec<usize>>, EvalError> {
     let Plan { split, protocols, users, batch_size, .. } = *plan;
     for p in protocols {
-        if let Protocol::Sampled(n) = p {
-            if *n > ds.negatives.per_user {
+        match p {
+            Protocol::Sampled(n) if *n > ds.negatives.per_user => {
                 return Err(EvalError::Invalid(format!("protocol {p} needs {n} negatives per user; the snapshot stores {} (raise data.negatives and prepare again)", ds.negatives.per_user)));
             }
+            Protocol::Candidates => {
+                return Err(EvalError::Invalid("fixed candidate lists rank their own users: eval::candidates".into()));
+            }
+            _ => {}
         }
     }
     let width = ds.num_items() + 1;
@@ -207,6 +211,7 @@ pub fn target_ranks(
                     Protocol::Sampled(n) => {
                         metrics::pessimistic_rank(ts, ds.negatives(u, split, *n).iter().map(|&i| s[i as usize]))
                     }
+                    Protocol::Candidates => unreachable!("refused above"),
                 });
             }
             for &h in histories[row] {

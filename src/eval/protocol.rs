@@ -14,6 +14,9 @@ pub enum Protocol {
     /// The target plus the first N of the user's stored negatives (1+100 in the paper, 1+29 in
     /// MSRBench).
     Sampled(usize),
+    /// The fixed test candidate lists stored with the snapshot (`data.candidates`), for the users
+    /// they name.
+    Candidates,
 }
 
 impl FromStr for Protocol {
@@ -22,9 +25,12 @@ impl FromStr for Protocol {
         if s == "full" {
             return Ok(Protocol::Full);
         }
+        if s == "candidates" {
+            return Ok(Protocol::Candidates);
+        }
         match s.strip_prefix("sampled:").map(str::parse::<usize>) {
             Some(Ok(n)) if n > 0 => Ok(Protocol::Sampled(n)),
-            _ => Err(format!("unknown protocol `{s}`: use full or sampled:N (N > 0), e.g. sampled:100")),
+            _ => Err(format!("unknown protocol `{s}`: use full, sampled:N (N > 0, e.g. sampled:100) or candidates")),
         }
     }
 }
@@ -47,6 +53,7 @@ impl fmt::Display for Protocol {
         match self {
             Protocol::Full => write!(f, "full"),
             Protocol::Sampled(n) => write!(f, "sampled:{n}"),
+            Protocol::Candidates => write!(f, "candidates"),
         }
     }
 }
@@ -57,7 +64,7 @@ mod tests {
 
     #[test]
     fn parses_and_prints() {
-        for s in ["full", "sampled:100", "sampled:29"] {
+        for s in ["full", "sampled:100", "sampled:29", "candidates"] {
             assert_eq!(s.parse::<Protocol>().unwrap().to_string(), s);
         }
         for bad in ["sampled:0", "sampled:", "sampled:x", "all"] {

@@ -73,6 +73,7 @@ mod tests {
             user_ids: vec!["u".into()],
             sequences: vec![vec![1, 2, 3]],
             negatives: Negatives { per_user: 0, valid: vec![], test: vec![] },
+            candidates: vec![],
         };
         let scorer = Fixed(vec![0.0, 9.0, 1.0, 5.0, 5.0, 0.5]);
         let r = top_k(&scorer, &ds, &[1, 2], 3).unwrap();

@@ -24,6 +24,7 @@ fn dataset() -> Dataset {
         sequences: vec![vec![1, 2, 3, 4], vec![5, 6, 1]],
         // per user: 3 negatives for valid, 3 for test
         negatives: Negatives { per_user: 3, valid: vec![6, 7, 8, 2, 3, 4], test: vec![7, 8, 6, 2, 3, 4] },
+        candidates: vec![],
     }
 }
 

@@ -30,6 +30,7 @@ fn dataset(store: &Store) -> Dataset {
         user_ids: vec![],
         sequences: vec![],
         negatives: Negatives { per_user: 0, valid: vec![], test: vec![] },
+        candidates: vec![],
     }
 }
 

@@ -120,16 +120,12 @@ pub fn evaluate(
     let tj = train_job(job);
     let scorer = train::load_scorer(&tj, store, model, ds, req.checkpoint)?;
     let users = job.eval.users.pick(ds.num_users(), job.eval.seed);
-    let plan = eval::Plan {
-        split,
-        protocols: req.protocols,
-        ks: &job.eval.ks,
-        users: &users,
-        batch_size: job.eval.batch_size,
-    };
+    let (fixed, sampled): (Vec<Protocol>, Vec<Protocol>) =
+        req.protocols.iter().partition(|p| **p == Protocol::Candidates);
+    let plan =
+        eval::Plan { split, protocols: &sampled, ks: &job.eval.ks, users: &users, batch_size: job.eval.batch_size };
     let metrics = eval::evaluate(scorer.as_ref(), ds, &plan, Some(&job.telemetry))?;
-    let mut results: Vec<EvalResult> = req
-        .protocols
+    let mut results: Vec<EvalResult> = sampled
         .iter()
         .zip(metrics)
         .map(|(p, m)| EvalResult {
@@ -140,8 +136,22 @@ pub fn evaluate(
             metrics: m,
         })
         .collect();
+    // Fixed lists: the snapshot's (protocol `candidates`) and a file's (`--candidates`).
+    let mut lists = Vec::new();
+    if !fixed.is_empty() {
+        if split != Split::Test || ds.candidates.is_empty() {
+            return Err(TrainError::Invalid(format!(
+                "protocol candidates needs the test split of a snapshot prepared with data.candidates (this one has {} lists)",
+                ds.candidates.len()
+            )));
+        }
+        lists.push(("candidates".to_string(), ds.candidates.clone()));
+    }
     if let Some(path) = req.candidates {
-        let lists = eval::candidates::read(path, ds)?;
+        let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        lists.push((format!("candidates:{name}"), data::candidates::read(path, ds)?));
+    }
+    for (label, lists) in lists {
         let m = eval::candidates::evaluate(
             scorer.as_ref(),
             ds,
@@ -150,11 +160,10 @@ pub fn evaluate(
             job.eval.batch_size,
             Some(&job.telemetry),
         )?;
-        let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
         let per_list = lists.first().map_or(0, |l| l.candidates.len());
         results.push(EvalResult {
             model: model.to_string(),
-            protocol: format!("candidates:{name} (1+{})", per_list.saturating_sub(1)),
+            protocol: format!("{label} (1+{})", per_list.saturating_sub(1)),
             split: Split::Test,
             users: lists.len(),
             metrics: m,

@@ -150,6 +150,12 @@ impl ValidationConfig {
         if self.metric_k().is_none() {
             return Err(Invalid::new("metric", format!("`{}` is not hit@K or ndcg@K", self.metric)));
         }
+        if self.protocol == Some(Protocol::Candidates) {
+            return Err(Invalid::new(
+                "protocol",
+                "fixed candidate lists are test lists: validate with full or sampled:N",
+            ));
+        }
         if self.users == UserSample::Count(0) {
             return Err(Invalid::new("users", "0 users would validate nothing"));
         }
@@ -356,6 +362,9 @@ impl TrainConfig {
         }
         if s.eval_every == 0 || s.patience == 0 {
             return bad("eval_every", "eval_every and patience must be at least 1");
+        }
+        if s.early_stopping_protocol == Protocol::Candidates {
+            return bad("early_stopping_protocol", "fixed candidate lists are test lists: use full or sampled:N");
         }
         Ok(())
     }

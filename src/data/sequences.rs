@@ -1,0 +1,133 @@
+//! Datasets shipped as ready-made sequences, the way P5, S3-Rec and MSRBench ship their Amazon
+//! subsets: one line per user, `user item item ...` (whitespace-separated, oldest first), and an item
+//! table as tab-separated values with a header naming at least `item_id` (and any of `title`,
+//! `brand`, `categories`/`category`, `description`, `image`; other columns are ignored). The order
+//! of a line is its time order: an item's position is its timestamp.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::error::{DataError, Result};
+use super::ingest::{lines, read_source, BadRecords, Interactions, ItemMeta, Items, RawData, RawInteraction};
+
+pub fn read(sequences: &Path, item_table: &Path, images: Option<&Path>, bad: &mut BadRecords) -> Result<RawData> {
+    let (bytes, seq_src) = read_source(sequences)?;
+    let mut interactions = Interactions::default();
+    for (line, text) in lines(sequences, &bytes, bad)? {
+        let mut fields = text.split_whitespace();
+        let Some(user) = fields.next() else { continue };
+        let items: Vec<&str> = fields.collect();
+        if items.is_empty() {
+            bad.bad(sequences, line, "missing field", format!("user `{user}` has no items"))?;
+            continue;
+        }
+        for (position, item) in items.into_iter().enumerate() {
+            let it = RawInteraction { user: user.into(), item: item.into(), timestamp: position as i64 };
+            interactions.push(sequences, line, it, bad)?;
+        }
+    }
+    let (bytes, items_src) = read_source(item_table)?;
+    let (items, image_names) = read_items(item_table, &bytes, bad)?;
+    let images = match images {
+        Some(dir) => {
+            image_names.into_iter().map(|(id, name)| (id, dir.join(name))).filter(|(_, p)| p.is_file()).collect()
+        }
+        None => BTreeMap::new(),
+    };
+    Ok(RawData { interactions: interactions.list, items, images, sources: vec![seq_src, items_src] })
+}
+
+type ItemTable = (BTreeMap<String, ItemMeta>, BTreeMap<String, PathBuf>);
+
+fn read_items(path: &Path, bytes: &[u8], bad: &mut BadRecords) -> Result<ItemTable> {
+    let mut rows = lines(path, bytes, bad)?.into_iter();
+    let (_, header) = rows.next().ok_or_else(|| DataError::Empty { file: path.to_path_buf() })?;
+    let names: Vec<&str> = header.split('\t').map(str::trim).collect();
+    let column = |want: &[&str]| names.iter().position(|n| want.contains(n));
+    let id = column(&["item_id"]).ok_or_else(|| DataError::BadRecord {
+        file: path.to_path_buf(),
+        line: 1,
+        reason: format!("the header has no `item_id` column (it has {})", names.join(", ")),
+    })?;
+    let (title, brand, category, description, image) = (
+        column(&["title"]),
+        column(&["brand"]),
+        column(&["categories", "category"]),
+        column(&["description"]),
+        column(&["image"]),
+    );
+    let mut items = Items::default();
+    let mut image_names = BTreeMap::new();
+    for (line, text) in rows {
+        let fields: Vec<&str> = text.split('\t').collect();
+        if fields.len() != names.len() {
+            bad.bad(
+                path,
+                line,
+                "malformed record",
+                format!("{} fields, the header has {}", fields.len(), names.len()),
+            )?;
+            continue;
+        }
+        let get = |c: Option<usize>| c.map(|c| fields[c].trim().to_string()).unwrap_or_default();
+        let item_id = fields[id].trim();
+        if item_id.is_empty() {
+            bad.bad(path, line, "missing field", "empty item_id".into())?;
+            continue;
+        }
+        let meta = ItemMeta {
+            title: get(title),
+            brand: get(brand),
+            categories: get(category).split(',').map(str::trim).filter(|c| !c.is_empty()).map(str::to_string).collect(),
+            features: Vec::new(),
+            description: get(description),
+        };
+        let picture = get(image);
+        if !picture.is_empty() {
+            image_names.insert(item_id.to_string(), PathBuf::from(picture));
+        }
+        items.insert(path, line, item_id.to_string(), meta, bad)?;
+    }
+    Ok((items.map, image_names))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::OnBadRecord;
+
+    fn files(seqs: &str, items: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, i) = (dir.path().join("seq.txt"), dir.path().join("items.tsv"));
+        std::fs::write(&s, seqs).unwrap();
+        std::fs::write(&i, items).unwrap();
+        (dir, s, i)
+    }
+
+    #[test]
+    fn line_order_is_time_order_and_items_carry_their_metadata() {
+        let (_d, s, i) = files("u1 3 1 2\nu2 2 3\n", "item_id\tasin\ttitle\timage\n1\tA1\tOne\t\n2\tA2\tTwo\tp.jpg\n");
+        let raw = read(&s, &i, None, &mut BadRecords::new(OnBadRecord::Error)).unwrap();
+        let u1: Vec<(&str, i64)> =
+            raw.interactions.iter().filter(|x| x.user == "u1").map(|x| (x.item.as_str(), x.timestamp)).collect();
+        assert_eq!(u1, [("3", 0), ("1", 1), ("2", 2)]);
+        assert_eq!(raw.items["2"].title, "Two");
+        assert!(!raw.items.contains_key("3"), "items missing from the table have no metadata");
+        assert_eq!(raw.sources.len(), 2);
+    }
+
+    #[test]
+    fn bad_lines_name_the_file_and_line() {
+        for (seqs, items, want) in [
+            ("u1 1 2\nu2\n", "item_id\n1\n", "seq.txt:2: missing field: user `u2` has no items"),
+            ("u1 1 2 1\n", "item_id\n1\n", "seq.txt:1: duplicate interaction"),
+            ("u1 1\n", "id\ttitle\n1\tx\n", "items.tsv:1: the header has no `item_id` column"),
+            ("u1 1\n", "item_id\ttitle\n1\tx\textra\n", "items.tsv:2: malformed record: 3 fields, the header has 2"),
+            ("u1 1\n", "item_id\n1\n1\n", "items.tsv:3: duplicate item"),
+        ] {
+            let (_d, s, i) = files(seqs, items);
+            let err = read(&s, &i, None, &mut BadRecords::new(OnBadRecord::Error)).unwrap_err().to_string();
+            assert!(err.contains(want), "{err} (wanted {want})");
+        }
+    }
+}
