@@ -62,6 +62,9 @@ pub enum TextSource {
 pub enum CfSource {
     /// SASRec's item table from this job's `sasrec` run (`illmrec train --model sasrec`).
     Sasrec,
+    /// SASRec's item table from the named run (`cf: {sasrec_run: ml100k-sasrec}`): jobs that share
+    /// a dataset share its SASRec.
+    SasrecRun(String),
     Import(ImportConfig),
 }
 

@@ -16,14 +16,18 @@ use crate::config::JobConfig;
 use crate::data::{self, Dataset, Split};
 use crate::distributed::Collective;
 use crate::eval::{self, EvalResult, Protocol};
-use crate::features::{self, FeatureKind, FeaturesReport};
+use crate::features::{self, FeaturesReport};
 use crate::store::{self, Store};
 use crate::train::illmrec::TrainOptions;
 use crate::train::{self, runs, ModelKind, Result, TrainError, TrainJob};
 
-/// Where the CF feature comes from: the item table of the job's SASRec run.
+/// Where the CF feature comes from: the item table of the job's SASRec run, or of the run
+/// `features.cf` names.
 pub fn cf_table(job: &JobConfig) -> String {
-    features::cf_table_key(&train::run_id(&job.name, ModelKind::Sasrec))
+    match &job.features.cf {
+        Some(features::CfSource::SasrecRun(run)) => features::cf_table_key(run),
+        _ => features::cf_table_key(&train::run_id(&job.name, ModelKind::Sasrec)),
+    }
 }
 
 /// What training reads of the job, with the artefacts of the stages before it.
@@ -66,7 +70,8 @@ pub fn plan(job: &JobConfig) -> Result<Vec<Stage>> {
         stages.push(Stage::Synth);
     }
     stages.push(Stage::Prepare);
-    let needs_cf = job.features.kinds().contains(&FeatureKind::Cf);
+    // Only this job's own SASRec has to be trained first; a named run is an input.
+    let needs_cf = matches!(job.features.cf, Some(features::CfSource::Sasrec));
     let mut trained = Vec::new();
     for &kind in &models {
         if matches!(kind, ModelKind::Illmrec(_)) && !stages.contains(&Stage::Features) {
