@@ -39,8 +39,10 @@ SlurmUser=$user
 SlurmdUser=$user
 AuthType=auth/munge
 CredType=cred/munge
-# cred_expire also delays a requeued job's restart (default 120 s).
-AuthInfo=socket=$d/munge/munge.socket,cred_expire=${SLURM_LOCAL_CRED_EXPIRE:-10}
+# cred_expire also delays a requeued job's restart (default 120 s), but a step whose launch takes
+# longer than it fails ("task launch failed"): on a loaded 2-core machine 10 s was seen to be too short.
+AuthInfo=socket=$d/munge/munge.socket,cred_expire=${SLURM_LOCAL_CRED_EXPIRE:-30}
+MessageTimeout=30
 StateSaveLocation=$d/state
 SlurmdSpoolDir=$d/spool
 SlurmctldPidFile=$d/slurmctld.pid

@@ -76,19 +76,32 @@ fn missing_section_include_cycle_and_bad_yaml_are_reported() {
     assert!(err.contains("y.yaml: invalid YAML"), "{err}");
 }
 
+/// Every YAML file below `dir`, recursively.
+fn yaml_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(yaml_files(&path));
+        } else if path.extension().is_some_and(|e| e == "yaml") {
+            out.push(path);
+        }
+    }
+    out
+}
+
 #[test]
 fn shipped_jobs_and_presets_load() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for dir in ["jobs", "configs"] {
-        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
-            let path = entry.unwrap().path();
-            if dir == "jobs" {
-                JobConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
-            } else {
-                // Presets are fragments: they must parse as YAML mappings.
-                let v: Value = serde_norway::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-                assert!(v.is_mapping(), "{}", path.display());
-            }
+    let jobs = yaml_files(&root.join("jobs"));
+    assert!(jobs.len() > 8, "{jobs:?}");
+    for path in jobs.into_iter().chain(yaml_files(&root.join("configs"))) {
+        // Presets and an ablation's base.yaml are fragments: they must parse as YAML mappings.
+        if path.starts_with(root.join("configs")) || path.ends_with("base.yaml") {
+            let v: Value = serde_norway::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            assert!(v.is_mapping(), "{}", path.display());
+        } else {
+            JobConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
         }
     }
 }
