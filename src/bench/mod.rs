@@ -49,7 +49,7 @@ pub struct StepBench {
     pub seconds_per_step: f64,
     pub seconds_per_sample: f64,
     pub samples_per_second: f64,
-    pub padded_tokens_per_step: f64,
+    pub tokens_per_step: f64,
     pub tokens_per_second: f64,
     pub prompts_seconds: f64,
     pub forward_seconds: f64,
@@ -90,7 +90,7 @@ pub fn step(
             sum.prompts += out.timings.prompts;
             sum.forward += out.timings.forward;
             sum.backward += out.timings.backward;
-            sum.padded_tokens += out.timings.padded_tokens;
+            sum.tokens += out.timings.tokens;
         }
     }
     let n = steps.max(1) as f64;
@@ -109,8 +109,8 @@ pub fn step(
         seconds_per_step: per_step,
         seconds_per_sample: per_step / batch as f64,
         samples_per_second: batch as f64 / per_step,
-        padded_tokens_per_step: sum.padded_tokens as f64 / n,
-        tokens_per_second: sum.padded_tokens as f64 / wall.max(1e-9),
+        tokens_per_step: sum.tokens as f64 / n,
+        tokens_per_second: sum.tokens as f64 / wall.max(1e-9),
         prompts_seconds: sum.prompts / n,
         forward_seconds: sum.forward / n,
         backward_seconds: sum.backward / n,
@@ -164,10 +164,10 @@ impl std::fmt::Display for StepBench {
         )?;
         writeln!(
             f,
-            "  {:.3}s per sample, {:.2} samples/s, {:.0} padded tokens/step, {:.0} tokens/s, peak RSS {:.0} MiB",
+            "  {:.3}s per sample, {:.2} samples/s, {:.0} tokens/step (cached prefixes not counted), {:.0} tokens/s, peak RSS {:.0} MiB",
             self.seconds_per_sample,
             self.samples_per_second,
-            self.padded_tokens_per_step,
+            self.tokens_per_step,
             self.tokens_per_second,
             self.peak_rss_mib
         )?;

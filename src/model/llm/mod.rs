@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 pub use frozen::{cpu_matmul_backend, FrozenLinear};
-pub use llama::{embed_with, Llama, LlamaConfig};
+pub use llama::{embed_with, Llama, LlamaConfig, PrefixCache};
 pub use tiny::TinyLlmConfig;
 
 use crate::invalid::Invalid;
@@ -87,6 +87,8 @@ pub struct Llm {
     pub eos: u32,
     /// A short description for reports ("gguf SmolLM2-135M-Instruct.Q4_1.gguf", "tiny seed 1").
     pub name: String,
+    /// Prompt prefixes computed so far, by their token ids (`prefix`).
+    prefixes: std::sync::Mutex<std::collections::HashMap<Vec<u32>, std::sync::Arc<PrefixCache>>>,
 }
 
 impl Llm {
@@ -99,8 +101,25 @@ impl Llm {
         }
     }
 
+    pub(crate) fn new(model: Llama, tokenizer: Tokenizer, bos: Option<u32>, eos: u32, name: String) -> Self {
+        Self { model, tokenizer, bos, eos, name, prefixes: Default::default() }
+    }
+
     pub fn hidden_size(&self) -> usize {
         self.model.cfg.hidden_size
+    }
+
+    /// The cached keys and values of a constant prompt prefix (token ids), computed the first time
+    /// it is asked for. The weights are frozen, so the cache never goes stale.
+    pub fn prefix(&self, ids: &[u32]) -> candle_core::Result<std::sync::Arc<PrefixCache>> {
+        let mut known = self.prefixes.lock().map_err(|_| candle_core::Error::Msg("prefix cache poisoned".into()))?;
+        if let Some(c) = known.get(ids) {
+            return Ok(c.clone());
+        }
+        let x = self.model.embed(&Tensor::from_slice(ids, (1, ids.len()), self.model.device())?)?.squeeze(0)?;
+        let cache = std::sync::Arc::new(self.model.prefix_cache(&x)?);
+        known.insert(ids.to_vec(), cache.clone());
+        Ok(cache)
     }
 
     /// Token ids of `text`, without special tokens.

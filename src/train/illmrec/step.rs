@@ -18,13 +18,14 @@ use crate::distributed::{check_same, Collective, Guarded};
 use crate::model::illmrec::session::Session;
 use crate::model::illmrec::RetrievalLoss;
 
-/// Seconds spent in each phase of a step, and the tokens (padding included) the LLM processed.
+/// Seconds spent in each phase of a step, and the tokens the LLM computed (cached prefixes not
+/// counted; there is no padding).
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Timings {
     pub prompts: f64,
     pub forward: f64,
     pub backward: f64,
-    pub padded_tokens: usize,
+    pub tokens: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
@@ -102,12 +103,12 @@ pub fn gradients(
     let grads = loss.backward()?;
     let flat = flatten_grads(&sess.vars(), &grads)?;
     let t3 = Instant::now();
-    let tokens = retrieval.rows * retrieval.len + alignment.as_ref().map_or(0, |a| a.rows * a.len);
+    let tokens = retrieval.tokens() + alignment.as_ref().map_or(0, |a| a.tokens());
     let timings = Timings {
         prompts: (t1 - t0).as_secs_f64(),
         forward: (t2 - t1).as_secs_f64(),
         backward: (t3 - t2).as_secs_f64(),
-        padded_tokens: tokens,
+        tokens,
     };
     Ok((flat, losses, timings))
 }

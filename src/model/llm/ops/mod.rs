@@ -5,13 +5,15 @@
 //! "Speed of a training step"). candle's own fused versions have no backward (docs/candle.md).
 //! On other devices, or dtypes other than f32/f64, the primitive versions run instead.
 
+mod attention;
 mod rms_norm;
 mod rope;
-mod softmax;
+mod silu_mul;
 
+pub use attention::packed_attention;
 pub use rms_norm::rms_norm;
 pub use rope::rope;
-pub use softmax::causal_softmax;
+pub use silu_mul::silu_mul;
 
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, WithDType};
 
