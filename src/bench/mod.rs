@@ -102,7 +102,7 @@ pub fn step(
         backend: coll.name(),
         world_size: coll.world(),
         threads: candle_core::utils::get_num_threads(),
-        matmul: crate::model::llm::cpu_matmul_backend(),
+        matmul: matmul_name(job.model.llm_matmul),
         batch_size: batch,
         steps,
         trainable_parameters: sess.model.num_parameters(),
@@ -294,6 +294,14 @@ impl std::fmt::Display for ScalingBench {
     }
 }
 
+/// What computes the frozen products, for the reports.
+fn matmul_name(m: crate::model::LlmMatmul) -> String {
+    match m {
+        crate::model::LlmMatmul::Bf16 => "bf16 (AVX-512 BF16, f32 sums)".into(),
+        crate::model::LlmMatmul::F32 => crate::model::llm::cpu_matmul_backend(),
+    }
+}
+
 /// CPU seconds this process has used (user + system), from /proc (Linux; 0 elsewhere).
 pub fn cpu_seconds() -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
@@ -323,10 +331,15 @@ pub struct LlmBench {
     pub step_peak_rss_mib: f64,
 }
 
-pub fn llm(job: &JobConfig, shapes: &[(usize, usize)]) -> Result<Vec<LlmBench>, TrainError> {
-    use candle_core::{DType, Device, Var};
-    let llm = crate::model::llm::Llm::load(&job.model.llm, DType::F32, &Device::Cpu)
-        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+/// `matmul` overrides the job's `model.llm_matmul`.
+pub fn llm(
+    job: &JobConfig,
+    shapes: &[(usize, usize)],
+    matmul: Option<crate::model::LlmMatmul>,
+) -> Result<Vec<LlmBench>, TrainError> {
+    use candle_core::{Device, Var};
+    let matmul = matmul.unwrap_or(job.model.llm_matmul);
+    let llm = crate::model::llm::Llm::load_for(&job.model.llm, matmul, &Device::Cpu)?;
     let h = llm.hidden_size();
     let mut out = Vec::new();
     for &(b, t) in shapes {
@@ -350,7 +363,7 @@ pub fn llm(job: &JobConfig, shapes: &[(usize, usize)]) -> Result<Vec<LlmBench>, 
         out.push(LlmBench {
             llm: llm.name.clone(),
             threads: candle_core::utils::get_num_threads(),
-            matmul: crate::model::llm::cpu_matmul_backend(),
+            matmul: matmul_name(matmul),
             batch: b,
             tokens: t,
             forward_seconds: f,

@@ -181,6 +181,9 @@ enum BenchCommand {
         /// Comma-separated BATCHxTOKENS shapes.
         #[arg(long, default_value = "2x537,1x512,4x128")]
         shapes: String,
+        /// f32 or bf16 frozen products (default: the job's model.llm_matmul).
+        #[arg(long)]
+        matmul: Option<crate::model::LlmMatmul>,
     },
     /// Under mpirun -np 2+: the step at this world size, the all-reduce of a trainable set of
     /// `--floats` values, and the projected weak scaling to 8, 32 and 128 ranks.
@@ -411,7 +414,7 @@ impl JobSpan {
 fn bench(what: BenchCommand) -> Result<()> {
     configure_threads();
     match what {
-        BenchCommand::Llm { job, shapes } => {
+        BenchCommand::Llm { job, shapes, matmul } => {
             let shapes = shapes
                 .split(',')
                 .map(|s| {
@@ -420,7 +423,7 @@ fn bench(what: BenchCommand) -> Result<()> {
                     Ok((b.parse()?, t.parse()?))
                 })
                 .collect::<Result<Vec<(usize, usize)>>>()?;
-            for r in crate::bench::llm(&load(&job)?, &shapes)? {
+            for r in crate::bench::llm(&load(&job)?, &shapes, matmul)? {
                 println!("{}", serde_json::to_string(&r)?);
             }
             Ok(())

@@ -78,6 +78,29 @@ pub struct ModelConfig {
     pub llm: llm::LlmSource,
     #[serde(default)]
     pub illmrec: illmrec::IllmRecConfig,
+    /// How the frozen LLM's products run on the CPU: `f32`, or `bf16` (inputs rounded to bf16, f32
+    /// sums: twice the f32 rate on CPUs with AVX-512 BF16; f32 with a warning on other CPUs).
+    #[serde(default)]
+    pub llm_matmul: LlmMatmul,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LlmMatmul {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for LlmMatmul {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(LlmMatmul::F32),
+            "bf16" => Ok(LlmMatmul::Bf16),
+            _ => Err(format!("`{s}` is not f32 or bf16")),
+        }
+    }
 }
 
 impl ModelConfig {

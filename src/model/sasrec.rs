@@ -54,7 +54,7 @@ impl Default for SasRecConfig {
 
 impl SasRecConfig {
     pub fn validate(&self) -> std::result::Result<(), Invalid> {
-        if self.hidden == 0 || self.heads == 0 || self.hidden % self.heads != 0 {
+        if self.hidden == 0 || self.heads == 0 || !self.hidden.is_multiple_of(self.heads) {
             return Err(Invalid::new(
                 "heads",
                 format!("hidden ({}) must be a positive multiple of heads ({})", self.hidden, self.heads),

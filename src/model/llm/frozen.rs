@@ -3,33 +3,56 @@
 //! candle's matmul backward always computes the weight-side gradient, even for a plain tensor that no
 //! one will ever read; for a frozen LLM that is a third of the backward's matmul work and a weight-sized
 //! buffer per layer (docs/candle.md measured ~40% of CPU time and 1.9 GB of peak memory on SmolLM2).
-//! On the CPU, f32 products go through OpenBLAS when the `openblas` feature is on (see `blas.rs`).
+//! On the CPU, f32 products go through bf16 panels when the weight was packed for them (`bf16.rs`,
+//! `model.llm_matmul: bf16`), else through OpenBLAS when the `openblas` feature is on (`blas.rs`).
+
+use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 
+/// The frozen weight in bf16 panels, where the CPU and the job asked for them.
+#[cfg(target_arch = "x86_64")]
+type Packed = Option<Arc<super::bf16::PackedWeight>>;
+#[cfg(not(target_arch = "x86_64"))]
+type Packed = Option<Arc<()>>;
+
 /// A linear layer without bias over a frozen weight `[out, in]`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FrozenLinear {
     weight: Tensor,
+    packed: Packed,
 }
 
 impl FrozenLinear {
     pub fn new(weight: Tensor) -> Self {
-        Self { weight }
+        Self { weight, packed: None }
     }
 
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
 
+    /// Converts the weight into bf16 panels for both products (f32 weights on an x86-64 CPU with
+    /// AVX-512 BF16); false, and nothing changes, where that is not possible.
+    pub fn pack_bf16(&mut self) -> candle_core::Result<bool> {
+        #[cfg(target_arch = "x86_64")]
+        if super::bf16::available() && self.weight.dtype() == candle_core::DType::F32 && self.weight.device().is_cpu() {
+            let (out, inp) = self.weight.dims2()?;
+            let w = self.weight.flatten_all()?.to_vec1::<f32>()?;
+            self.packed = Some(Arc::new(super::bf16::PackedWeight::new(&w, out, inp)));
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// `x [.., in]` -> `x · Wᵀ [.., out]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        FrozenMatmul { weight: self.weight.clone(), side: Side::Transposed }.apply(x)
+        FrozenMatmul { weight: self.weight.clone(), packed: self.packed.clone(), side: Side::Transposed }.apply(x)
     }
 }
 
-/// What computes the frozen products on the CPU (for benchmark reports).
+/// What computes the frozen f32 products on the CPU (for benchmark reports).
 #[cfg(feature = "openblas")]
 pub fn cpu_matmul_backend() -> String {
     format!("openblas {}", super::blas::core_name())
@@ -49,6 +72,7 @@ enum Side {
 
 struct FrozenMatmul {
     weight: Tensor,
+    packed: Packed,
     side: Side,
 }
 
@@ -93,6 +117,15 @@ impl CustomOp1 for FrozenMatmul {
         let (w, _) = self.weight.storage_and_layout();
         let Storage::Cpu(w) = &*w else { candle_core::bail!("frozen linear: the weight is not on the CPU") };
         let shape = Shape::from((bmnk.1, bmnk.2));
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(p), CpuStorage::F32(x)) = (&self.packed, storage) {
+            if let Some((a, b)) = layout.contiguous_offsets() {
+                let panels = if self.side == Side::Transposed { &p.transposed } else { &p.plain };
+                let threads = candle_core::utils::get_num_threads();
+                let y = super::bf16::matmul(&x[a..b], bmnk.1, panels, threads);
+                return Ok((CpuStorage::F32(y), shape));
+            }
+        }
         #[cfg(feature = "openblas")]
         if let Some(out) =
             super::blas::frozen_sgemm(storage, layout, w, self.weight.layout(), self.side == Side::Transposed)
@@ -117,7 +150,7 @@ impl CustomOp1 for FrozenMatmul {
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // y = x Wᵀ  =>  dx = dy W, and y = x W  =>  dx = dy Wᵀ.
         let side = if self.side == Side::Transposed { Side::Plain } else { Side::Transposed };
-        Ok(Some(FrozenMatmul { weight: self.weight.clone(), side }.apply(grad_res)?))
+        Ok(Some(FrozenMatmul { weight: self.weight.clone(), packed: self.packed.clone(), side }.apply(grad_res)?))
     }
 }
 

@@ -64,10 +64,10 @@ impl LlamaConfig {
 
     pub fn check(&self) -> Result<(), String> {
         let h = self.num_attention_heads;
-        if h == 0 || self.hidden_size % h != 0 || self.head_dim() % 2 != 0 {
+        if h == 0 || !self.hidden_size.is_multiple_of(h) || !self.head_dim().is_multiple_of(2) {
             return Err(format!("hidden_size {} must split into {h} heads of an even size", self.hidden_size));
         }
-        if self.kv_heads() == 0 || h % self.kv_heads() != 0 {
+        if self.kv_heads() == 0 || !h.is_multiple_of(self.kv_heads()) {
             return Err(format!(
                 "num_attention_heads {h} must be a multiple of num_key_value_heads {}",
                 self.kv_heads()
@@ -186,6 +186,18 @@ impl Llama {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Puts every frozen product (the layers' and the LM head's) on bf16 panels where the CPU can
+    /// (`frozen.rs`); whether it could.
+    pub fn use_bf16_matmuls(&mut self) -> candle_core::Result<bool> {
+        let mut all = self.lm_head.pack_bf16()?;
+        for b in &mut self.blocks {
+            for lin in [&mut b.q, &mut b.k, &mut b.v, &mut b.o, &mut b.gate, &mut b.up, &mut b.down] {
+                all &= lin.pack_bf16()?;
+            }
+        }
+        Ok(all)
     }
 
     pub fn dtype(&self) -> DType {

@@ -1,6 +1,8 @@
 //! The frozen LLM: a Llama-family decoder plus its tokenizer, loaded from a Hugging Face directory,
 //! a GGUF file (dequantized to plain tensors), or built tiny and random from a seed for tests.
 
+#[cfg(target_arch = "x86_64")]
+mod bf16;
 #[cfg(feature = "openblas")]
 pub mod blas;
 mod frozen;
@@ -99,6 +101,15 @@ impl Llm {
             LlmSource::Gguf { file } => load::gguf(file, dtype, device),
             LlmSource::Tiny(cfg) => tiny::build(cfg, dtype, device),
         }
+    }
+
+    /// Loads it and puts its products on the precision `matmul` asks for (see `ModelConfig`).
+    pub fn load_for(source: &LlmSource, matmul: super::LlmMatmul, device: &Device) -> Result<Self, LlmError> {
+        let mut llm = Self::load(source, DType::F32, device)?;
+        if matmul == super::LlmMatmul::Bf16 && !llm.model.use_bf16_matmuls()? {
+            tracing::warn!("model.llm_matmul: bf16 needs an x86-64 CPU with AVX-512 BF16; the products stay f32");
+        }
+        Ok(llm)
     }
 
     pub(crate) fn new(model: Llama, tokenizer: Tokenizer, bos: Option<u32>, eos: u32, name: String) -> Self {

@@ -107,7 +107,8 @@ pub fn fit(
     let finger = fingerprint(job, variant, &ds);
     let validator = Validator::new(tcfg, &ds, job.train.seed);
     let validate_every = tcfg.validate_every.unwrap_or(plan.steps_per_epoch).max(1);
-    let due = |step: u64| tcfg.validates() && step > 0 && (step % validate_every == 0 || step == plan.total_steps);
+    let due =
+        |step: u64| tcfg.validates() && step > 0 && (step.is_multiple_of(validate_every) || step == plan.total_steps);
     let (mut next_step, mut log, mut early, resumed_from) = if opts.resume {
         let ckpt = runs::load_latest(store, &run_id)?.ok_or_else(|| {
             TrainError::Invalid(format!("--resume: run {run_id} has no checkpoint under {}", store.url()))

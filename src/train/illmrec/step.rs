@@ -215,7 +215,7 @@ impl<'a> Stepper<'a> {
         self.opt.update_groups(&mut self.params, &grads, &groups);
         write_params(&self.sess.vars(), &self.params)?;
         let optimizer_seconds = started.elapsed().as_secs_f64();
-        if (step + 1) % self.check_every == 0 {
+        if (step + 1).is_multiple_of(self.check_every) {
             check_same(
                 coll,
                 &format!("the parameters after step {}", step + 1),

@@ -215,22 +215,33 @@ impl Attention {
         f(&k, &v)
     }
 
+    /// (first token, tokens, key head) of every unit of work: a row and the heads of one key head.
+    /// Units write disjoint parts of the outputs, so they may run at once.
+    fn units(&self) -> Vec<(usize, usize, usize)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for &len in &self.lens {
+            out.extend((0..self.kv_heads).map(|g| (start, len, g)));
+            start += len;
+        }
+        out
+    }
+
     fn forward<T: WithDType + num_one::One>(&self, q: &[T], k: &[T], v: &[T]) -> candle_core::Result<Vec<T>> {
         let (d, rep, tokens) = (self.d, self.heads / self.kv_heads, q.len() / (self.heads * self.d));
         let p = self.p();
         self.with_prefix(|pk: &[T], pv: &[T]| {
             let views = Views { q, k, pk, tokens, p, d };
             let mut out = vec![T::zero(); q.len()];
-            let mut start = 0;
-            for &len in &self.lens {
-                for h in 0..self.heads {
-                    let g = h / rep;
+            let dst = Shared(out.as_mut_ptr());
+            let unit = |(start, len, g): (usize, usize, usize)| {
+                let w = p + len;
+                for h in g * rep..(g + 1) * rep {
                     let probs = views.probabilities(h, g, start, len, self.scale);
-                    let dst = out[(h * tokens + start) * d..].as_mut_ptr();
-                    let w = p + len;
                     // SAFETY: probs is len × w; the prefix values p × d, the row's values len × d;
-                    // dst has len rows of d.
+                    // the destination, len rows of d of head h, belongs to this unit alone.
                     unsafe {
+                        let dst = dst.at((h * tokens + start) * d);
                         if p > 0 {
                             mul((len, d, p), dst, d, false, (probs.as_ptr(), w, 1), (pv[g * p * d..].as_ptr(), d, 1));
                         }
@@ -238,8 +249,8 @@ impl Attention {
                         mul((len, d, len), dst, d, p > 0, (probs.as_ptr().add(p), w, 1), (vr, d, 1));
                     }
                 }
-                start += len;
-            }
+            };
+            for_each_unit(self.units(), unit);
             Ok(out)
         })
     }
@@ -256,39 +267,25 @@ impl Attention {
         let p = self.p();
         self.with_prefix(|pk: &[T], pv: &[T]| {
             let views = Views { q, k, pk, tokens, p, d };
-            let mut dq = vec![T::zero(); q.len()];
-            let mut dk = vec![T::zero(); k.len()];
-            let mut dv = vec![T::zero(); v.len()];
-            let mut start = 0;
-            for &len in &self.lens {
+            let mut grads = vec![T::zero(); q.len() + k.len() + v.len()];
+            let (dq, dk, dv) = (Shared(grads.as_mut_ptr()), q.len(), q.len() + k.len());
+            let unit = |(start, len, g): (usize, usize, usize)| {
                 let w = p + len;
-                for h in 0..self.heads {
-                    let g = h / rep;
+                let at = |x: usize| (x * tokens + start) * d;
+                for h in g * rep..(g + 1) * rep {
                     let probs = views.probabilities(h, g, start, len, self.scale);
-                    let at = |x: usize| (x * tokens + start) * d;
                     let mut dp = vec![T::zero(); len * w];
                     // SAFETY (every product below): the operands are the row's len × d blocks of
-                    // q/k/v/go/dq/dk/dv, the p × d prefix blocks, and len × w probability buffers.
+                    // q/k/v/go, the p × d prefix blocks and len × w probability buffers; the
+                    // destinations, the row's blocks of dq (head h), dk and dv (key head g), belong
+                    // to this unit alone.
                     unsafe {
                         // dP = dO · Vᵀ over the prefix and the row's values.
+                        let go_h = (go[at(h)..].as_ptr(), d, 1);
                         if p > 0 {
-                            mul(
-                                (len, p, d),
-                                dp.as_mut_ptr(),
-                                w,
-                                false,
-                                (go[at(h)..].as_ptr(), d, 1),
-                                (pv[g * p * d..].as_ptr(), 1, d),
-                            );
+                            mul((len, p, d), dp.as_mut_ptr(), w, false, go_h, (pv[g * p * d..].as_ptr(), 1, d));
                         }
-                        mul(
-                            (len, len, d),
-                            dp.as_mut_ptr().add(p),
-                            w,
-                            false,
-                            (go[at(h)..].as_ptr(), d, 1),
-                            (v[at(g)..].as_ptr(), 1, d),
-                        );
+                        mul((len, len, d), dp.as_mut_ptr().add(p), w, false, go_h, (v[at(g)..].as_ptr(), 1, d));
                     }
                     // dS = scale · P ⊙ (dP − Σ_j dP_j P_j), in place in dp.
                     for (prow, drow) in probs.chunks_exact(w).zip(dp.chunks_exact_mut(w)) {
@@ -299,36 +296,48 @@ impl Attention {
                     }
                     unsafe {
                         // dQ = dS · K over the prefix and the row's keys.
-                        let dqh = dq[at(h)..].as_mut_ptr();
+                        let dqh = dq.at(at(h));
                         if p > 0 {
                             mul((len, d, p), dqh, d, false, (dp.as_ptr(), w, 1), (pk[g * p * d..].as_ptr(), d, 1));
                         }
                         mul((len, d, len), dqh, d, p > 0, (dp.as_ptr().add(p), w, 1), (k[at(g)..].as_ptr(), d, 1));
-                        // dK (row part) += dSᵀ · Q; dV (row part) += Pᵀ · dO: heads of a group add up.
-                        mul(
-                            (len, d, len),
-                            dk[at(g)..].as_mut_ptr(),
-                            d,
-                            true,
-                            (dp.as_ptr().add(p), 1, w),
-                            (q[at(h)..].as_ptr(), d, 1),
-                        );
-                        mul(
-                            (len, d, len),
-                            dv[at(g)..].as_mut_ptr(),
-                            d,
-                            true,
-                            (probs.as_ptr().add(p), 1, w),
-                            (go[at(h)..].as_ptr(), d, 1),
-                        );
+                        // dK (row part) += dSᵀ · Q; dV (row part) += Pᵀ · dO: the group's heads add up.
+                        let (dkg, dvg) = (dq.at(dk + at(g)), dq.at(dv + at(g)));
+                        mul((len, d, len), dkg, d, true, (dp.as_ptr().add(p), 1, w), (q[at(h)..].as_ptr(), d, 1));
+                        mul((len, d, len), dvg, d, true, (probs.as_ptr().add(p), 1, w), (go[at(h)..].as_ptr(), d, 1));
                     }
                 }
-                start += len;
-            }
-            dq.extend(dk);
-            dq.extend(dv);
-            Ok(dq)
+            };
+            for_each_unit(self.units(), unit);
+            Ok(grads)
         })
+    }
+}
+
+/// Runs the units of work, over the thread pool when it has more than one thread.
+fn for_each_unit(units: Vec<(usize, usize, usize)>, f: impl Fn((usize, usize, usize)) + Sync + Send) {
+    use rayon::prelude::*;
+    if rayon::current_num_threads() > 1 && units.len() > 1 {
+        units.into_par_iter().for_each(f);
+    } else {
+        units.into_iter().for_each(f);
+    }
+}
+
+/// An output buffer the units share; each writes only its own part of it.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+// SAFETY: units write disjoint regions (see `Attention::units`).
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    /// The pointer `offset` values in.
+    ///
+    /// # Safety
+    /// `offset` must lie within the buffer.
+    unsafe fn at(self, offset: usize) -> *mut T {
+        self.0.add(offset)
     }
 }
 

@@ -5,7 +5,10 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
 
-use super::{fused, run2, Kernel2};
+use super::{fused, map_rows, run2, Kernel2};
+
+/// Elements per unit of work on the thread pool (the op is elementwise; a chunk is a "row").
+const CHUNK: usize = 4096;
 
 /// `silu(gate) * up`, differentiable in both.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
@@ -22,13 +25,12 @@ struct SiluMul;
 
 impl Kernel2 for SiluMul {
     fn apply<T: WithDType>(&self, g: &[T], u: &[T]) -> Vec<T> {
-        g.iter()
-            .zip(u)
-            .map(|(g, u)| {
+        map_rows(g, Some(u), CHUNK, |_, g, u, out| {
+            for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
                 let g = g.to_f64();
-                T::from_f64(g / (1.0 + (-g).exp()) * u.to_f64())
-            })
-            .collect()
+                *o = T::from_f64(g / (1.0 + (-g).exp()) * u.to_f64());
+            }
+        })
     }
 }
 
@@ -62,24 +64,38 @@ impl CustomOp2 for SiluMul {
     }
 }
 
+/// One chunk of the backward: (dg, du) to write from ((g, u), dy).
+type Chunk<'a, T> = ((&'a mut [T], &'a mut [T]), ((&'a [T], &'a [T]), &'a [T]));
+
 /// The backward over one buffer [g | u | dy]; the output is [dg | du].
 struct SiluMulGrad;
 
 impl super::Kernel for SiluMulGrad {
     fn apply<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+        use rayon::prelude::*;
         let n = x.len() / 3;
         let (g, rest) = x.split_at(n);
         let (u, dy) = rest.split_at(n);
-        let mut out = Vec::with_capacity(2 * n);
-        out.extend(g.iter().zip(u).zip(dy).map(|((g, u), dy)| {
-            let g = g.to_f64();
-            let s = 1.0 / (1.0 + (-g).exp());
-            T::from_f64(dy.to_f64() * u.to_f64() * s * (1.0 + g * (1.0 - s)))
-        }));
-        out.extend(g.iter().zip(dy).map(|(g, dy)| {
-            let g = g.to_f64();
-            T::from_f64(dy.to_f64() * g / (1.0 + (-g).exp()))
-        }));
+        let mut out = vec![T::zero(); 2 * n];
+        let (dg, du) = out.split_at_mut(n);
+        let chunk = |((dg, du), ((g, u), dy)): Chunk<'_, T>| {
+            for i in 0..g.len() {
+                let (gi, yi) = (g[i].to_f64(), dy[i].to_f64());
+                let s = 1.0 / (1.0 + (-gi).exp());
+                dg[i] = T::from_f64(yi * u[i].to_f64() * s * (1.0 + gi * (1.0 - s)));
+                du[i] = T::from_f64(yi * gi * s);
+            }
+        };
+        let parts = dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK));
+        let inputs = g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK));
+        if rayon::current_num_threads() > 1 && n >= 1 << 15 {
+            parts.zip(inputs).for_each(chunk);
+        } else {
+            dg.chunks_mut(CHUNK)
+                .zip(du.chunks_mut(CHUNK))
+                .zip(g.chunks(CHUNK).zip(u.chunks(CHUNK)).zip(dy.chunks(CHUNK)))
+                .for_each(chunk);
+        }
         out
     }
 }
