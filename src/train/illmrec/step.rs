@@ -194,8 +194,11 @@ impl<'a> Stepper<'a> {
         }
         let order = self.order.as_ref().map(|(_, o)| &o[..]).unwrap_or_default();
         let samples = self.samples(order, step, epoch);
+        let computing = Instant::now();
         let (mut grads, local, timings) =
             gradients(self.sess, self.ds, &samples, self.cfg.risa_weight, self.cfg.reri_loss)?;
+        // The others may take as long as this rank did, and longer on a loaded machine.
+        coll.grant(computing.elapsed() * 2);
         // Dividing the sum of per-rank means by the world size gives the mean over the global batch.
         grads.extend([local.loss as f32, local.reri as f32, local.risa as f32, if stop { 1.0 } else { 0.0 }]);
         coll.all_reduce_sum(&mut grads)?;
