@@ -11,44 +11,55 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 
-/// The frozen weight in bf16 panels, where the CPU and the job asked for them.
-#[cfg(target_arch = "x86_64")]
-type Packed = Option<Arc<super::bf16::PackedWeight>>;
-#[cfg(not(target_arch = "x86_64"))]
-type Packed = Option<Arc<()>>;
+/// A frozen weight `[out, in]` as the products read it.
+#[derive(Clone)]
+enum Weight {
+    /// As loaded (f32 on the CPU, any dtype on a GPU): candle's matmul, or OpenBLAS.
+    Dense(Tensor),
+    /// In bf16 panels for both products; the dense values are let go.
+    #[cfg(target_arch = "x86_64")]
+    Bf16 { packed: Arc<super::bf16::PackedWeight>, out: usize, inp: usize },
+}
+
+impl Weight {
+    fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        match self {
+            Weight::Dense(t) => t.dims2(),
+            #[cfg(target_arch = "x86_64")]
+            Weight::Bf16 { out, inp, .. } => Ok((*out, *inp)),
+        }
+    }
+}
 
 /// A linear layer without bias over a frozen weight `[out, in]`.
 #[derive(Clone)]
 pub struct FrozenLinear {
-    weight: Tensor,
-    packed: Packed,
+    weight: Weight,
 }
 
 impl FrozenLinear {
     pub fn new(weight: Tensor) -> Self {
-        Self { weight, packed: None }
-    }
-
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+        Self { weight: Weight::Dense(weight) }
     }
 
     /// Converts the weight into bf16 panels for both products (f32 weights on an x86-64 CPU with
     /// AVX-512 BF16); false, and nothing changes, where that is not possible.
     pub fn pack_bf16(&mut self) -> candle_core::Result<bool> {
         #[cfg(target_arch = "x86_64")]
-        if super::bf16::available() && self.weight.dtype() == candle_core::DType::F32 && self.weight.device().is_cpu() {
-            let (out, inp) = self.weight.dims2()?;
-            let w = self.weight.flatten_all()?.to_vec1::<f32>()?;
-            self.packed = Some(Arc::new(super::bf16::PackedWeight::new(&w, out, inp)));
-            return Ok(true);
+        if let Weight::Dense(w) = &self.weight {
+            if super::bf16::available() && w.dtype() == candle_core::DType::F32 && w.device().is_cpu() {
+                let (out, inp) = w.dims2()?;
+                let packed = Arc::new(super::bf16::PackedWeight::new(&w.flatten_all()?.to_vec1::<f32>()?, out, inp));
+                self.weight = Weight::Bf16 { packed, out, inp };
+                return Ok(true);
+            }
         }
         Ok(false)
     }
 
     /// `x [.., in]` -> `x · Wᵀ [.., out]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        FrozenMatmul { weight: self.weight.clone(), packed: self.packed.clone(), side: Side::Transposed }.apply(x)
+        FrozenMatmul { weight: self.weight.clone(), side: Side::Transposed }.apply(x)
     }
 }
 
@@ -71,8 +82,7 @@ enum Side {
 }
 
 struct FrozenMatmul {
-    weight: Tensor,
-    packed: Packed,
+    weight: Weight,
     side: Side,
 }
 
@@ -88,22 +98,27 @@ impl FrozenMatmul {
     }
 
     fn out_features(&self) -> candle_core::Result<usize> {
-        let (out, inp) = self.weight.dims2()?;
+        let (out, inp) = self.weight.dims()?;
         Ok(if self.side == Side::Transposed { out } else { inp })
     }
 
-    /// (b, m, n, k) of the product and the layout of its right-hand side (Wᵀ or W).
-    fn dims(&self, layout: &Layout) -> candle_core::Result<((usize, usize, usize, usize), Layout)> {
+    /// (b, m, n, k) of the product.
+    fn dims(&self, layout: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
         let (m, k) = layout.shape().dims2()?;
-        let (out, inp) = self.weight.dims2()?;
-        let (rhs, n, k_w) = match self.side {
-            Side::Transposed => (self.weight.layout().transpose(0, 1)?, out, inp),
-            Side::Plain => (self.weight.layout().clone(), inp, out),
-        };
+        let (out, inp) = self.weight.dims()?;
+        let (n, k_w) = if self.side == Side::Transposed { (out, inp) } else { (inp, out) };
         if k != k_w {
             candle_core::bail!("frozen linear: input has {k} features, the weight expects {k_w}");
         }
-        Ok(((1, m, n, k), rhs))
+        Ok((1, m, n, k))
+    }
+
+    /// The right-hand side's layout (Wᵀ or W) for candle's matmul.
+    fn rhs_layout(&self, w: &Tensor) -> candle_core::Result<Layout> {
+        match self.side {
+            Side::Transposed => w.layout().transpose(0, 1),
+            Side::Plain => Ok(w.layout().clone()),
+        }
     }
 }
 
@@ -113,26 +128,28 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (bmnk, rhs) = self.dims(layout)?;
-        let (w, _) = self.weight.storage_and_layout();
-        let Storage::Cpu(w) = &*w else { candle_core::bail!("frozen linear: the weight is not on the CPU") };
+        let bmnk = self.dims(layout)?;
         let shape = Shape::from((bmnk.1, bmnk.2));
-        #[cfg(target_arch = "x86_64")]
-        if let (Some(p), CpuStorage::F32(x)) = (&self.packed, storage) {
-            if let Some((a, b)) = layout.contiguous_offsets() {
-                let panels = if self.side == Side::Transposed { &p.transposed } else { &p.plain };
-                let threads = candle_core::utils::get_num_threads();
-                let y = super::bf16::matmul(&x[a..b], bmnk.1, panels, threads);
+        let weight = match &self.weight {
+            Weight::Dense(w) => w,
+            #[cfg(target_arch = "x86_64")]
+            Weight::Bf16 { packed, .. } => {
+                let (CpuStorage::F32(x), Some((a, b))) = (storage, layout.contiguous_offsets()) else {
+                    candle_core::bail!("frozen linear: bf16 products take contiguous f32 inputs")
+                };
+                let panels = if self.side == Side::Transposed { &packed.transposed } else { &packed.plain };
+                let y = super::bf16::matmul(&x[a..b], bmnk.1, panels, candle_core::utils::get_num_threads());
                 return Ok((CpuStorage::F32(y), shape));
             }
-        }
+        };
+        let (w, _) = weight.storage_and_layout();
+        let Storage::Cpu(w) = &*w else { candle_core::bail!("frozen linear: the weight is not on the CPU") };
         #[cfg(feature = "openblas")]
-        if let Some(out) =
-            super::blas::frozen_sgemm(storage, layout, w, self.weight.layout(), self.side == Side::Transposed)
+        if let Some(out) = super::blas::frozen_sgemm(storage, layout, w, weight.layout(), self.side == Side::Transposed)
         {
             return Ok((out, shape));
         }
-        Ok((storage.matmul(w, bmnk, layout, &rhs)?, shape))
+        Ok((storage.matmul(w, bmnk, layout, &self.rhs_layout(weight)?)?, shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -141,16 +158,19 @@ impl CustomOp1 for FrozenMatmul {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (bmnk, rhs) = self.dims(layout)?;
-        let (w, _) = self.weight.storage_and_layout();
+        let bmnk = self.dims(layout)?;
+        let Weight::Dense(weight) = &self.weight else {
+            candle_core::bail!("frozen linear: bf16 panels are for the CPU")
+        };
+        let (w, _) = weight.storage_and_layout();
         let Storage::Cuda(w) = &*w else { candle_core::bail!("frozen linear: the weight is not on the GPU") };
-        Ok((storage.matmul(w, bmnk, layout, &rhs)?, Shape::from((bmnk.1, bmnk.2))))
+        Ok((storage.matmul(w, bmnk, layout, &self.rhs_layout(weight)?)?, Shape::from((bmnk.1, bmnk.2))))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // y = x Wᵀ  =>  dx = dy W, and y = x W  =>  dx = dy Wᵀ.
         let side = if self.side == Side::Transposed { Side::Plain } else { Side::Transposed };
-        Ok(Some(FrozenMatmul { weight: self.weight.clone(), packed: self.packed.clone(), side }.apply(grad_res)?))
+        Ok(Some(FrozenMatmul { weight: self.weight.clone(), side }.apply(grad_res)?))
     }
 }
 

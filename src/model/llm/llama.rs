@@ -155,14 +155,17 @@ impl Llama {
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let mut lin = |n: &str| take(&format!("{p}.{n}.weight")).map(FrozenLinear::new);
+            let mut w = |n: &str| take(&format!("{p}.{n}.weight"));
+            let attn_norm = w("input_layernorm")?;
+            let mlp_norm = w("post_attention_layernorm")?;
+            let mut lin = |n: &str| w(n).map(FrozenLinear::new);
             blocks.push(Block {
-                attn_norm: lin("input_layernorm")?.weight().clone(),
+                attn_norm,
                 q: lin("self_attn.q_proj")?,
                 k: lin("self_attn.k_proj")?,
                 v: lin("self_attn.v_proj")?,
                 o: lin("self_attn.o_proj")?,
-                mlp_norm: lin("post_attention_layernorm")?.weight().clone(),
+                mlp_norm,
                 gate: lin("mlp.gate_proj")?,
                 up: lin("mlp.up_proj")?,
                 down: lin("mlp.down_proj")?,
