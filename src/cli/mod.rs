@@ -70,6 +70,10 @@ enum Command {
         /// Checkpoint and stop after this global step (the schedule still spans the whole run).
         #[arg(long)]
         stop_after: Option<u64>,
+        /// Rank 0 writes this file once training has ended normally (not on a preemption stop): a
+        /// batch script tells a finished job from ranks that never started.
+        #[arg(long, value_name = "PATH")]
+        done_file: Option<PathBuf>,
     },
     /// Evaluate a trained model.
     Eval {
@@ -253,7 +257,7 @@ pub fn main() -> Result<i32> {
             }
             Ok(())
         }),
-        Command::Train { job, model, resume, auto_resume, stop_after, from } => {
+        Command::Train { job, model, resume, auto_resume, stop_after, from, done_file } => {
             configure_threads();
             crate::distributed::preempt::install().context("installing the SIGUSR1 (preemption) handler")?;
             let job = load(&job)?;
@@ -271,6 +275,10 @@ pub fn main() -> Result<i32> {
                 let report = train::train(&tj, &store, model, TrainOptions { resume, stop_after, from }, &mut coll)?;
                 if coll.rank() == 0 {
                     println!("{} -> runs/{}", report.summary, report.run_id);
+                    if let (Some(path), false) = (&done_file, report.preempted) {
+                        std::fs::write(path, format!("{}\n", report.run_id))
+                            .with_context(|| format!("writing the done file {}", path.display()))?;
+                    }
                 }
                 Ok(report.preempted)
             })?;
