@@ -305,7 +305,7 @@ pub fn main() -> Result<i32> {
                 .position(|id| *id == user)
                 .with_context(|| format!("user `{user}` is not in dataset {} (snapshot {})", ds.name, ds.key))?;
             let scorer = train::load_scorer(&pipeline::train_job(&job), &store, model, &ds, checkpoint)?;
-            let recs = eval::recommend::top_k(scorer.as_ref(), &ds, &ds.sequences[u], k)?;
+            let recs = eval::recommend::top_k(scorer.as_ref(), &ds, u, &ds.sequences[u], k)?;
             if json {
                 println!("{}", serde_json::to_string(&recs)?);
             } else {

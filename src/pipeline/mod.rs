@@ -55,7 +55,7 @@ pub enum Stage {
 }
 
 /// The stages `run` executes for the job, in order: every model of `train.models` is trained and
-/// evaluated; item features are computed once, before the first LLM recommender, and after SASRec
+/// evaluated; item features are computed once, before the first model that reads them, and after SASRec
 /// when the features include its item table (SASRec is added to the plan if the job does not list
 /// it).
 pub fn plan(job: &JobConfig) -> Result<Vec<Stage>> {
@@ -74,7 +74,7 @@ pub fn plan(job: &JobConfig) -> Result<Vec<Stage>> {
     let needs_cf = matches!(job.features.cf, Some(features::CfSource::Sasrec));
     let mut trained = Vec::new();
     for &kind in &models {
-        if matches!(kind, ModelKind::Illmrec(_)) && !stages.contains(&Stage::Features) {
+        if kind.uses_features() && !stages.contains(&Stage::Features) {
             if needs_cf && !trained.contains(&ModelKind::Sasrec) {
                 stages.push(Stage::Train(ModelKind::Sasrec));
                 trained.push(ModelKind::Sasrec);
