@@ -53,7 +53,10 @@ enum Command {
     Train {
         #[arg(long)]
         job: PathBuf,
-        /// pop, sasrec, illmrec, illmrec:title, illmrec:description, illmrec:image+description
+        /// pop, random, sasrec, morec:text, morec:image, morec:text+image, freedom, bm3, mmgcn,
+        /// illmrec, illmrec:title, illmrec:description, illmrec:image+description. Only the LLM
+        /// recommenders train data-parallel under mpirun/srun; the others (MoRec and the graph
+        /// models FREEDOM, BM3, MMGCN included) train in one process, on one rank.
         #[arg(long)]
         model: ModelKind,
         /// Continue the run from its LATEST checkpoint.

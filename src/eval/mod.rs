@@ -2,6 +2,7 @@
 //! protocols, over all users or a seeded sample of them.
 
 pub mod candidates;
+pub mod cost;
 pub mod metrics;
 pub mod plots;
 pub mod protocol;
