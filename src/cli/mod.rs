@@ -53,7 +53,10 @@ enum Command {
     Train {
         #[arg(long)]
         job: PathBuf,
-        /// pop, sasrec, illmrec, illmrec:title, illmrec:description, illmrec:image+description
+        /// pop, random, sasrec, morec:text, morec:image, morec:text+image, freedom, bm3, mmgcn,
+        /// illmrec, illmrec:title, illmrec:description, illmrec:image+description. Only the LLM
+        /// recommenders train data-parallel under mpirun/srun; the others (MoRec and the graph
+        /// models FREEDOM, BM3, MMGCN included) train in one process, on one rank.
         #[arg(long)]
         model: ModelKind,
         /// Continue the run from its LATEST checkpoint.
@@ -316,7 +319,7 @@ pub fn main() -> Result<i32> {
                 .position(|id| *id == user)
                 .with_context(|| format!("user `{user}` is not in dataset {} (snapshot {})", ds.name, ds.key))?;
             let scorer = train::load_scorer(&pipeline::train_job(&job), &store, model, &ds, checkpoint)?;
-            let recs = eval::recommend::top_k(scorer.as_ref(), &ds, &ds.sequences[u], k)?;
+            let recs = eval::recommend::top_k(scorer.as_ref(), &ds, u, &ds.sequences[u], k)?;
             if json {
                 println!("{}", serde_json::to_string(&recs)?);
             } else {
