@@ -99,27 +99,27 @@ impl LlamaConfig {
     }
 }
 
-struct Block {
-    attn_norm: Tensor,
-    q: FrozenLinear,
-    k: FrozenLinear,
-    v: FrozenLinear,
-    o: FrozenLinear,
-    mlp_norm: Tensor,
-    gate: FrozenLinear,
-    up: FrozenLinear,
-    down: FrozenLinear,
+pub(super) struct Block {
+    pub(super) attn_norm: Tensor,
+    pub(super) q: FrozenLinear,
+    pub(super) k: FrozenLinear,
+    pub(super) v: FrozenLinear,
+    pub(super) o: FrozenLinear,
+    pub(super) mlp_norm: Tensor,
+    pub(super) gate: FrozenLinear,
+    pub(super) up: FrozenLinear,
+    pub(super) down: FrozenLinear,
 }
 
 /// The decoder's weights and precomputed RoPE tables.
 pub struct Llama {
     pub cfg: LlamaConfig,
     embed: Tensor,
-    blocks: Vec<Block>,
-    norm: Tensor,
-    lm_head: FrozenLinear,
-    cos: Tensor,
-    sin: Tensor,
+    pub(super) blocks: Vec<Block>,
+    pub(super) norm: Tensor,
+    pub(super) lm_head: FrozenLinear,
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
     device: Device,
     dtype: DType,
 }
