@@ -111,6 +111,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run an MSRBench LVLM strategy (s1..s5) on the job's test users: metrics, every answer and its
+    /// cost under runs/<job>-<strategy>-<backbone>/report/.
+    Lvlm {
+        #[arg(long)]
+        job: PathBuf,
+        #[arg(long)]
+        strategy: crate::lvlm::Strategy,
+        /// A backbone of the job's `lvlm.backbones` (default: `lvlm.backbone`).
+        #[arg(long)]
+        backbone: Option<String>,
+        /// Print the result as JSON (eval's shape, with a `cost` object).
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure: `bench step` times training steps of an LLM recommender and prints where time goes.
     Bench {
         #[command(subcommand)]
@@ -243,10 +257,20 @@ pub fn main() -> Result<i32> {
             let store = open_store(&job)?;
             let ds = data::snapshot::load(&store, job.dataset())?;
             let report = pipeline::features(&job, &store, &ds)?;
+            let captions = pipeline::lvlm::captions(&job, &store, &ds)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
+                if let Some(c) = captions {
+                    println!("{}", serde_json::to_string_pretty(&c)?);
+                }
             } else {
                 print!("features for {} items:\n{report}", ds.num_items());
+                if let Some(c) = captions {
+                    println!(
+                        "  captions ({}): {} computed, {} reused, {} without image",
+                        c.source, c.computed, c.reused, c.without_image
+                    );
+                }
             }
             Ok(())
         }),
@@ -313,6 +337,26 @@ pub fn main() -> Result<i32> {
                 for r in recs {
                     println!("{:>3}. {:<12} {:>9.4}  {}", r.rank, r.item, r.score, r.title);
                 }
+            }
+            Ok(())
+        }),
+        Command::Lvlm { job, strategy, backbone, json } => with_job(&job, "lvlm", |job| {
+            configure_threads();
+            let store = open_store(&job)?;
+            let ds = data::snapshot::load(&store, job.dataset())?;
+            let out = pipeline::lvlm::lvlm(&job, &store, &ds, strategy, backbone.as_deref())?;
+            if json {
+                let mut v = out.result.to_json();
+                v["cost"] = serde_json::to_value(&out.cost)?;
+                println!("{v}");
+            } else {
+                match &out.cost {
+                    Some(c) => {
+                        print!("{}", crate::lvlm::cost_table(&[(out.result.model.clone(), &out.result.metrics, c)]))
+                    }
+                    None => print!("{}", eval::markdown_table(std::slice::from_ref(&out.result))),
+                }
+                println!("report: {}/runs/{}/report/", store.url(), out.run_id);
             }
             Ok(())
         }),

@@ -154,6 +154,20 @@ impl SasRec {
         self.t(0)
     }
 
+    /// Replaces the item table with `values` (`[(num_items + 1) x hidden]`, row 0 the padding).
+    pub fn set_item_table(&self, values: &[f32]) -> Result<()> {
+        let shape = (self.num_items + 1, self.cfg.hidden);
+        if values.len() != shape.0 * shape.1 {
+            return Err(super::ModelError::Invalid(format!(
+                "an item table of {} values for {} items x {} dims",
+                values.len(),
+                self.num_items,
+                self.cfg.hidden
+            )));
+        }
+        Ok(self.vars[0].1.set(&Tensor::from_slice(values, shape, &self.device)?)?)
+    }
+
     /// Hidden states [rows, max_len, hidden]; dropout is applied when `rng` is given (training).
     pub fn forward(&self, batch: &Batch, mut rng: Option<&mut Rng>) -> Result<Tensor> {
         let (l, h, heads) = (self.cfg.max_len, self.cfg.hidden, self.cfg.heads);

@@ -189,41 +189,57 @@ pub fn train(
         return Err(TrainError::Invalid(format!("{kind} trains in one process; start it without mpirun/srun")));
     }
     let ds = crate::data::snapshot::load(store, job.dataset)?;
-    let mut state =
-        json!({"model": kind.to_string(), "dataset": ds.name, "dataset_key": ds.key, "num_items": ds.num_items()});
-    let (tensors, summary) = match kind {
+    let summary = match kind {
         ModelKind::Pop => {
             let pop = Pop::fit(ds.num_items(), (0..ds.num_users()).map(|u| ds.train(u)));
             let bytes = to_bytes(vec![("counts".into(), Array::F32(&pop.counts, vec![pop.counts.len()]))], None);
-            (bytes, format!("pop: counted {} training interactions", pop.counts.iter().sum::<f32>()))
+            runs::save(store, &id, 1, vec![("model.safetensors", bytes)], &run_state(kind, &ds), 2, false)?;
+            format!("pop: counted {} training interactions", pop.counts.iter().sum::<f32>())
         }
-        ModelKind::Sasrec => {
-            let (model, report) =
-                sasrec::fit(&ds, &job.model.sasrec, &job.train.sasrec, job.train.seed, job.telemetry)?;
-            state["config"] = serde_json::to_value(&job.model.sasrec).unwrap_or_default();
-            state["fit"] = serde_json::to_value(&report).unwrap_or_default();
-            let weights = model.to_host()?;
-            let bytes = to_bytes(
-                weights.iter().map(|t| (t.name.clone(), Array::F32(&t.values, t.shape.clone()))).collect(),
-                None,
-            );
-            save_cf_table(store, &id, &ds, &model)?;
-            let summary = format!(
-                "sasrec: {} epochs ({} steps) in {:.1}s, best valid ndcg@10 {:.4} at epoch {}, final loss {:.4}",
-                report.epochs_run,
-                report.steps,
-                report.seconds,
-                report.best_valid_ndcg10,
-                report.best_epoch,
-                report.last_loss
-            );
-            (bytes, summary)
-        }
+        ModelKind::Sasrec => train_sasrec(job, store, &ds, &id, None)?,
         ModelKind::Illmrec(_) => unreachable!("handled above"),
     };
-    runs::save(store, &id, 1, vec![("model.safetensors", tensors)], &state, 2, false)?;
     Ok(TrainReport { run_id: id, summary, preempted: false })
 }
+
+/// What a baseline run's state.json records of its model and data.
+fn run_state(kind: impl fmt::Display, ds: &Dataset) -> serde_json::Value {
+    json!({"model": kind.to_string(), "dataset": ds.name, "dataset_key": ds.key, "num_items": ds.num_items()})
+}
+
+/// Trains the job's SASRec on `ds` and saves it as run `id`, with its item table as the CF feature.
+/// `item_init` (`[(items + 1) x hidden]`) replaces the random initial item table (MSRBench's S2).
+/// Returns the summary line.
+pub fn train_sasrec(
+    job: &TrainJob<'_>,
+    store: &Store,
+    ds: &Dataset,
+    id: &str,
+    item_init: Option<&[f32]>,
+) -> Result<String> {
+    let (model, report) =
+        sasrec::fit(ds, &job.model.sasrec, &job.train.sasrec, job.train.seed, job.telemetry, item_init)?;
+    let mut state = run_state(ModelKind::Sasrec, ds);
+    state["config"] = serde_json::to_value(&job.model.sasrec).unwrap_or_default();
+    state["fit"] = serde_json::to_value(&report).unwrap_or_default();
+    state["item_init"] = json!(item_init.is_some());
+    let weights = model.to_host()?;
+    let bytes =
+        to_bytes(weights.iter().map(|t| (t.name.clone(), Array::F32(&t.values, t.shape.clone()))).collect(), None);
+    save_cf_table(store, id, ds, &model)?;
+    runs::save(store, id, 1, vec![("model.safetensors", bytes)], &state, 2, false)?;
+    Ok(format!(
+        "sasrec{}: {} epochs ({} steps) in {:.1}s, best valid ndcg@10 {:.4} at epoch {}, final loss {:.4}",
+        if item_init.is_some() { " (item table from text)" } else { "" },
+        report.epochs_run,
+        report.steps,
+        report.seconds,
+        report.best_valid_ndcg10,
+        report.best_epoch,
+        report.last_loss
+    ))
+}
+
 /// SASRec's item embeddings (rows 1..=N) as a feature table keyed by the items' source ids.
 fn save_cf_table(store: &Store, run_id: &str, ds: &Dataset, model: &SasRec) -> Result<()> {
     let emb = model.item_embeddings().narrow(0, 1, ds.num_items())?;
@@ -250,7 +266,34 @@ pub fn load_scorer<'d>(
         return Ok(Box::new(illmrec::load_scorer(job, store, ds, variant, which)?));
     }
     let id = job.run_id(kind);
-    let ckpt = runs::load(store, &id, which)?.ok_or_else(|| {
+    match kind {
+        ModelKind::Pop => {
+            let (tf_bytes, _) = checkpoint_of(store, &id, kind, ds, which)?;
+            let tf = TensorFile::parse(&tf_bytes, &format!("runs/{id} checkpoint"))?;
+            let (_, counts) = tf.f32("counts")?;
+            if counts.len() != ds.num_items() + 1 {
+                return Err(TrainError::Invalid(format!(
+                    "run {id}: {} item counts for {} items",
+                    counts.len(),
+                    ds.num_items()
+                )));
+            }
+            Ok(Box::new(Pop { counts }))
+        }
+        ModelKind::Sasrec => Ok(Box::new(load_sasrec(store, &id, ds, which)?)),
+        ModelKind::Illmrec(_) => unreachable!("handled above"),
+    }
+}
+
+/// The model file and state of a baseline run's checkpoint, checked to be trained on `ds`.
+fn checkpoint_of(
+    store: &Store,
+    id: &str,
+    kind: impl fmt::Display,
+    ds: &Dataset,
+    which: runs::Which,
+) -> Result<(bytes::Bytes, serde_json::Value)> {
+    let ckpt = runs::load(store, id, which)?.ok_or_else(|| {
         TrainError::Invalid(format!(
             "no trained `{kind}` under {}/runs/{id}: run `illmrec train --job FILE --model {kind}` first",
             store.url()
@@ -263,32 +306,22 @@ pub fn load_scorer<'d>(
             ds.key
         )));
     }
-    let tf = TensorFile::parse(ckpt.file("model.safetensors")?, &format!("runs/{id} checkpoint {}", ckpt.step))?;
-    match kind {
-        ModelKind::Pop => {
-            let (_, counts) = tf.f32("counts")?;
-            if counts.len() != ds.num_items() + 1 {
-                return Err(TrainError::Invalid(format!(
-                    "run {id}: {} item counts for {} items",
-                    counts.len(),
-                    ds.num_items()
-                )));
-            }
-            Ok(Box::new(Pop { counts }))
-        }
-        ModelKind::Sasrec => {
-            let cfg = serde_json::from_value(ckpt.state["config"].clone())
-                .map_err(|e| TrainError::Invalid(format!("run {id}: state.json config: {e}")))?;
-            // The initial values are overwritten by the checkpoint's.
-            let model = SasRec::new(cfg, ds.num_items(), &mut crate::seed::stream(0, "sasrec/load", 0), &Device::Cpu)?;
-            let weights = tf
-                .names()
-                .into_iter()
-                .map(|name| tf.f32(&name).map(|(shape, values)| HostTensor { name, shape, values }))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            model.load_host(&weights)?;
-            Ok(Box::new(model))
-        }
-        ModelKind::Illmrec(_) => unreachable!("handled above"),
-    }
+    Ok((ckpt.file("model.safetensors")?.clone(), ckpt.state.clone()))
+}
+
+/// The SASRec saved as run `id` (by `train_sasrec`), checked to be trained on `ds`.
+pub fn load_sasrec(store: &Store, id: &str, ds: &Dataset, which: runs::Which) -> Result<SasRec> {
+    let (bytes, state) = checkpoint_of(store, id, ModelKind::Sasrec, ds, which)?;
+    let tf = TensorFile::parse(&bytes, &format!("runs/{id} checkpoint"))?;
+    let cfg = serde_json::from_value(state["config"].clone())
+        .map_err(|e| TrainError::Invalid(format!("run {id}: state.json config: {e}")))?;
+    // The initial values are overwritten by the checkpoint's.
+    let model = SasRec::new(cfg, ds.num_items(), &mut crate::seed::stream(0, "sasrec/load", 0), &Device::Cpu)?;
+    let weights = tf
+        .names()
+        .into_iter()
+        .map(|name| tf.f32(&name).map(|(shape, values)| HostTensor { name, shape, values }))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    model.load_host(&weights)?;
+    Ok(model)
 }

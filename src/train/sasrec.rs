@@ -35,11 +35,15 @@ pub fn fit(
     tcfg: &SasRecTrainConfig,
     seed: u64,
     telemetry: &TelemetryConfig,
+    item_init: Option<&[f32]>,
 ) -> Result<(SasRec, FitReport), TrainError> {
     let started = Instant::now();
     let device = Device::Cpu;
     let n_items = ds.num_items();
     let model = SasRec::new(mcfg.clone(), n_items, &mut stream(seed, "sasrec/init", 0), &device)?;
+    if let Some(init) = item_init {
+        model.set_item_table(init)?;
+    }
     let vars: Vec<&candle_core::Var> = model.vars().iter().map(|(_, v)| v).collect();
     let mut opt = AdamW::new(super::optim::count(&vars), tcfg.betas, 0.0);
     let mut params = read_params(&vars)?;
