@@ -121,6 +121,9 @@ enum Command {
         /// A backbone of the job's `lvlm.backbones` (default: `lvlm.backbone`).
         #[arg(long)]
         backbone: Option<String>,
+        /// Ask every request again instead of reading cached answers (to measure the cost).
+        #[arg(long)]
+        fresh: bool,
         /// Print the result as JSON (eval's shape, with a `cost` object).
         #[arg(long)]
         json: bool,
@@ -173,6 +176,16 @@ struct SubmitArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// An LVLM strategy with every request asked again (no cached answers): seconds and CPU seconds
+    /// per user, prompt tokens, where an in-process backbone's time went, parse failures.
+    Lvlm {
+        #[arg(long)]
+        job: PathBuf,
+        #[arg(long)]
+        strategy: crate::lvlm::Strategy,
+        #[arg(long)]
+        backbone: Option<String>,
+    },
     /// Forward + backward + optimizer time per step and per sample, phases, tokens, peak memory.
     Step {
         #[arg(long)]
@@ -340,11 +353,11 @@ pub fn main() -> Result<i32> {
             }
             Ok(())
         }),
-        Command::Lvlm { job, strategy, backbone, json } => with_job(&job, "lvlm", |job| {
+        Command::Lvlm { job, strategy, backbone, fresh, json } => with_job(&job, "lvlm", |job| {
             configure_threads();
             let store = open_store(&job)?;
             let ds = data::snapshot::load(&store, job.dataset())?;
-            let out = pipeline::lvlm::lvlm(&job, &store, &ds, strategy, backbone.as_deref())?;
+            let out = pipeline::lvlm::lvlm(&job, &store, &ds, strategy, backbone.as_deref(), fresh)?;
             if json {
                 let mut v = out.result.to_json();
                 v["cost"] = serde_json::to_value(&out.cost)?;
@@ -455,6 +468,16 @@ impl JobSpan {
 fn bench(what: BenchCommand) -> Result<()> {
     configure_threads();
     match what {
+        BenchCommand::Lvlm { job, strategy, backbone } => {
+            let job = load(&job)?;
+            let store = open_store(&job)?;
+            let ds = data::snapshot::load(&store, job.dataset())?;
+            let out = pipeline::lvlm::lvlm(&job, &store, &ds, strategy, backbone.as_deref(), true)?;
+            let cost = out.cost.context("the benchmark measures the prompted strategies (s1, s3, s4, s5)")?;
+            print!("{}", crate::lvlm::cost_table(&[(out.result.model.clone(), &out.result.metrics, &cost)]));
+            println!("{}", serde_json::json!({"result": out.result.to_json(), "cost": cost}));
+            Ok(())
+        }
         BenchCommand::Llm { job, shapes } => {
             let shapes = shapes
                 .split(',')

@@ -68,6 +68,9 @@ pub struct Inputs<'a> {
     /// Captions for S4 and S5 (without them the history is titles only).
     pub captions: Option<&'a Captions>,
     pub telemetry: &'a TelemetryConfig,
+    /// Ask every request again instead of reading cached answers (a benchmark); answers are still
+    /// cached.
+    pub fresh: bool,
 }
 
 /// One user's answer, as the report keeps it.
@@ -113,9 +116,15 @@ pub struct Cost {
     pub duplicate_items: usize,
     pub prompt_tokens_mean: f64,
     pub completion_tokens_mean: f64,
-    /// Wall time of answering the requests sent, per request sent.
+    /// Wall time of answering the requests sent, per request sent (when every answer came from the
+    /// cache: the time each had cost, on average).
     pub seconds_per_user: f64,
     pub seconds_answering: f64,
+    /// CPU time of this process while answering, per request sent (in-process backends; on a busy
+    /// machine the wall time also holds other programs' turns).
+    pub cpu_seconds_per_user: Option<f64>,
+    /// The backend's own account of its time.
+    pub backend: serde_json::Value,
 }
 
 pub struct StrategyReport {
@@ -224,12 +233,13 @@ pub fn run(strategy: Strategy, backend: &dyn Backend, inp: &Inputs<'_>) -> Resul
     let hashes: Vec<String> = requests.iter().map(|r| request_hash(&identity, r)).collect();
     let mut replies: Vec<Option<Result<Reply, String>>> = Vec::with_capacity(requests.len());
     for h in &hashes {
-        replies.push(cache.get(h)?.map(Ok));
+        replies.push(if inp.fresh { None } else { cache.get(h)?.map(Ok) });
     }
     let cached: Vec<bool> = replies.iter().map(Option::is_some).collect();
     let pending: Vec<usize> = (0..requests.len()).filter(|&i| replies[i].is_none()).collect();
     let to_send: Vec<Request> = pending.iter().map(|&i| requests[i].clone()).collect();
     let started = Instant::now();
+    let cpu_before = crate::telemetry::cpu_seconds();
     if !to_send.is_empty() {
         let mut progress = Progress::new(inp.telemetry, &strategy.to_string(), to_send.len() as u64);
         let mut cache_error = None;
@@ -256,6 +266,7 @@ pub fn run(strategy: Strategy, backend: &dyn Backend, inp: &Inputs<'_>) -> Resul
         }
     }
     let seconds_answering = started.elapsed().as_secs_f64();
+    let cpu_answering = cpu_before.and_then(|b| Some(crate::telemetry::cpu_seconds()? - b));
     let mut sums = MetricSums::new(inp.ks);
     let mut answers = Vec::with_capacity(requests.len());
     for (i, list) in inp.lists.iter().enumerate() {
@@ -293,7 +304,9 @@ pub fn run(strategy: Strategy, backend: &dyn Backend, inp: &Inputs<'_>) -> Resul
             seconds: reply.as_ref().map_or(0.0, |r| r.seconds),
         });
     }
-    let cost = cost(&answers, pending.len(), seconds_answering);
+    let mut cost = cost(&answers, pending.len(), seconds_answering);
+    cost.cpu_seconds_per_user = cpu_answering.filter(|_| !pending.is_empty()).map(|c| c / pending.len() as f64);
+    cost.backend = backend.stats();
     Ok(StrategyReport { metrics: sums.means(), answers, cost })
 }
 
@@ -325,8 +338,14 @@ fn cost(answers: &[UserAnswer], sent: usize, seconds_answering: f64) -> Cost {
         duplicate_items: answers.iter().map(|a| a.duplicates).sum(),
         prompt_tokens_mean: mean(&|a| a.prompt_tokens),
         completion_tokens_mean: mean(&|a| a.completion_tokens),
-        seconds_per_user: if sent == 0 { 0.0 } else { seconds_answering / sent as f64 },
+        seconds_per_user: if sent == 0 {
+            answers.iter().map(|a| a.seconds).sum::<f64>() / users.max(1) as f64
+        } else {
+            seconds_answering / sent as f64
+        },
         seconds_answering,
+        cpu_seconds_per_user: None,
+        backend: serde_json::Value::Null,
     }
 }
 

@@ -63,13 +63,15 @@ fn names(job: &JobConfig, strategy: Strategy, backbone: Option<&str>) -> (String
     }
 }
 
-/// Runs `strategy` on the job's users and saves its report.
+/// Runs `strategy` on the job's users and saves its report; `fresh` asks every request again instead
+/// of reading cached answers.
 pub fn lvlm(
     job: &JobConfig,
     store: &Store,
     ds: &Dataset,
     strategy: Strategy,
     backbone: Option<&str>,
+    fresh: bool,
 ) -> Result<LvlmOutcome> {
     let _stage = tracing::info_span!("stage", stage = "lvlm", strategy = %strategy).entered();
     let lists = lvlm::candidate_lists(ds, &job.lvlm)?;
@@ -102,6 +104,7 @@ pub fn lvlm(
         base: base.as_deref(),
         captions: captions.as_ref(),
         telemetry: &job.telemetry,
+        fresh,
     };
     let report = lvlm::run::run(strategy, backend.as_ref(), &inputs)?;
     let (label, run_id) = names(job, strategy, Some(&name));

@@ -258,7 +258,7 @@ pub fn run(job: &JobConfig, store: &Store) -> anyhow::Result<()> {
             }
             Stage::Lvlm(strategy) => {
                 let ds = ds.as_ref().ok_or_else(|| anyhow::anyhow!("{strategy} before prepare"))?;
-                let out = lvlm::lvlm(job, store, ds, strategy, None)?;
+                let out = lvlm::lvlm(job, store, ds, strategy, None, false)?;
                 if let Some(cost) = &out.cost {
                     print!("{}", crate::lvlm::cost_table(&[(out.result.model.clone(), &out.result.metrics, cost)]));
                 }

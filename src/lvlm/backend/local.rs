@@ -7,6 +7,7 @@
 //! lockstep, each step reading the weights once for the whole batch and computing logits only over
 //! the few tokens a list can contain; a row leaves the batch when its list is complete.
 
+use std::cell::RefCell;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -25,8 +26,27 @@ enum ChatFormat {
     Plain,
 }
 
+/// Prompt tokens are read this many at a time: causal attention over a chunk and what came before
+/// skips most of the masked half of the scores a whole-prompt pass would compute.
+const READ_CHUNK: usize = 256;
+
+/// Where the time went.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LocalStats {
+    pub requests: usize,
+    /// Tokens of the prefix all prompts share, read once.
+    pub shared_prefix_tokens: usize,
+    /// Prompt tokens read per request (after the shared prefix).
+    pub prompt_tokens_read: usize,
+    pub read_seconds: f64,
+    /// Lockstep decoding steps and their time (all rows of a batch per step).
+    pub decode_steps: usize,
+    pub decode_seconds: f64,
+}
+
 pub struct LocalText {
     llm: Llm,
+    stats: RefCell<LocalStats>,
     identity: String,
     chat: ChatFormat,
     /// Tokens that can occur inside a list, with their text.
@@ -64,7 +84,7 @@ impl LocalText {
             crate::features::hash_json(source),
             opts.explanation_tokens
         );
-        Ok(Self { llm, identity, chat, list_tokens, list_logits, opts: opts.clone() })
+        Ok(Self { llm, stats: RefCell::default(), identity, chat, list_tokens, list_logits, opts: opts.clone() })
     }
 
     /// The token ids the model reads for `prompt`: the chat wrapping and the answer's opening.
@@ -86,10 +106,15 @@ impl LocalText {
         self.llm.embed_ids(ids, rows).map_err(fatal)
     }
 
-    /// Reads `ids` after `cache`, returning the final hidden state of the last one `[1, 1, hidden]`.
+    /// Reads `ids` after `cache` (in chunks), returning the final hidden state of the last one
+    /// `[1, 1, hidden]`.
     fn read(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor, BackendError> {
-        let h = self.llm.model.forward_cached(&self.embed(ids.to_vec(), 1)?, cache).map_err(fatal)?;
-        h.narrow(1, ids.len() - 1, 1).map_err(fatal)
+        let mut last = None;
+        for chunk in ids.chunks(READ_CHUNK) {
+            let h = self.llm.model.forward_cached(&self.embed(chunk.to_vec(), 1)?, cache).map_err(fatal)?;
+            last = Some(h.narrow(1, chunk.len() - 1, 1).map_err(fatal)?);
+        }
+        last.ok_or_else(|| fatal("reading no tokens"))
     }
 
     /// Decodes the lists of a batch of rows in lockstep; returns each row's list text (after the
@@ -145,6 +170,7 @@ impl LocalText {
             }
             let x = self.embed(next, stepping.len())?;
             hidden = self.llm.model.forward_cached(&x, &mut cache).map_err(fatal)?;
+            self.stats.borrow_mut().decode_steps += 1;
             let mut still = Vec::new();
             let mut still_slots = Vec::new();
             for (new_slot, (old_slot, closed)) in keep.iter().enumerate() {
@@ -218,6 +244,10 @@ impl Backend for LocalText {
         false
     }
 
+    fn stats(&self) -> serde_json::Value {
+        serde_json::to_value(&*self.stats.borrow()).unwrap_or_default()
+    }
+
     fn answer(
         &self,
         requests: &[Request],
@@ -264,7 +294,16 @@ impl Backend for LocalText {
             drop(caches);
             let hidden = Tensor::cat(&hidden, 0).map_err(fatal)?;
             let max_tokens = chunk.iter().map(|&j| requests[todo[j]].max_tokens).min().unwrap_or(0);
+            let read = started.elapsed().as_secs_f64();
             let lists = self.decode_lists(&grammar, cache, hidden, max_tokens)?;
+            {
+                let mut st = self.stats.borrow_mut();
+                st.requests += chunk.len();
+                st.shared_prefix_tokens = shared;
+                st.prompt_tokens_read += chunk.iter().map(|&j| prompts[j].len() - shared).sum::<usize>();
+                st.read_seconds += read;
+                st.decode_seconds += started.elapsed().as_secs_f64() - read;
+            }
             let mut replies = Vec::with_capacity(chunk.len());
             for (j, (list, mut generated, mut cache)) in chunk.iter().zip(lists) {
                 let mut text = format!("{OPENING}{list}");

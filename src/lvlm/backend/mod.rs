@@ -69,6 +69,11 @@ pub trait Backend {
     /// Whether requests may carry images.
     fn sees_images(&self) -> bool;
 
+    /// Where the time of the requests answered so far went, for reports (in-process backends).
+    fn stats(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
     /// Answers every request, calling `done(i, reply)` as request `i` finishes (in any order).
     /// A per-request failure goes to `done`; an error return stops the run.
     fn answer(
