@@ -43,6 +43,15 @@ pub enum CaptionSource {
         #[serde(default = "d_max_tokens")]
         max_tokens: usize,
     },
+    /// A tiny BLIP with seeded random weights (tests, code-path checks: its captions mean nothing).
+    TinyBlip {
+        #[serde(default)]
+        seed: u64,
+        #[serde(default = "d_prompt")]
+        prompt: String,
+        #[serde(default = "d_max_tokens")]
+        max_tokens: usize,
+    },
     /// Captions from a JSON file (item id -> {model: caption}, or Amazon Review Plus's item2side.json).
     Import { file: PathBuf, model: String },
 }
@@ -55,9 +64,33 @@ fn d_max_tokens() -> usize {
 }
 
 impl CaptionSource {
+    /// The captioner's cache id and its prompt and length limit; `None` for imported captions.
+    fn captioner(&self) -> Result<Option<(String, &str, usize)>, FeatureError> {
+        Ok(match self {
+            CaptionSource::Blip { dir, prompt, max_tokens } => {
+                Some((Blip::cache_id(dir, prompt, *max_tokens)?, prompt.as_str(), *max_tokens))
+            }
+            CaptionSource::TinyBlip { seed, prompt, max_tokens } => {
+                Some((Blip::tiny_cache_id(*seed, prompt, *max_tokens), prompt.as_str(), *max_tokens))
+            }
+            CaptionSource::Import { .. } => None,
+        })
+    }
+
+    fn load_captioner(&self) -> Result<Blip, FeatureError> {
+        match self {
+            CaptionSource::Blip { dir, .. } => Blip::load(dir),
+            CaptionSource::TinyBlip { seed, .. } => Blip::tiny(*seed),
+            CaptionSource::Import { .. } => Err(FeatureError::Invalid("imported captions have no captioner".into())),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), Invalid> {
         match self {
             CaptionSource::Blip { max_tokens: 0, .. } => Err(Invalid::new("blip.max_tokens", "must be at least 1")),
+            CaptionSource::TinyBlip { max_tokens: 0, .. } => {
+                Err(Invalid::new("tiny_blip.max_tokens", "must be at least 1"))
+            }
             CaptionSource::Import { model, .. } if model.trim().is_empty() => {
                 Err(Invalid::new("import.model", "name whose captions to use (e.g. gpt4o)"))
             }
@@ -172,7 +205,7 @@ pub fn compute(
     store: &Store,
     telemetry: &TelemetryConfig,
 ) -> Result<CaptionsReport, FeatureError> {
-    let CaptionSource::Blip { dir, prompt, max_tokens } = source else {
+    let Some((id, prompt, max_tokens)) = source.captioner()? else {
         let captions = load(source, ds, store)?;
         return Ok(CaptionsReport {
             source: captions.source.clone(),
@@ -181,7 +214,6 @@ pub fn compute(
             without_image: ds.num_items() - captions.len(),
         });
     };
-    let id = Blip::cache_id(dir, prompt, *max_tokens)?;
     let mut cache = CaptionCache::open(store, &id)?;
     let mut todo = Vec::new();
     let (mut reused, mut without_image) = (0, 0);
@@ -196,14 +228,14 @@ pub fn compute(
     if todo.is_empty() {
         return Ok(CaptionsReport { source: id, computed: 0, reused, without_image });
     }
-    let mut blip = Blip::load(dir)?;
+    let mut blip = source.load_captioner()?;
     let snapshot_dir = snapshot::dir(&ds.name, &ds.key);
     let mut progress = Progress::new(telemetry, "captions", todo.len() as u64);
     let mut pending = Vec::new();
     for (item, sha) in &todo {
         let img = super::read_image(store, &snapshot_dir, item)?;
         let caption = blip
-            .caption(&img, prompt, *max_tokens)
+            .caption(&img, prompt, max_tokens)
             .map_err(|e| FeatureError::Item { item: item.id.clone(), reason: format!("captioning: {e}") })?;
         pending.push((sha.clone(), caption));
         if pending.len() >= COMMIT_EVERY {
@@ -220,8 +252,8 @@ pub fn compute(
 /// the imported file's.
 pub fn load(source: &CaptionSource, ds: &Dataset, store: &Store) -> Result<Captions, FeatureError> {
     match source {
-        CaptionSource::Blip { dir, prompt, max_tokens } => {
-            let id = Blip::cache_id(dir, prompt, *max_tokens)?;
+        CaptionSource::Blip { .. } | CaptionSource::TinyBlip { .. } => {
+            let id = source.captioner()?.map(|(id, _, _)| id).unwrap_or_default();
             let cache = CaptionCache::open(store, &id)?;
             let by_item = ds
                 .items

@@ -25,7 +25,6 @@ pub use config::{
 };
 pub use table::{FeatureTable, FeatureTableError};
 
-#[cfg(test)]
 pub(crate) use seeded::var_builder as seeded_var_builder;
 
 use crate::data::{snapshot, Dataset};

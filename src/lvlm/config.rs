@@ -113,6 +113,11 @@ pub enum BackboneConfig {
     Llm(LlmSource),
     /// A moondream2 vision-language model in process, from a Hugging Face directory.
     Moondream { dir: PathBuf },
+    /// moondream2's architecture, tiny, with seeded random weights (tests, code-path checks).
+    TinyMoondream {
+        #[serde(default)]
+        seed: u64,
+    },
 }
 
 /// Settings of the in-process backbones.
@@ -234,7 +239,7 @@ impl LvlmConfig {
                 BackboneConfig::Moondream { dir } if dir.as_os_str().is_empty() => {
                     return Err(Invalid::new(format!("backbones.{name}.moondream.dir"), "must not be empty"))
                 }
-                BackboneConfig::Moondream { .. } => {}
+                BackboneConfig::Moondream { .. } | BackboneConfig::TinyMoondream { .. } => {}
             }
         }
         if let Some(b) = &self.backbone {

@@ -84,6 +84,9 @@ pub struct UserAnswer {
     pub candidates: Vec<String>,
     /// Item ids as the answer ranked them.
     pub ranking: Vec<String>,
+    /// The prompt as sent, and how many images went with it.
+    pub prompt: String,
+    pub images: usize,
     pub explanation: String,
     /// The answer as the model wrote it.
     pub answer: String,
@@ -292,6 +295,8 @@ pub fn run(strategy: Strategy, backend: &dyn Backend, inp: &Inputs<'_>) -> Resul
             target_rank,
             candidates: order.iter().map(|&c| id(c)).collect(),
             ranking: p.ranking.iter().map(|&pos| id(order[pos])).collect(),
+            prompt: requests[i].prompt.clone(),
+            images: requests[i].images.len(),
             explanation: p.explanation.clone(),
             answer: reply.as_ref().map(|r| r.text.clone()).unwrap_or_default(),
             error,
@@ -367,6 +372,8 @@ mod tests {
             target_rank: rank,
             candidates: vec![],
             ranking: vec!["x".into(); ranking],
+            prompt: String::new(),
+            images: 0,
             explanation: String::new(),
             answer: text.into(),
             error: error.map(String::from),

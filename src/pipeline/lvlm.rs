@@ -50,6 +50,7 @@ fn backend(cfg: &BackboneConfig, job: &JobConfig) -> Result<Box<dyn Backend>> {
         BackboneConfig::Openai(o) => Box::new(OpenAi::new(o)?),
         BackboneConfig::Llm(source) => Box::new(LocalText::load(source, &job.lvlm.local)?),
         BackboneConfig::Moondream { dir } => Box::new(Moondream::load(dir)?),
+        BackboneConfig::TinyMoondream { seed } => Box::new(Moondream::tiny(*seed)?),
     })
 }
 

@@ -45,40 +45,55 @@ impl Moondream {
             Ok(text) => Some(serde_json::from_str(&text).map_err(|e| at(&config_path, &e))?),
             Err(_) => None,
         };
-        let (cfg, embed_len) = match &raw {
+        let weights = dir.join("model.safetensors");
+        // SAFETY: mapped read-only; the file is not modified while the model lives.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu) }
+            .map_err(|e| at(&weights, &e))?;
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| at(&tok_path, &e))?;
+        let files = ["config.json", "model.safetensors", "tokenizer.json"];
+        let present: Vec<&str> = files.iter().copied().filter(|f| dir.join(f).exists()).collect();
+        let hash = crate::features::hash_dir_files(dir, &present).map_err(fatal)?;
+        Self::build(raw.as_ref(), vb, tokenizer, format!("moondream {hash}")).map_err(|e| at(dir, &e))
+    }
+
+    /// moondream2's architecture with a Phi decoder a few dozen wide and seeded random weights (the
+    /// vision tower keeps moondream's fixed 1152-wide patch embedding): for tests and code-path checks,
+    /// its answers say nothing about what a real moondream2 would answer.
+    pub fn tiny(seed: u64) -> Result<Self, BackendError> {
+        let (raw, tokenizer) = tiny_config()?;
+        let (vb, _) = crate::features::seeded_var_builder(seed, &Device::Cpu);
+        Self::build(Some(&raw), vb, tokenizer, format!("tiny moondream seed {seed}")).map_err(fatal)
+    }
+
+    /// The model from a config (moondream2's own without one), weights and tokenizer.
+    fn build(
+        raw: Option<&serde_json::Value>,
+        vb: VarBuilder,
+        tokenizer: Tokenizer,
+        name: String,
+    ) -> Result<Self, String> {
+        let (cfg, embed_len) = match raw {
             Some(v) if v.get("phi_config").is_some() => (
-                serde_json::from_value::<moondream::Config>(v.clone()).map_err(|e| at(&config_path, &e))?,
+                serde_json::from_value::<moondream::Config>(v.clone()).map_err(|e| format!("config.json: {e}"))?,
                 v["vision_config"]["embed_len"].as_u64().unwrap_or(729) as usize,
             ),
             _ => (moondream::Config::v2(), 729),
         };
         let side = (embed_len as f64).sqrt().round() as usize;
         if side * side != embed_len {
-            return Err(at(
-                &config_path,
-                &format!("vision_config.embed_len {embed_len} is not a square number of patches"),
-            ));
+            return Err(format!("vision_config.embed_len {embed_len} is not a square number of patches"));
         }
-        let weights = dir.join("model.safetensors");
-        // SAFETY: mapped read-only; the file is not modified while the model lives.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu) }
-            .map_err(|e| at(&weights, &e))?;
-        let model = moondream::Model::new(&cfg, vb).map_err(|e| at(&weights, &e))?;
-        let tok_path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| at(&tok_path, &e))?;
+        let model = moondream::Model::new(&cfg, vb).map_err(|e| e.to_string())?;
         let bos = raw
-            .as_ref()
             .and_then(|v| v.get("bos_token_id").and_then(serde_json::Value::as_u64))
             .map(|v| v as u32)
             .or_else(|| tokenizer.token_to_id("<|endoftext|>"))
-            .ok_or_else(|| at(&tok_path, &"no <|endoftext|> token and no bos_token_id in config.json"))?;
+            .ok_or("no <|endoftext|> token and no bos_token_id in config.json")?;
         let vocab = tokenizer.get_vocab_size(true) as u32;
         let texts = (0..vocab).filter_map(|id| tokenizer.decode(&[id], false).ok().map(|t| (id, t)));
         let list_tokens = grammar::list_tokens(texts);
-        let files = ["config.json", "model.safetensors", "tokenizer.json"];
-        let present: Vec<&str> = files.iter().copied().filter(|f| dir.join(f).exists()).collect();
-        let hash = crate::features::hash_dir_files(dir, &present).map_err(fatal)?;
-        let identity = format!("moondream {hash} greedy list-constrained");
+        let identity = format!("{name} greedy list-constrained");
         Ok(Self { model: RefCell::new(model), tokenizer, image_size: side * PATCH, bos, list_tokens, identity })
     }
 
@@ -166,12 +181,9 @@ impl Backend for Moondream {
     }
 }
 
-/// Writes a tiny moondream2 with seeded random weights as a Hugging Face directory (the vision tower
-/// keeps moondream's fixed 1152-wide patch embedding; everything else is a few dozen wide): a check
-/// of the vision code path, which says nothing about what a real moondream2 would answer.
-#[cfg(test)]
-pub(crate) fn tiny_moondream_dir(dir: &Path) {
-    let tokenizer = crate::model::llm::tiny::tokenizer(512).unwrap();
+/// The tiny moondream2's config.json (with its BOS id) and tokenizer (the tiny LLM's byte-level BPE).
+fn tiny_config() -> Result<(serde_json::Value, Tokenizer), BackendError> {
+    let tokenizer = crate::model::llm::tiny::tokenizer(512).map_err(fatal)?;
     let cfg = serde_json::json!({
         "phi_config": {
             "vocab_size": tokenizer.get_vocab_size(true), "n_positions": 512, "n_embd": 64, "n_layer": 2,
@@ -184,12 +196,7 @@ pub(crate) fn tiny_moondream_dir(dir: &Path) {
         },
         "bos_token_id": 1
     });
-    let parsed: moondream::Config = serde_json::from_value(cfg.clone()).unwrap();
-    let (vb, weights) = crate::features::seeded_var_builder(5, &Device::Cpu);
-    moondream::Model::new(&parsed, vb).unwrap();
-    weights.save(dir).unwrap();
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    tokenizer.save(dir.join("tokenizer.json"), false).unwrap();
+    Ok((cfg, tokenizer))
 }
 
 #[cfg(test)]
@@ -197,11 +204,22 @@ mod tests {
     use super::*;
     use crate::lvlm::answer;
 
+    /// The tiny moondream written as a Hugging Face directory (config.json, model.safetensors,
+    /// tokenizer.json) and loaded back through `load`.
+    fn from_dir(seed: u64) -> Moondream {
+        let dir = tempfile::tempdir().unwrap();
+        let (raw, tokenizer) = tiny_config().unwrap();
+        let (vb, weights) = crate::features::seeded_var_builder(seed, &Device::Cpu);
+        Moondream::build(Some(&raw), vb, tokenizer.clone(), "x".into()).unwrap();
+        weights.save(dir.path()).unwrap();
+        std::fs::write(dir.path().join("config.json"), raw.to_string()).unwrap();
+        tokenizer.save(dir.path().join("tokenizer.json"), false).unwrap();
+        Moondream::load(dir.path()).unwrap()
+    }
+
     #[test]
     fn a_tiny_moondream_reads_one_or_several_images_and_answers_a_parsable_list() {
-        let dir = tempfile::tempdir().unwrap();
-        tiny_moondream_dir(dir.path());
-        let m = Moondream::load(dir.path()).unwrap();
+        let m = from_dir(5);
         assert_eq!(m.image_size, 28);
         let png =
             |rgb: [u8; 3]| crate::lvlm::images::png(&image::RgbImage::from_pixel(30, 20, image::Rgb(rgb))).unwrap();
@@ -224,5 +242,11 @@ mod tests {
         // Each image adds its patches to what the decoder reads.
         assert_eq!(replies[1].prompt_tokens - replies[0].prompt_tokens, 4);
         assert_eq!(replies[0].prompt_tokens - replies[2].prompt_tokens, 4);
+        // The same weights in memory answer the same.
+        let mut again = vec![None, None, None];
+        Moondream::tiny(5).unwrap().answer(&requests, &mut |i, r| again[i] = Some(r.unwrap().text)).unwrap();
+        for (r, t) in replies.iter().zip(again) {
+            assert_eq!(Some(r.text.clone()), t);
+        }
     }
 }
