@@ -357,6 +357,71 @@ fn cost(answers: &[UserAnswer], sent: usize, seconds_answering: f64) -> Cost {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::Negatives;
+
+    #[test]
+    fn candidate_lists_come_from_the_snapshot_or_the_stored_negatives() {
+        let mut ds = crate::data::candidates::tests::ds();
+        let cfg = LvlmConfig::default();
+        assert!(candidate_lists(&ds, &cfg).unwrap_err().to_string().contains("has no fixed candidate lists"));
+        ds.candidates = vec![CandidateList { user: 1, candidates: vec![8, 1], target: 1 }];
+        assert_eq!(candidate_lists(&ds, &cfg).unwrap(), ds.candidates);
+        // sampled:2: each user's test target and its first two stored negatives, shuffled by the seed.
+        ds.negatives = Negatives { per_user: 3, valid: vec![0; 6], test: vec![6, 7, 8, 2, 3, 5] };
+        let sampled = LvlmConfig { protocol: Protocol::Sampled(2), ..LvlmConfig::default() };
+        let lists = candidate_lists(&ds, &sampled).unwrap();
+        let sorted = |l: &CandidateList| {
+            let mut c = l.candidates.clone();
+            c.sort();
+            (l.user, c, l.target)
+        };
+        assert_eq!(sorted(&lists[0]), (0, vec![4, 6, 7], 4));
+        assert_eq!(sorted(&lists[1]), (1, vec![1, 2, 3], 1));
+        assert_eq!(lists, candidate_lists(&ds, &sampled).unwrap(), "seeded");
+        let one = LvlmConfig { users: crate::eval::UserSample::Count(1), ..sampled.clone() };
+        assert_eq!(candidate_lists(&ds, &one).unwrap().len(), 1);
+        let too_many = LvlmConfig { protocol: Protocol::Sampled(4), ..LvlmConfig::default() };
+        assert!(candidate_lists(&ds, &too_many).unwrap_err().to_string().contains("stores 3 negatives"));
+    }
+
+    struct Fixed(Vec<f32>);
+    impl Scorer for Fixed {
+        fn score(&self, h: &[&[u32]]) -> crate::model::Result<Vec<f32>> {
+            Ok(h.iter().flat_map(|_| self.0.clone()).collect())
+        }
+    }
+
+    #[test]
+    fn rerankers_list_the_candidates_in_the_base_models_order_ties_in_list_order() {
+        let ds = crate::data::candidates::tests::ds();
+        //                      item: 0    1    2    3    4    5    6    7    8
+        let base = Fixed(vec![0.0, 0.1, 0.9, 0.5, 0.7, 0.7, 0.2, 0.8, 0.3]);
+        let lists = [CandidateList { user: 0, candidates: vec![5, 8, 4, 7], target: 4 }];
+        let (store, templates, tel) =
+            (Store::open("memory://").unwrap(), Templates::builtin(), TelemetryConfig::default());
+        let inp = Inputs {
+            ds: &ds,
+            store: &store,
+            cfg: &LvlmConfig::default(),
+            templates: &templates,
+            ks: &[1],
+            lists: &lists,
+            base: Some(&base),
+            captions: None,
+            telemetry: &tel,
+            fresh: false,
+        };
+        assert_eq!(display_orders(Strategy::S5, &inp).unwrap(), vec![vec![7, 5, 4, 8]]);
+        assert_eq!(display_orders(Strategy::S4, &inp).unwrap(), vec![vec![5, 8, 4, 7]]);
+        // The prompt lists them numbered in that order, after the history (oldest first).
+        let (req, shown) = request(Strategy::S5, &inp, &lists[0], &[7, 5, 4, 8]).unwrap();
+        assert_eq!((req.labels, req.list_length), (4, 4));
+        let titles: Vec<String> = [7, 5, 4, 8].iter().map(|&i| shown_title(&ds.item(i).meta.title, None)).collect();
+        assert_eq!(shown, titles);
+        let at = |needle: &str| req.prompt.find(needle).unwrap_or_else(|| panic!("no {needle:?} in {}", req.prompt));
+        assert!(at("1. no title") < at("3. no title") && at("3. no title") < at("[1] no title"));
+        assert!(at("[1] no title") < at("[4] no title") && !req.prompt.contains("[5]"));
+    }
 
     #[test]
     fn titles_are_shown_whole_or_cut_to_words() {
