@@ -12,7 +12,7 @@
 use candle_core::{DType, Tensor, D};
 
 use super::frozen::FrozenLinear;
-use super::ops::{rms_norm, rope};
+use super::ops::{causal_softmax_after, rms_norm, rope};
 use super::Llama;
 
 /// Keys and values (after RoPE) of every layer for a batch of sequences, in buffers with room to
@@ -118,11 +118,12 @@ impl KvCache {
         Ok(())
     }
 
-    /// Additive attention mask `[rows, 1, 1, t, used + t]` for `t` new tokens per row, or `None`
-    /// when every row may see every earlier slot.
+    /// Additive attention mask `[rows, 1, 1, t, used + t]` for `t` new tokens per row when some row
+    /// has padded slots, or `None` when every row may see every earlier slot (and the new ones
+    /// causally).
     fn mask(&self, t: usize, dtype: DType, dev: &candle_core::Device) -> candle_core::Result<Option<Tensor>> {
         let padded = self.valid.iter().any(|r| r.iter().any(|v| !v));
-        if !padded && t == 1 {
+        if !padded {
             return Ok(None);
         }
         let total = self.used + t;

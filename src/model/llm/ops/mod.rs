@@ -11,7 +11,7 @@ mod softmax;
 
 pub use rms_norm::rms_norm;
 pub use rope::rope;
-pub use softmax::causal_softmax;
+pub use softmax::{causal_softmax, causal_softmax_after};
 
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, WithDType};
 

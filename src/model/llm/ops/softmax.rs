@@ -13,30 +13,42 @@ use super::{run, run2, Kernel, Kernel2};
 /// `softmax(scale · x + causal mask)` over the last dimension of `x` `[.., t, t]`: row i keeps
 /// columns 0..=i. Differentiable; on devices other than the CPU it runs as primitive ops.
 pub fn causal_softmax(x: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
-    let t = x.dim(D::Minus1)?;
-    if x.dim(D::Minus2)? != t {
-        candle_core::bail!("causal softmax needs square [.., t, t] scores, got {:?}", x.dims());
+    causal_softmax_after(x, scale, 0)
+}
+
+/// The same for `t` new positions after `past` earlier ones: scores `[.., t, past + t]`, row i keeps
+/// columns 0..=past + i (generation with a key/value cache).
+pub fn causal_softmax_after(x: &Tensor, scale: f64, past: usize) -> candle_core::Result<Tensor> {
+    let t = x.dim(D::Minus2)?;
+    let cols = x.dim(D::Minus1)?;
+    if cols != past + t {
+        candle_core::bail!(
+            "causal softmax after {past} positions needs [.., t, {past} + t] scores, got {:?}",
+            x.dims()
+        );
     }
     if x.device().is_cpu() {
-        return x.contiguous()?.apply_op1(CausalSoftmax { scale, t });
+        return x.contiguous()?.apply_op1(CausalSoftmax { scale, t, past });
     }
-    let mask: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { -1e9 } else { 0.0 }).collect();
-    let mask = Tensor::from_vec(mask, (t, t), x.device())?.to_dtype(x.dtype())?;
+    let mask: Vec<f32> = (0..t * cols).map(|i| if i % cols > past + i / cols { -1e9 } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, (t, cols), x.device())?.to_dtype(x.dtype())?;
     candle_nn::ops::softmax(&(x * scale)?.broadcast_add(&mask)?, D::Minus1)
 }
 
 struct CausalSoftmax {
     scale: f64,
-    /// Length of a row (and rows per matrix).
+    /// Rows per matrix (new positions).
     t: usize,
+    /// Earlier positions every row also sees; a row is `past + t` long.
+    past: usize,
 }
 
 impl Kernel for CausalSoftmax {
     fn apply<T: WithDType>(&self, x: &[T]) -> Vec<T> {
-        let (t, scale) = (self.t, self.scale);
+        let (t, scale, cols) = (self.t, self.scale, self.past + self.t);
         let mut out = vec![T::from_f64(0.0); x.len()];
-        for (r, (row, o)) in x.chunks_exact(t).zip(out.chunks_exact_mut(t)).enumerate() {
-            let keep = r % t + 1;
+        for (r, (row, o)) in x.chunks_exact(cols).zip(out.chunks_exact_mut(cols)).enumerate() {
+            let keep = self.past + r % t + 1;
             let m = row[..keep].iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.to_f64() * scale));
             let mut sum = 0.0;
             for (o, v) in o[..keep].iter_mut().zip(&row[..keep]) {
@@ -54,10 +66,12 @@ impl Kernel for CausalSoftmax {
 
 impl Kernel2 for CausalSoftmaxGrad {
     fn apply<T: WithDType>(&self, p: &[T], g: &[T]) -> Vec<T> {
-        let (t, scale) = (self.0.t, self.0.scale);
+        let (t, scale, cols) = (self.0.t, self.0.scale, self.0.past + self.0.t);
         let mut out = vec![T::from_f64(0.0); p.len()];
-        for (r, ((pr, gr), o)) in p.chunks_exact(t).zip(g.chunks_exact(t)).zip(out.chunks_exact_mut(t)).enumerate() {
-            let keep = r % t + 1;
+        for (r, ((pr, gr), o)) in
+            p.chunks_exact(cols).zip(g.chunks_exact(cols)).zip(out.chunks_exact_mut(cols)).enumerate()
+        {
+            let keep = self.0.past + r % t + 1;
             let dot: f64 = pr[..keep].iter().zip(&gr[..keep]).map(|(p, g)| p.to_f64() * g.to_f64()).sum();
             for ((o, p), g) in o[..keep].iter_mut().zip(&pr[..keep]).zip(&gr[..keep]) {
                 *o = T::from_f64(scale * p.to_f64() * (g.to_f64() - dot));
@@ -79,7 +93,7 @@ impl CustomOp1 for CausalSoftmax {
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(res.apply_op2_no_bwd(
             &grad_res.contiguous()?,
-            &CausalSoftmaxGrad(CausalSoftmax { scale: self.scale, t: self.t }),
+            &CausalSoftmaxGrad(CausalSoftmax { scale: self.scale, t: self.t, past: self.past }),
         )?))
     }
 }
@@ -115,6 +129,18 @@ mod tests {
         let mask: Vec<f64> = (0..t * t).map(|i| if i % t > i / t { -1e9 } else { 0.0 }).collect();
         let mask = Tensor::from_vec(mask, (t, t), x.device()).unwrap().to_dtype(x.dtype()).unwrap();
         candle_nn::ops::softmax(&(x * scale).unwrap().broadcast_add(&mask).unwrap(), D::Minus1).unwrap()
+    }
+
+    #[test]
+    fn after_earlier_positions_each_row_sees_them_and_its_own_prefix() {
+        // 2 new rows after 3 earlier positions: row 0 keeps 4 columns, row 1 all 5.
+        let x = random_f64(&[1, 2, 2, 5], 4);
+        let fused = causal_softmax_after(&x, 0.5, 3).unwrap();
+        let mask: Vec<f64> = (0..10).map(|i| if i % 5 > 3 + i / 5 { -1e9 } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, (2, 5), x.device()).unwrap();
+        let plain = candle_nn::ops::softmax(&(&x * 0.5).unwrap().broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
+        assert!(max_abs_diff(&fused, &plain) < 1e-12);
+        assert!(causal_softmax_after(&x, 0.5, 2).is_err());
     }
 
     #[test]
