@@ -21,6 +21,14 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 for arm in "${arms[@]}"; do
   job="$dir/$arm.yaml"
   echo "== $arm ($(date -u +%H:%M:%S))"
-  mpirun --oversubscribe -np "$np" "$bin" train --job "$job" --model illmrec --auto-resume
+  # A run that fails (a rank killed, a timeout on a loaded machine) continues from its last
+  # checkpoint, up to three tries.
+  for try in 1 2 3; do
+    if mpirun --oversubscribe -np "$np" "$bin" train --job "$job" --model illmrec --auto-resume; then
+      break
+    fi
+    [ "$try" -lt 3 ] || { echo "== $arm failed three times" >&2; exit 1; }
+    echo "== $arm: try $try failed; resuming"
+  done
   "$bin" eval --job "$job" --model illmrec --protocol sampled:100 --protocol full
 done

@@ -168,8 +168,8 @@ fn alive(pid: u32) -> bool {
 }
 
 /// Starts a long 2-rank run, waits until it trains, sends `signal` to rank 1, and checks that every
-/// process is gone with a non-zero status within `limit`.
-fn disrupt_one_rank(signal: &str, timeout_secs: u64, limit: Duration) {
+/// process is gone with a non-zero status within `limit`; mpirun's exit status.
+fn disrupt_one_rank(signal: &str, timeout_secs: u64, limit: Duration) -> std::process::ExitStatus {
     let dir = setup(&[("long", 100_000, timeout_secs)]);
     let log = dir.path().join("mpirun.log");
     let mut child = mpirun(dir.path(), 2, &["train", "--job", "long.yaml", "--model", "illmrec"])
@@ -218,17 +218,21 @@ fn disrupt_one_rank(signal: &str, timeout_secs: u64, limit: Duration) {
     assert!(!exit.success(), "the job must fail when a rank dies");
     assert!(left.is_empty(), "rank processes survived: {left:?}");
     assert!(took < limit);
+    exit
 }
 
 #[test]
 fn killing_one_rank_ends_every_rank_within_a_minute() {
-    disrupt_one_rank("-KILL", 60, Duration::from_secs(60));
+    let status = disrupt_one_rank("-KILL", 60, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(137), "mpirun reports the killed rank");
 }
 
 #[test]
 fn a_stalled_rank_trips_the_watchdog_of_the_others() {
-    // SIGSTOP freezes rank 1 without killing it: only the other rank's watchdog (3 s) can end this.
-    disrupt_one_rank("-STOP", 3, Duration::from_secs(30));
+    // SIGSTOP freezes rank 1 without killing it: only the other rank's watchdog (3 s) can end this,
+    // with the status that says "a collective timed out".
+    let status = disrupt_one_rank("-STOP", 3, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(75), "the watchdog's exit status");
 }
 
 /// An OTLP receiver (scripts/otlp-receiver.py, decoding the protocol with `opentelemetry-proto`) on a
@@ -372,4 +376,43 @@ fn a_failing_command_still_flushes_its_spans_marked_as_an_error() {
     assert_eq!(job["attributes"]["command"], "eval");
     assert!(job["attributes"]["error"].as_str().unwrap_or_default().contains("illmrec train"), "{job}");
     assert_eq!(job["status"]["code"], 2, "status ERROR: {job}");
+}
+
+#[test]
+fn ranks_whose_parameters_drift_apart_are_stopped_by_the_digest_check() {
+    // Two ranks, one job file each, identical but for the learning rate: they start equal (the
+    // start-up check passes), their updates differ, and the check after step 2 must stop them.
+    let dir = setup(&[("same", 6, 60)]);
+    let text = std::fs::read_to_string(dir.path().join("same.yaml")).unwrap();
+    std::fs::write(dir.path().join("drift.yaml"), text.replace("lr: 0.001", "lr: 0.002")).unwrap();
+    let mut c = mpirun(dir.path(), 1, &["train", "--job", "same.yaml", "--model", "illmrec"]);
+    c.args([":", "-np", "1", BIN, "train", "--job", "drift.yaml", "--model", "illmrec"]);
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "ranks with different parameters must not finish:\n{err}");
+    assert!(err.contains("1 of 2 ranks differ from rank 0 in the parameters after step 2"), "{err}");
+}
+
+#[test]
+fn the_world_size_is_checked_against_the_job_and_the_launcher() {
+    let dir = setup(&[("sized", 2, 60)]);
+    let text = std::fs::read_to_string(dir.path().join("sized.yaml")).unwrap();
+    std::fs::write(dir.path().join("three.yaml"), text.replace("dist: {", "dist: {world_size: 3, ")).unwrap();
+    let out = mpirun(dir.path(), 2, &["train", "--job", "three.yaml", "--model", "illmrec"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("dist.world_size is 3, but 2 ranks were started (mpirun)"), "{err}");
+    // A launcher that says 2 tasks while MPI sees one process (srun without a PMI the MPI library
+    // speaks starts N singletons): refused instead of training N separate copies.
+    let out = Command::new(BIN)
+        .args(["train", "--job", "sized.yaml", "--model", "illmrec"])
+        .current_dir(dir.path())
+        .env("SLURM_PROCID", "0")
+        .env("SLURM_NTASKS", "2")
+        .env("SLURM_TASKS_PER_NODE", "2")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("srun started 2 tasks, but the mpi backend sees a world of 1"), "{err}");
 }

@@ -272,3 +272,18 @@ fn training_learns_a_next_item_that_its_features_predict() {
         assert!(h > pop_hit5 + 0.3, "{label}: Hit@5 {h:.3} must clearly beat Pop's {pop_hit5:.3}");
     }
 }
+
+#[test]
+fn resume_refuses_a_checkpoint_trained_with_other_settings() {
+    let (_dir, job, store) = setup();
+    let stop = TrainOptions { stop_after: Some(2), ..TrainOptions::default() };
+    fit(&train_job(&job), &store, Variant::Image, stop, &mut single()).unwrap();
+    let mut changed = job.clone();
+    changed.train.illmrec.lr *= 2.0;
+    let resume = TrainOptions { resume: true, ..TrainOptions::default() };
+    let err = fit(&train_job(&changed), &store, Variant::Image, resume.clone(), &mut single()).err().unwrap();
+    assert!(err.to_string().contains("was trained with different settings (train)"), "{err}");
+    // The same settings resume.
+    let r = fit(&train_job(&job), &store, Variant::Image, resume, &mut single()).unwrap();
+    assert_eq!(r.resumed_from, Some(2));
+}

@@ -51,16 +51,22 @@ impl Moto {
         moto
     }
 
-    /// Creates a bucket with one unsigned request (moto accepts those unless auth is enforced). A
-    /// server that accepts connections before it is ready may reset the first ones: retried for 30 s.
+    /// Creates a bucket with one unsigned request (moto accepts those unless auth is enforced).
     fn create_bucket(&self, bucket: &str) {
+        let reply = self.request("PUT", &format!("/{bucket}"));
+        assert!(reply.starts_with("HTTP/1.1 200"), "creating bucket {bucket}: {reply}");
+    }
+
+    /// One unsigned request without a body; the reply's status line and headers. A server that
+    /// accepts connections before it is ready may reset the first ones: retried for 30 s.
+    fn request(&self, method: &str, path: &str) -> String {
         let started = Instant::now();
-        let reply = loop {
+        loop {
             let attempt = || -> std::io::Result<String> {
                 let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
                 write!(
                     s,
-                    "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                     self.port
                 )?;
                 let mut reply = String::new();
@@ -70,13 +76,12 @@ impl Moto {
             match attempt() {
                 Ok(reply) => break reply,
                 Err(e) if started.elapsed() < Duration::from_secs(30) => {
-                    eprintln!("creating bucket {bucket}: {e}, retrying");
+                    eprintln!("{method} {path}: {e}, retrying");
                     std::thread::sleep(Duration::from_millis(200));
                 }
-                Err(e) => panic!("creating bucket {bucket}: {e}"),
+                Err(e) => panic!("{method} {path}: {e}"),
             }
-        };
-        assert!(reply.starts_with("HTTP/1.1 200"), "creating bucket {bucket}: {reply}");
+        }
     }
 }
 
@@ -220,6 +225,15 @@ fn large_objects_go_up_in_parts_and_come_back_whole() {
     let big: Vec<u8> = (0..12u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
     store.put("runs/r/checkpoints/big/weights.safetensors", big.clone()).unwrap();
     assert!(store.get("runs/r/checkpoints/big/weights.safetensors").unwrap() == big);
+    // S3 gives an object uploaded in parts the ETag `"<md5 of the parts' md5s>-<parts>"`: three
+    // parts went up, not one PUT.
+    let head = moto.request("HEAD", "/illmrec-mp/p/runs/r/checkpoints/big/weights.safetensors");
+    let etag = head.lines().find_map(|l| l.strip_prefix("ETag: ").or_else(|| l.strip_prefix("etag: ")));
+    assert!(etag.is_some_and(|e| e.trim().trim_matches('"').ends_with("-3")), "not a 3-part upload:\n{head}");
+    // Below the threshold, one PUT: a plain ETag.
+    store.put("small", vec![7u8; 1024]).unwrap();
+    let head = moto.request("HEAD", "/illmrec-mp/p/small");
+    assert!(!head.contains("-1\""), "{head}");
 }
 
 fn walk(dir: &Path) -> usize {
@@ -378,4 +392,63 @@ fn wrong_credentials_fail_clearly_without_printing_the_secret() {
     assert!(err.contains("storage root") && err.contains("s3://illmrec-auth/p"), "{err}");
     assert!(err.contains("refused the credentials") && err.contains("InvalidAccessKeyId"), "{err}");
     assert!(!err.contains(SECRET), "the secret is printed: {err}");
+}
+
+#[test]
+fn the_final_checkpoint_is_retried_until_the_store_is_back() {
+    let moto = Moto::start(false);
+    moto.create_bucket("illmrec-fin");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // No checkpoint before the last step and no validation: the first upload is the final save's.
+    let retry = ", s3: {retries: 1, retry_timeout_secs: 2}";
+    let text = job("s3://illmrec-fin/x", 6, retry)
+        .replace("checkpoint_every: 2}", "checkpoint_every: 100, validate_every: 0}");
+    std::fs::write(d.join("s3.yaml"), text).unwrap();
+    let proxy = CutOffProxy::start(moto.port, "weights.safetensors");
+    prepare(d, Some(proxy.port), "s3.yaml", true);
+    let mut cmd = Command::new(BIN);
+    s3_env(&mut cmd, proxy.port);
+    let mut child = cmd
+        .args(["train", "--job", "s3.yaml", "--model", "illmrec"])
+        .current_dir(d)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut reported = String::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+        reported.push_str(&line);
+        reported.push('\n');
+        if line.contains("final checkpoint at step 6 failed (attempt 1 of 5)") {
+            proxy.up();
+        }
+    }
+    assert!(child.wait().unwrap().success(), "the run failed:\n{reported}");
+    assert!(reported.contains("(attempt 1 of 5), retrying in 2s"), "{reported}");
+    let store = open_s3(moto.port, "s3://illmrec-fin/x");
+    assert_eq!(illmrec::train::runs::load_latest(&store, "s3t-illmrec").unwrap().unwrap().step, 6);
+}
+
+#[test]
+fn an_s3_root_without_keys_is_refused_rather_than_asking_a_metadata_service() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("s3.yaml"), job("s3://illmrec-nokeys/p", 2, "")).unwrap();
+    let out = Command::new(BIN)
+        .args(["prepare", "--job", "s3.yaml"])
+        .current_dir(dir.path())
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN")
+        // Were the refusal to break, a client must still not leave loopback.
+        .env("AWS_METADATA_ENDPOINT", "http://127.0.0.1:9")
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", free_port()))
+        .env("AWS_ALLOW_HTTP", "true")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"), "{err}");
+    assert!(err.contains("instance_credentials: true"), "{err}");
 }

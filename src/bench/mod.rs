@@ -49,7 +49,7 @@ pub struct StepBench {
     pub seconds_per_step: f64,
     pub seconds_per_sample: f64,
     pub samples_per_second: f64,
-    pub padded_tokens_per_step: f64,
+    pub tokens_per_step: f64,
     pub tokens_per_second: f64,
     pub prompts_seconds: f64,
     pub forward_seconds: f64,
@@ -90,7 +90,7 @@ pub fn step(
             sum.prompts += out.timings.prompts;
             sum.forward += out.timings.forward;
             sum.backward += out.timings.backward;
-            sum.padded_tokens += out.timings.padded_tokens;
+            sum.tokens += out.timings.tokens;
         }
     }
     let n = steps.max(1) as f64;
@@ -102,15 +102,15 @@ pub fn step(
         backend: coll.name(),
         world_size: coll.world(),
         threads: candle_core::utils::get_num_threads(),
-        matmul: crate::model::llm::cpu_matmul_backend(),
+        matmul: matmul_name(job.model.llm_matmul),
         batch_size: batch,
         steps,
         trainable_parameters: sess.model.num_parameters(),
         seconds_per_step: per_step,
         seconds_per_sample: per_step / batch as f64,
         samples_per_second: batch as f64 / per_step,
-        padded_tokens_per_step: sum.padded_tokens as f64 / n,
-        tokens_per_second: sum.padded_tokens as f64 / wall.max(1e-9),
+        tokens_per_step: sum.tokens as f64 / n,
+        tokens_per_second: sum.tokens as f64 / wall.max(1e-9),
         prompts_seconds: sum.prompts / n,
         forward_seconds: sum.forward / n,
         backward_seconds: sum.backward / n,
@@ -164,10 +164,10 @@ impl std::fmt::Display for StepBench {
         )?;
         writeln!(
             f,
-            "  {:.3}s per sample, {:.2} samples/s, {:.0} padded tokens/step, {:.0} tokens/s, peak RSS {:.0} MiB",
+            "  {:.3}s per sample, {:.2} samples/s, {:.0} tokens/step (cached prefixes not counted), {:.0} tokens/s, peak RSS {:.0} MiB",
             self.seconds_per_sample,
             self.samples_per_second,
-            self.padded_tokens_per_step,
+            self.tokens_per_step,
             self.tokens_per_second,
             self.peak_rss_mib
         )?;
@@ -294,6 +294,14 @@ impl std::fmt::Display for ScalingBench {
     }
 }
 
+/// What computes the frozen products, for the reports.
+fn matmul_name(m: crate::model::LlmMatmul) -> String {
+    match m {
+        crate::model::LlmMatmul::Bf16 => "bf16 (AVX-512 BF16, f32 sums)".into(),
+        crate::model::LlmMatmul::F32 => crate::model::llm::cpu_matmul_backend(),
+    }
+}
+
 /// CPU seconds this process has used (user + system), from /proc (Linux; 0 elsewhere).
 pub fn cpu_seconds() -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
@@ -323,10 +331,15 @@ pub struct LlmBench {
     pub step_peak_rss_mib: f64,
 }
 
-pub fn llm(job: &JobConfig, shapes: &[(usize, usize)]) -> Result<Vec<LlmBench>, TrainError> {
-    use candle_core::{DType, Device, Var};
-    let llm = crate::model::llm::Llm::load(&job.model.llm, DType::F32, &Device::Cpu)
-        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+/// `matmul` overrides the job's `model.llm_matmul`.
+pub fn llm(
+    job: &JobConfig,
+    shapes: &[(usize, usize)],
+    matmul: Option<crate::model::LlmMatmul>,
+) -> Result<Vec<LlmBench>, TrainError> {
+    use candle_core::{Device, Var};
+    let matmul = matmul.unwrap_or(job.model.llm_matmul);
+    let llm = crate::model::llm::Llm::load_for(&job.model.llm, matmul, &Device::Cpu)?;
     let h = llm.hidden_size();
     let mut out = Vec::new();
     for &(b, t) in shapes {
@@ -350,7 +363,7 @@ pub fn llm(job: &JobConfig, shapes: &[(usize, usize)]) -> Result<Vec<LlmBench>, 
         out.push(LlmBench {
             llm: llm.name.clone(),
             threads: candle_core::utils::get_num_threads(),
-            matmul: crate::model::llm::cpu_matmul_backend(),
+            matmul: matmul_name(matmul),
             batch: b,
             tokens: t,
             forward_seconds: f,

@@ -53,7 +53,10 @@ enum Command {
     Train {
         #[arg(long)]
         job: PathBuf,
-        /// pop, sasrec, illmrec, illmrec:title, illmrec:description, illmrec:image+description
+        /// pop, random, sasrec, morec:text, morec:image, morec:text+image, freedom, bm3, mmgcn,
+        /// illmrec, illmrec:title, illmrec:description, illmrec:image+description. Only the LLM
+        /// recommenders train data-parallel under mpirun/srun; the others (MoRec and the graph
+        /// models FREEDOM, BM3, MMGCN included) train in one process, on one rank.
         #[arg(long)]
         model: ModelKind,
         /// Continue the run from its LATEST checkpoint.
@@ -70,6 +73,10 @@ enum Command {
         /// Checkpoint and stop after this global step (the schedule still spans the whole run).
         #[arg(long)]
         stop_after: Option<u64>,
+        /// Rank 0 writes this file once training has ended normally (not on a preemption stop): a
+        /// batch script tells a finished job from ranks that never started.
+        #[arg(long, value_name = "PATH")]
+        done_file: Option<PathBuf>,
     },
     /// Evaluate a trained model.
     Eval {
@@ -208,6 +215,9 @@ enum BenchCommand {
         /// Comma-separated BATCHxTOKENS shapes.
         #[arg(long, default_value = "2x537,1x512,4x128")]
         shapes: String,
+        /// f32 or bf16 frozen products (default: the job's model.llm_matmul).
+        #[arg(long)]
+        matmul: Option<crate::model::LlmMatmul>,
     },
     /// Under mpirun -np 2+: the step at this world size, the all-reduce of a trainable set of
     /// `--floats` values, and the projected weak scaling to 8, 32 and 128 ranks.
@@ -287,7 +297,7 @@ pub fn main() -> Result<i32> {
             }
             Ok(())
         }),
-        Command::Train { job, model, resume, auto_resume, stop_after, from } => {
+        Command::Train { job, model, resume, auto_resume, stop_after, from, done_file } => {
             configure_threads();
             crate::distributed::preempt::install().context("installing the SIGUSR1 (preemption) handler")?;
             let job = load(&job)?;
@@ -305,6 +315,10 @@ pub fn main() -> Result<i32> {
                 let report = train::train(&tj, &store, model, TrainOptions { resume, stop_after, from }, &mut coll)?;
                 if coll.rank() == 0 {
                     println!("{} -> runs/{}", report.summary, report.run_id);
+                    if let (Some(path), false) = (&done_file, report.preempted) {
+                        std::fs::write(path, format!("{}\n", report.run_id))
+                            .with_context(|| format!("writing the done file {}", path.display()))?;
+                    }
                 }
                 Ok(report.preempted)
             })?;
@@ -342,7 +356,7 @@ pub fn main() -> Result<i32> {
                 .position(|id| *id == user)
                 .with_context(|| format!("user `{user}` is not in dataset {} (snapshot {})", ds.name, ds.key))?;
             let scorer = train::load_scorer(&pipeline::train_job(&job), &store, model, &ds, checkpoint)?;
-            let recs = eval::recommend::top_k(scorer.as_ref(), &ds, &ds.sequences[u], k)?;
+            let recs = eval::recommend::top_k(scorer.as_ref(), &ds, u, &ds.sequences[u], k)?;
             if json {
                 println!("{}", serde_json::to_string(&recs)?);
             } else {
@@ -478,7 +492,7 @@ fn bench(what: BenchCommand) -> Result<()> {
             println!("{}", serde_json::json!({"result": out.result.to_json(), "cost": cost}));
             Ok(())
         }
-        BenchCommand::Llm { job, shapes } => {
+        BenchCommand::Llm { job, shapes, matmul } => {
             let shapes = shapes
                 .split(',')
                 .map(|s| {
@@ -487,7 +501,7 @@ fn bench(what: BenchCommand) -> Result<()> {
                     Ok((b.parse()?, t.parse()?))
                 })
                 .collect::<Result<Vec<(usize, usize)>>>()?;
-            for r in crate::bench::llm(&load(&job)?, &shapes)? {
+            for r in crate::bench::llm(&load(&job)?, &shapes, matmul)? {
                 println!("{}", serde_json::to_string(&r)?);
             }
             Ok(())

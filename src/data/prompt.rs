@@ -70,6 +70,9 @@ pub enum Segment {
 pub struct Prompt {
     pub segments: Vec<Segment>,
     pub answer: Option<String>,
+    /// How many leading segments are the template's constant opening, the same in every prompt of
+    /// its kind: the LLM computes them once (its prefix cache).
+    pub prefix: usize,
 }
 
 /// What the alignment question asks about the next item.
@@ -192,8 +195,8 @@ impl PromptBuilder {
         push_text(out, "}");
     }
 
+    /// The history after its constant head: the items, then the closing text.
     fn history(&self, items: &[&Item], out: &mut Vec<Segment>) {
-        push_text(out, HISTORY_HEAD);
         for (k, item) in items.iter().enumerate() {
             if k > 0 {
                 push_text(out, ", ");
@@ -203,24 +206,33 @@ impl PromptBuilder {
         push_text(out, HISTORY_TAIL);
     }
 
+    /// The constant opening, as its own segments (tokenized on its own, so its tokens never merge
+    /// with the first item's), followed by the rest.
+    fn with_prefix(opening: String, rest: Vec<Segment>, answer: Option<String>) -> Prompt {
+        let mut segments = vec![Segment::Bos, Segment::Text(opening)];
+        let prefix = segments.len();
+        segments.extend(rest);
+        Prompt { segments, answer, prefix }
+    }
+
     /// RERI: BOS + history + the request + [REC].
     pub fn retrieval(&self, history: &[&Item]) -> Prompt {
-        let mut s = vec![Segment::Bos];
+        let mut s = Vec::new();
         self.history(history, &mut s);
         push_text(&mut s, RETRIEVAL_ASK);
         s.push(Segment::Rec);
-        Prompt { segments: s, answer: None }
+        Self::with_prefix(HISTORY_HEAD.to_string(), s, None)
     }
 
     /// RISA, Vicuna-v1 style: system, "USER: " history + question, " ASSISTANT: ", then the answer.
     pub fn alignment(&self, history: &[&Item], target: &Item, property: Property, paraphrase: usize) -> Prompt {
-        let mut s = vec![Segment::Bos];
-        push_text(&mut s, &format!("{SYSTEM} USER: "));
+        let mut s = Vec::new();
         self.history(history, &mut s);
         push_text(&mut s, ALIGNMENT_ASK);
         push_text(&mut s, property.question(paraphrase));
         push_text(&mut s, " ASSISTANT: ");
-        Prompt { segments: s, answer: Some(property.answer(&property.value(target))) }
+        let answer = Some(property.answer(&property.value(target)));
+        Self::with_prefix(format!("{SYSTEM} USER: {HISTORY_HEAD}"), s, answer)
     }
 }
 
@@ -261,6 +273,9 @@ mod tests {
                 "<s>{HISTORY_HEAD}{{Title: Pen, Visual representation: <i_vis:3>}}, {{Title: Unknown, Visual representation: <i_vis:7>}}{HISTORY_TAIL}{RETRIEVAL_ASK}[REC]"
             )
         );
+        // The constant opening is segments of its own: BOS and the history's head.
+        assert_eq!(p.prefix, 2);
+        assert_eq!(p.segments[1], Segment::Text(HISTORY_HEAD.to_string()));
         let d = PromptBuilder { variant: Variant::ImageDescription, max_description_words: 2 }.retrieval(&[&a]);
         assert!(text(&d).contains("{Title: Pen, Description: one two, Visual representation: <i_vis:3>}"));
         let t = PromptBuilder { variant: Variant::Title, max_description_words: 2 }.retrieval(&[&a]);
@@ -284,6 +299,7 @@ mod tests {
             "{t}"
         );
         assert_eq!(p.answer.as_deref(), Some("The brand of the next item to be consumed is 'Kalo'"));
+        assert_eq!((p.prefix, &p.segments[1]), (2, &Segment::Text(format!("{SYSTEM} USER: {HISTORY_HEAD}"))));
         assert_eq!(Property::Feature.value(&target), "one two three four", "no feature list: the description");
     }
 }

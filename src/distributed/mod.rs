@@ -53,7 +53,9 @@ pub struct DistConfig {
     /// Ranks the job expects; the run stops if the launcher started another number. Unset: any.
     #[serde(default)]
     pub world_size: Option<usize>,
-    /// Seconds a rank may wait in one collective during training before the job is stopped.
+    /// Seconds a rank may wait in one collective during training before the job is stopped, on top
+    /// of twice the time this rank itself spent computing the step (so a loaded machine, where every
+    /// step is slow, is not taken for a stalled rank).
     #[serde(default = "d_timeout")]
     pub timeout_secs: u64,
     /// The same for the first collective, which waits for every rank to load the model.
@@ -158,18 +160,32 @@ pub trait Collective {
 pub struct Guarded {
     inner: Box<dyn Collective>,
     watchdog: Watchdog,
-    timeout: Duration,
+    timeout: std::cell::Cell<Duration>,
+    /// Added to `timeout` for the next collective only (`grant`).
+    grace: std::cell::Cell<Duration>,
     spent: std::cell::Cell<Duration>,
 }
 
 impl Guarded {
     pub fn new(inner: Box<dyn Collective>, watchdog: Watchdog, timeout: Duration) -> Self {
-        Self { inner, watchdog, timeout, spent: std::cell::Cell::new(Duration::ZERO) }
+        Self {
+            inner,
+            watchdog,
+            timeout: std::cell::Cell::new(timeout),
+            grace: std::cell::Cell::new(Duration::ZERO),
+            spent: std::cell::Cell::new(Duration::ZERO),
+        }
     }
 
     /// Sets the deadline of later calls (a long one while every rank loads, a short one per step).
     pub fn set_timeout(&mut self, timeout: Duration) {
-        self.timeout = timeout;
+        self.timeout.set(timeout);
+    }
+
+    /// Lets the next collective wait `extra` longer than the timeout: the others may still be
+    /// computing what this rank has finished.
+    pub fn grant(&self, extra: Duration) {
+        self.grace.set(extra);
     }
 
     /// Time spent inside collectives since the last call, and resets the count.
@@ -179,7 +195,7 @@ impl Guarded {
 
     fn guard<T>(&self, what: &str, f: impl FnOnce() -> Result<T, DistError>) -> Result<T, DistError> {
         let started = Instant::now();
-        self.watchdog.arm(what, self.inner.rank(), self.timeout);
+        self.watchdog.arm(what, self.inner.rank(), self.timeout.get() + self.grace.take());
         let r = f();
         self.watchdog.disarm();
         self.spent.set(self.spent.get() + started.elapsed());

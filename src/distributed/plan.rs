@@ -41,7 +41,7 @@ impl ShardPlan {
             return Err(DistError::Setup("there are no users to train on".into()));
         }
         let global_batch = global_batch.min(users.len());
-        if global_batch % world != 0 || global_batch < world {
+        if !global_batch.is_multiple_of(world) || global_batch < world {
             return Err(DistError::Setup(format!(
                 "train.illmrec.batch_size {global_batch} (users per step over all ranks) must be a multiple of the {world} ranks"
             )));

@@ -21,7 +21,8 @@ pub fn target_ranks(
     let mut bar = progress.map(|t| Progress::new(t, "eval", lists.len() as u64));
     for chunk in lists.chunks(batch_size.max(1)) {
         let histories: Vec<&[u32]> = chunk.iter().map(|l| ds.history(l.user, Split::Test)).collect();
-        let scores = scorer.score(&histories)?;
+        let users: Vec<usize> = chunk.iter().map(|l| l.user).collect();
+        let scores = scorer.score_users(&users, &histories)?;
         check_scores(&scores, chunk.len(), width, |row| ds.user_ids[chunk[row].user].clone())?;
         for (row, l) in chunk.iter().enumerate() {
             let s = &scores[row * width..(row + 1) * width];

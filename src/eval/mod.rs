@@ -2,6 +2,7 @@
 //! protocols, over all users or a seeded sample of them.
 
 pub mod candidates;
+pub mod cost;
 pub mod metrics;
 pub mod plots;
 pub mod protocol;
@@ -193,7 +194,7 @@ pub fn target_ranks(
     let mut bar = progress.map(|t| Progress::new(t, "eval", users.len() as u64));
     for chunk in users.chunks(batch_size.max(1)) {
         let histories: Vec<&[u32]> = chunk.iter().map(|&u| ds.history(u, split)).collect();
-        let scores = scorer.score(&histories)?;
+        let scores = scorer.score_users(chunk, &histories)?;
         check_scores(&scores, chunk.len(), width, |row| ds.user_ids[chunk[row]].clone())?;
         for (row, &u) in chunk.iter().enumerate() {
             let s = &scores[row * width..(row + 1) * width];

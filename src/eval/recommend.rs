@@ -11,9 +11,10 @@ pub struct Recommendation {
     pub score: f32,
 }
 
-/// The `k` best items after `history` (item indices), best first; ties go to the lower index. A
-/// request that can only answer nothing (k = 0, or a history that holds every item) is an error.
-pub fn top_k(scorer: &dyn Scorer, ds: &Dataset, history: &[u32], k: usize) -> Result<Vec<Recommendation>> {
+/// The `k` best items for the snapshot's `user` after `history` (item indices), best first; ties go
+/// to the lower index. A request that can only answer nothing (k = 0, or a history that holds every
+/// item) is an error.
+pub fn top_k(scorer: &dyn Scorer, ds: &Dataset, user: usize, history: &[u32], k: usize) -> Result<Vec<Recommendation>> {
     if k == 0 {
         return Err(ModelError::Invalid("k must be at least 1: a top-0 list recommends nothing".into()));
     }
@@ -28,7 +29,7 @@ pub fn top_k(scorer: &dyn Scorer, ds: &Dataset, history: &[u32], k: usize) -> Re
             ds.num_items()
         )));
     }
-    let scores = scorer.score(&[history])?;
+    let scores = scorer.score_users(&[user], &[history])?;
     candidates.sort_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]).then(a.cmp(&b)));
     Ok(candidates
         .into_iter()
@@ -76,16 +77,16 @@ mod tests {
             candidates: vec![],
         };
         let scorer = Fixed(vec![0.0, 9.0, 1.0, 5.0, 5.0, 0.5]);
-        let r = top_k(&scorer, &ds, &[1, 2], 3).unwrap();
+        let r = top_k(&scorer, &ds, 0, &[1, 2], 3).unwrap();
         let ids: Vec<&str> = r.iter().map(|x| x.item.as_str()).collect();
         assert_eq!(ids, ["i3", "i4", "i5"]);
         assert_eq!((r[0].rank, r[0].title.as_str(), r[0].score), (1, "T3", 5.0));
         // Lists that could only be empty are refused, with the reason.
-        let zero = top_k(&scorer, &ds, &[1, 2], 0).unwrap_err().to_string();
+        let zero = top_k(&scorer, &ds, 0, &[1, 2], 0).unwrap_err().to_string();
         assert!(zero.contains("k must be at least 1"), "{zero}");
-        let all = top_k(&scorer, &ds, &[1, 2, 3, 4, 5], 3).unwrap_err().to_string();
+        let all = top_k(&scorer, &ds, 0, &[1, 2, 3, 4, 5], 3).unwrap_err().to_string();
         assert!(all.contains("nothing left to recommend"), "{all}");
         // A k beyond what is left returns what is left.
-        assert_eq!(top_k(&scorer, &ds, &[1, 2], 10).unwrap().len(), 3);
+        assert_eq!(top_k(&scorer, &ds, 0, &[1, 2], 10).unwrap().len(), 3);
     }
 }

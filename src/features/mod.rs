@@ -431,6 +431,8 @@ pub fn load(
     cf_table: &str,
 ) -> Result<ItemFeatures, FeatureError> {
     let n = ds.num_items();
+    // Imported tables are keyed by item id, whatever the kind (`import_table`).
+    let imported = import_of(cfg, kind).is_some();
     let (encoder, dim, lookup): (String, usize, Lookup) = match (kind, import_of(cfg, kind)) {
         (_, Some(import)) => {
             let (id, table) = import_id(import)?;
@@ -455,7 +457,8 @@ pub fn load(
     let mut missing = Vec::new();
     for item in &ds.items {
         let i = item.index as usize;
-        match content_key(kind, item).and_then(|k| lookup(&k)) {
+        let key = if imported { Some(format!("id:{}", item.id)) } else { content_key(kind, item) };
+        match key.and_then(|k| lookup(&k)) {
             Some(v) => {
                 values[i * dim..(i + 1) * dim].copy_from_slice(&v);
                 present[i] = true;

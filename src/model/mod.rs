@@ -1,9 +1,11 @@
 //! Models and what they share: the `Scorer` view evaluation uses, and the `model` job section.
 
+pub mod graph;
 pub mod illmrec;
 pub mod layers;
 pub mod llm;
 pub mod pop;
+pub mod random;
 pub mod sasrec;
 
 use serde::{Deserialize, Serialize};
@@ -66,6 +68,14 @@ pub trait Scorer {
     /// Scores of every item index 0..=N for each history (row-major, `histories.len() * (N + 1)`
     /// values). Index 0 is padding; its score is ignored.
     fn score(&self, histories: &[&[u32]]) -> Result<Vec<f32>>;
+
+    /// The same for users of the snapshot the model was trained on (`users[r]` is the index of the
+    /// user whose history is `histories[r]`). Evaluation and `recommend` call this. Models that learn
+    /// one vector per user (the graph models) need the user; the others score the history alone.
+    fn score_users(&self, users: &[usize], histories: &[&[u32]]) -> Result<Vec<f32>> {
+        let _ = users;
+        self.score(histories)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -78,12 +88,44 @@ pub struct ModelConfig {
     pub llm: llm::LlmSource,
     #[serde(default)]
     pub illmrec: illmrec::IllmRecConfig,
+    /// How the frozen LLM's products run on the CPU: `f32`, or `bf16` (inputs rounded to bf16, f32
+    /// sums: twice the f32 rate on CPUs with AVX-512 BF16; f32 with a warning on other CPUs).
+    #[serde(default)]
+    pub llm_matmul: LlmMatmul,
+    #[serde(default)]
+    pub freedom: graph::freedom::FreedomConfig,
+    #[serde(default)]
+    pub bm3: graph::bm3::Bm3Config,
+    #[serde(default)]
+    pub mmgcn: graph::mmgcn::MmgcnConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LlmMatmul {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for LlmMatmul {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(LlmMatmul::F32),
+            "bf16" => Ok(LlmMatmul::Bf16),
+            _ => Err(format!("`{s}` is not f32 or bf16")),
+        }
+    }
 }
 
 impl ModelConfig {
     pub fn validate(&self) -> std::result::Result<(), Invalid> {
         self.sasrec.validate().map_err(|e| Invalid::new(format!("sasrec.{}", e.key), e.message))?;
         self.llm.validate().map_err(|e| Invalid::new(format!("llm.{}", e.key), e.message))?;
-        self.illmrec.validate().map_err(|e| Invalid::new(format!("illmrec.{}", e.key), e.message))
+        self.illmrec.validate().map_err(|e| Invalid::new(format!("illmrec.{}", e.key), e.message))?;
+        self.freedom.validate().map_err(|e| Invalid::new(format!("freedom.{}", e.key), e.message))?;
+        self.bm3.validate().map_err(|e| Invalid::new(format!("bm3.{}", e.key), e.message))?;
+        self.mmgcn.validate().map_err(|e| Invalid::new(format!("mmgcn.{}", e.key), e.message))
     }
 }

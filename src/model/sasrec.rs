@@ -54,7 +54,7 @@ impl Default for SasRecConfig {
 
 impl SasRecConfig {
     pub fn validate(&self) -> std::result::Result<(), Invalid> {
-        if self.hidden == 0 || self.heads == 0 || self.hidden % self.heads != 0 {
+        if self.hidden == 0 || self.heads == 0 || !self.hidden.is_multiple_of(self.heads) {
             return Err(Invalid::new(
                 "heads",
                 format!("hidden ({}) must be a positive multiple of heads ({})", self.hidden, self.heads),
@@ -88,11 +88,32 @@ impl Batch {
     }
 }
 
+/// Where the item vectors come from.
+enum ItemSource {
+    /// A trained id table (SASRec): `vars[0]` is [N + 1, hidden], row 0 padding.
+    Table,
+    /// Frozen item features [N + 1, d] through a trained linear layer to the model width (MoRec):
+    /// `vars[0]` is the weight [d, hidden], `vars[1]` the bias.
+    Projected(Tensor),
+}
+
+impl ItemSource {
+    /// How many of the leading `vars` are the item vectors' parameters.
+    fn var_count(&self) -> usize {
+        match self {
+            ItemSource::Table => 1,
+            ItemSource::Projected(_) => 2,
+        }
+    }
+}
+
 pub struct SasRec {
     pub cfg: SasRecConfig,
     pub num_items: usize,
     device: Device,
-    /// Every trainable tensor, in a fixed order; names are the checkpoint's tensor names.
+    items: ItemSource,
+    /// Every trainable tensor, in a fixed order: the item source's, the position table, the blocks',
+    /// the last layer norm's; names are the checkpoint's tensor names.
     vars: Vec<(String, Var)>,
 }
 
@@ -120,12 +141,33 @@ impl SasRec {
     /// A freshly initialised model: xavier-normal matrices and embeddings (padding row zero), zero
     /// biases, unit layer-norm weights; all drawn from `rng`.
     pub fn new(cfg: SasRecConfig, num_items: usize, rng: &mut Rng, device: &Device) -> Result<Self> {
-        let h = cfg.hidden;
-        let mut vars = Vec::new();
-        let item = xavier_var(num_items + 1, h, rng, device)?;
+        let item = xavier_var(num_items + 1, cfg.hidden, rng, device)?;
         let mask: Vec<f32> = (0..=num_items).map(|i| if i == 0 { 0.0 } else { 1.0 }).collect();
         item.set(&item.as_tensor().broadcast_mul(&Tensor::from_vec(mask, (num_items + 1, 1), device)?)?)?;
-        vars.push(("item_emb".to_string(), item));
+        Self::with_items(cfg, num_items, ItemSource::Table, vec![("item_emb".to_string(), item)], rng, device)
+    }
+
+    /// MoRec: the same encoder whose item vectors are frozen item features `features` ([N + 1, d],
+    /// row 0 padding) through a trained linear layer (xavier weight, zero bias) to the model width.
+    pub fn with_features(cfg: SasRecConfig, features: Tensor, rng: &mut Rng, device: &Device) -> Result<Self> {
+        let (rows, d) = features.dims2()?;
+        let num_items = rows.saturating_sub(1);
+        let vars = vec![
+            ("item_proj.w".to_string(), xavier_var(d, cfg.hidden, rng, device)?),
+            ("item_proj.b".to_string(), const_var(cfg.hidden, 0.0, device)?),
+        ];
+        Self::with_items(cfg, num_items, ItemSource::Projected(features), vars, rng, device)
+    }
+
+    fn with_items(
+        cfg: SasRecConfig,
+        num_items: usize,
+        items: ItemSource,
+        mut vars: Vec<(String, Var)>,
+        rng: &mut Rng,
+        device: &Device,
+    ) -> Result<Self> {
+        let h = cfg.hidden;
         vars.push(("pos_emb".to_string(), xavier_var(cfg.max_len, h, rng, device)?));
         for b in 0..cfg.blocks {
             for name in BLOCK_PARAMS {
@@ -139,7 +181,7 @@ impl SasRec {
         }
         vars.push(("last_ln.w".to_string(), const_var(h, 1.0, device)?));
         vars.push(("last_ln.b".to_string(), const_var(h, 0.0, device)?));
-        Ok(Self { cfg, num_items, device: device.clone(), vars })
+        Ok(Self { cfg, num_items, device: device.clone(), items, vars })
     }
 
     pub fn vars(&self) -> &[(String, Var)] {
@@ -150,12 +192,29 @@ impl SasRec {
         self.vars[i].1.as_tensor()
     }
 
-    pub fn item_embeddings(&self) -> &Tensor {
-        self.t(0)
+    /// The vectors of the items `ids` (any shape of u32 indices, flattened): [ids, hidden].
+    fn item_vectors(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.items {
+            ItemSource::Table => self.t(0).index_select(ids, 0),
+            ItemSource::Projected(f) => linear(&f.index_select(ids, 0)?, self.t(0), self.t(1)),
+        }
     }
 
-    /// Replaces the item table with `values` (`[(num_items + 1) x hidden]`, row 0 the padding).
+    /// Every item's vector, [N + 1, hidden] (row 0 padding): the table that scores items, and
+    /// SASRec's CF feature.
+    pub fn item_embeddings(&self) -> candle_core::Result<Tensor> {
+        match &self.items {
+            ItemSource::Table => Ok(self.t(0).clone()),
+            ItemSource::Projected(f) => linear(f, self.t(0), self.t(1)),
+        }
+    }
+
+    /// Replaces the item table with `values` (`[(num_items + 1) x hidden]`, row 0 the padding); a
+    /// SASRec with an id table only (MoRec's item vectors are projected features).
     pub fn set_item_table(&self, values: &[f32]) -> Result<()> {
+        if !matches!(self.items, ItemSource::Table) {
+            return Err(super::ModelError::Invalid("projected item features have no item table to set".into()));
+        }
         let shape = (self.num_items + 1, self.cfg.hidden);
         if values.len() != shape.0 * shape.1 {
             return Err(super::ModelError::Invalid(format!(
@@ -176,13 +235,14 @@ impl SasRec {
         let ids = Tensor::from_vec(batch.ids.clone(), b * l, &self.device)?;
         let keep: Vec<f32> = batch.ids.iter().map(|&i| if i == 0 { 0.0 } else { 1.0 }).collect();
         let timeline = Tensor::from_vec(keep, (b, l, 1), &self.device)?;
-        let mut x = self.t(0).index_select(&ids, 0)?.reshape((b, l, h))?.affine((h as f64).sqrt(), 0.0)?;
-        x = x.broadcast_add(self.t(1))?;
+        let body = self.items.var_count();
+        let mut x = self.item_vectors(&ids)?.reshape((b, l, h))?.affine((h as f64).sqrt(), 0.0)?;
+        x = x.broadcast_add(self.t(body))?;
         x = dropout(&x, p, rng.as_deref_mut())?.broadcast_mul(&timeline)?;
         let causal = causal_mask(l, &self.device)?;
         let d = h / heads;
         for blk in 0..self.cfg.blocks {
-            let o = 2 + blk * BLOCK_PARAMS.len();
+            let o = body + 1 + blk * BLOCK_PARAMS.len();
             let q_in = layer_norm(&x, self.t(o), self.t(o + 1), LN_EPS)?;
             let split = |t: Tensor| -> candle_core::Result<Tensor> {
                 t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()
@@ -213,7 +273,7 @@ impl SasRec {
         let states = self.forward(input, Some(rng))?;
         let logits = |items: &[u32]| -> candle_core::Result<Tensor> {
             let ids = Tensor::from_vec(items.to_vec(), b * l, &self.device)?;
-            let emb = self.t(0).index_select(&ids, 0)?.reshape((b, l, h))?;
+            let emb = self.item_vectors(&ids)?.reshape((b, l, h))?;
             (&states * emb)?.sum(D::Minus1)
         };
         let weight: Vec<f32> = positives.iter().map(|&p| if p == 0 { 0.0 } else { 1.0 }).collect();
@@ -246,7 +306,7 @@ impl Scorer for SasRec {
         let batch = Batch::from_sequences(histories, self.cfg.max_len);
         let states = self.forward(&batch, None)?;
         let last = states.narrow(1, self.cfg.max_len - 1, 1)?.squeeze(1)?;
-        let scores = last.matmul(&self.item_embeddings().t()?)?;
+        let scores = last.matmul(&self.item_embeddings()?.t()?)?;
         Ok(scores.flatten_all()?.to_vec1::<f32>()?)
     }
 }
@@ -284,6 +344,34 @@ mod tests {
                 assert!(g.iter().any(|&x| x != 0.0), "zero gradient for {name}");
             }
         }
+    }
+
+    #[test]
+    fn morec_projects_concatenated_features_to_the_model_width() {
+        // 12 items with a 3-d text and a 2-d image feature side by side (row 0 padding); items 4
+        // and 5 have the same features, so they must get the same vector and the same score.
+        let mut values: Vec<f32> = (0..13 * 5).map(|v| ((v * 7) % 11) as f32 / 11.0).collect();
+        values[..5].fill(0.0);
+        let five: Vec<f32> = values[4 * 5..5 * 5].to_vec();
+        values[5 * 5..6 * 5].copy_from_slice(&five);
+        let feats = Tensor::from_vec(values, (13, 5), &Device::Cpu).unwrap();
+        let cfg = SasRecConfig { hidden: 8, blocks: 1, heads: 2, max_len: 4, dropout: 0.1 };
+        let m = SasRec::with_features(cfg, feats, &mut crate::seed::stream(1, "t", 0), &Device::Cpu).unwrap();
+        assert_eq!(m.num_items, 12);
+        let shapes: Vec<(&str, Vec<usize>)> =
+            m.vars()[..3].iter().map(|(n, v)| (n.as_str(), v.dims().to_vec())).collect();
+        assert_eq!(shapes, [("item_proj.w", vec![5, 8]), ("item_proj.b", vec![8]), ("pos_emb", vec![4, 8])]);
+        assert_eq!(m.item_embeddings().unwrap().dims(), &[13, 8]);
+        let s = m.score(&[&[1, 2, 3]]).unwrap();
+        assert_eq!(s.len(), 13);
+        assert_eq!(s[4], s[5]);
+        let input = Batch::from_sequences(&[&[1, 2, 3]], 4);
+        let pos = Batch::from_sequences(&[&[2, 3, 6]], 4).ids;
+        let loss = m.loss(&input, &pos, &[0, 9, 9, 9], &mut crate::seed::stream(1, "d", 0)).unwrap();
+        let grads = loss.backward().unwrap();
+        let g = grads.get(m.vars()[0].1.as_tensor()).expect("the projection learns");
+        assert_eq!(g.dims(), &[5, 8]);
+        assert!(g.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().any(|&v| v != 0.0));
     }
 
     #[test]

@@ -146,7 +146,7 @@ fn s2(
     let tj = super::train_job(job);
     let summary = train::train_sasrec(&tj, store, ds, &run_id, Some(&init))?;
     println!("s2: {summary}");
-    let model = train::load_sasrec(store, &run_id, ds, runs::Which::Best)?;
+    let model = train::load_sasrec(&tj, store, &run_id, ds, runs::Which::Best)?;
     let ranks = eval::candidates::target_ranks(&model, ds, lists, job.eval.batch_size, Some(&job.telemetry))?;
     let result = EvalResult {
         model: label,

@@ -18,6 +18,7 @@ use candle_core::Device;
 use crate::config::JobConfig;
 use crate::data::{self, Dataset, Split};
 use crate::distributed::Collective;
+use crate::eval::cost::Cost;
 use crate::eval::{self, EvalResult, Protocol};
 use crate::features::{self, FeaturesReport};
 use crate::lvlm::Strategy;
@@ -61,7 +62,7 @@ pub enum Stage {
 }
 
 /// The stages `run` executes for the job, in order: every model of `train.models` is trained and
-/// evaluated; item features are computed once, before the first LLM recommender, and after SASRec
+/// evaluated; item features are computed once, before the first model that reads them, and after SASRec
 /// when the features include its item table (SASRec is added to the plan if the job does not list
 /// it).
 pub fn plan(job: &JobConfig) -> Result<Vec<Stage>> {
@@ -80,7 +81,7 @@ pub fn plan(job: &JobConfig) -> Result<Vec<Stage>> {
     let needs_cf = matches!(job.features.cf, Some(features::CfSource::Sasrec));
     let mut trained = Vec::new();
     for &kind in &models {
-        if matches!(kind, ModelKind::Illmrec(_)) && !stages.contains(&Stage::Features) {
+        if kind.uses_features() && !stages.contains(&Stage::Features) {
             if needs_cf && !trained.contains(&ModelKind::Sasrec) {
                 stages.push(Stage::Train(ModelKind::Sasrec));
                 trained.push(ModelKind::Sasrec);
@@ -144,7 +145,13 @@ pub fn evaluate(
         req.protocols.iter().partition(|p| **p == Protocol::Candidates);
     let plan =
         eval::Plan { split, protocols: &sampled, ks: &job.eval.ks, users: &users, batch_size: job.eval.batch_size };
+    let timer = Instant::now();
     let metrics = eval::evaluate(scorer.as_ref(), ds, &plan, Some(&job.telemetry))?;
+    let mut inference = Vec::new();
+    if !sampled.is_empty() {
+        let what = sampled.iter().map(Protocol::to_string).collect::<Vec<_>>().join(", ");
+        inference.push((what, timer.elapsed().as_secs_f64() / users.len().max(1) as f64));
+    }
     let mut results: Vec<EvalResult> = sampled
         .iter()
         .zip(metrics)
@@ -172,6 +179,7 @@ pub fn evaluate(
         lists.push((format!("candidates:{name}"), data::candidates::read(path, ds)?));
     }
     for (label, lists) in lists {
+        let timer = Instant::now();
         let m = eval::candidates::evaluate(
             scorer.as_ref(),
             ds,
@@ -181,9 +189,11 @@ pub fn evaluate(
             Some(&job.telemetry),
         )?;
         let per_list = lists.first().map_or(0, |l| l.candidates.len());
+        let protocol = format!("{label} (1+{})", per_list.saturating_sub(1));
+        inference.push((protocol.clone(), timer.elapsed().as_secs_f64() / lists.len().max(1) as f64));
         results.push(EvalResult {
             model: model.to_string(),
-            protocol: format!("{label} (1+{})", per_list.saturating_sub(1)),
+            protocol,
             split: Split::Test,
             users: lists.len(),
             metrics: m,
@@ -194,6 +204,12 @@ pub fn evaluate(
     let name = format!("eval-{}.json", if split == Split::Test { "test" } else { "valid" });
     let bytes = serde_json::to_vec_pretty(&json).map_err(|e| TrainError::Invalid(e.to_string()))?;
     runs::put_report(store, &id, &name, bytes)?;
+    let cost = Cost {
+        model: model.to_string(),
+        train_seconds_per_epoch: fit_report(store, &id)?.and_then(|f| f["seconds_per_epoch"].as_f64()),
+        inference_seconds_per_user: inference,
+    };
+    runs::put_report(store, &id, "cost.json", serde_json::to_vec_pretty(&cost).unwrap_or_default())?;
     if split == Split::Test {
         let curves = vec![train::illmrec::loss_curve(store, &id)?];
         for (file, bytes) in eval::report::files(&id, &results, &curves) {
@@ -201,6 +217,18 @@ pub fn evaluate(
         }
     }
     Ok(results)
+}
+
+/// A run's `fit.json`, if its training wrote one.
+fn fit_report(store: &Store, run_id: &str) -> Result<Option<serde_json::Value>> {
+    let key = store::key(&[&runs::dir(run_id), "report", "fit.json"]);
+    Ok(store.get_opt(&key)?.and_then(|b| serde_json::from_slice(&b).ok()))
+}
+
+/// A run's `cost.json`, written by its last evaluation.
+fn cost_of(store: &Store, run_id: &str) -> Result<Option<Cost>> {
+    let key = store::key(&[&runs::dir(run_id), "report", "cost.json"]);
+    Ok(store.get_opt(&key)?.and_then(|b| serde_json::from_slice(&b).ok()))
 }
 
 /// Writes the synthetic catalog the job's `data.synth` section describes.
@@ -232,6 +260,7 @@ pub fn run(job: &JobConfig, store: &Store) -> anyhow::Result<()> {
     let tj = train_job(job);
     let mut ds: Option<Dataset> = None;
     let mut results = Vec::new();
+    let mut costs = Vec::new();
     let mut curves = Vec::new();
     for stage in plan(job)? {
         match stage {
@@ -255,6 +284,7 @@ pub fn run(job: &JobConfig, store: &Store) -> anyhow::Result<()> {
             Stage::Evaluate(kind) => {
                 let ds = ds.as_ref().ok_or_else(|| anyhow::anyhow!("evaluation before prepare"))?;
                 results.extend(evaluate(job, store, ds, kind, &EvalRequest::test(&job.eval.protocols))?);
+                costs.extend(cost_of(store, &tj.run_id(kind))?);
             }
             Stage::Lvlm(strategy) => {
                 let ds = ds.as_ref().ok_or_else(|| anyhow::anyhow!("{strategy} before prepare"))?;
@@ -274,7 +304,10 @@ pub fn run(job: &JobConfig, store: &Store) -> anyhow::Result<()> {
         println!("\ntest split, {} users, {} items:", ds.num_users(), ds.num_items());
     }
     print!("{}", eval::markdown_table(&results));
-    println!("report: {}/{report_dir}/ (results.md, metrics.json, metrics.png, loss.png)", store.url());
+    let cost_table = eval::cost::markdown_table(&costs);
+    println!("\ncost:\n{cost_table}");
+    store.put(&store::key(&[&report_dir, "cost.md"]), cost_table.into_bytes())?;
+    println!("report: {}/{report_dir}/ (results.md, cost.md, metrics.json, metrics.png, loss.png)", store.url());
     println!("done in {:.1}s; everything is under {}", started.elapsed().as_secs_f64(), store.url());
     Ok(())
 }

@@ -18,6 +18,54 @@ pub struct TrainConfig {
     pub sasrec: SasRecTrainConfig,
     #[serde(default)]
     pub illmrec: IllmRecTrainConfig,
+    /// Training of the graph models (FREEDOM, BM3, MMGCN).
+    #[serde(default)]
+    pub graph: GraphTrainConfig,
+}
+
+/// Training of the graph models: every training interaction once per epoch in batches, Adam, and
+/// early stopping on the valid NDCG@10. Defaults are MMRec's (MSRBench trained them with it).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphTrainConfig {
+    #[serde(default = "d_graph_epochs")]
+    pub epochs: usize,
+    /// Interactions per step.
+    #[serde(default = "d_graph_batch")]
+    pub batch_size: usize,
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    /// Epochs between validations.
+    #[serde(default = "d_one")]
+    pub eval_every: usize,
+    /// Validations without a better valid NDCG@10 before training stops.
+    #[serde(default = "d_graph_patience")]
+    pub patience: usize,
+    #[serde(default = "d_protocol")]
+    pub early_stopping_protocol: Protocol,
+}
+
+fn d_graph_epochs() -> usize {
+    1000
+}
+fn d_graph_batch() -> usize {
+    2048
+}
+fn d_graph_patience() -> usize {
+    20
+}
+
+impl Default for GraphTrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: d_graph_epochs(),
+            batch_size: d_graph_batch(),
+            lr: d_lr(),
+            eval_every: 1,
+            patience: d_graph_patience(),
+            early_stopping_protocol: d_protocol(),
+        }
+    }
 }
 
 /// Training of the LLM recommenders (every prompt variant). Defaults are the paper's.
@@ -331,6 +379,7 @@ impl Default for TrainConfig {
             models: default_models(),
             sasrec: SasRecTrainConfig::default(),
             illmrec: IllmRecTrainConfig::default(),
+            graph: GraphTrainConfig::default(),
         }
     }
 }
@@ -364,6 +413,17 @@ impl TrainConfig {
             return bad("eval_every", "eval_every and patience must be at least 1");
         }
         if s.early_stopping_protocol == Protocol::Candidates {
+            return bad("early_stopping_protocol", "fixed candidate lists are test lists: use full or sampled:N");
+        }
+        let g = &self.graph;
+        let bad = |k: &str, m: &str| Err(Invalid::new(format!("graph.{k}"), m));
+        if g.epochs == 0 || g.batch_size == 0 || g.eval_every == 0 || g.patience == 0 {
+            return bad("epochs", "epochs, batch_size, eval_every and patience must be at least 1");
+        }
+        if !(g.lr > 0.0 && g.lr.is_finite()) {
+            return bad("lr", "must be a positive number");
+        }
+        if g.early_stopping_protocol == Protocol::Candidates {
             return bad("early_stopping_protocol", "fixed candidate lists are test lists: use full or sampled:N");
         }
         Ok(())

@@ -2,7 +2,10 @@
 //! (`runs/<job name>-<model>/`), and loads saved runs back for evaluation.
 
 mod config;
+pub mod early_stopping;
+pub mod graph;
 pub mod illmrec;
+pub mod modality;
 pub mod optim;
 pub mod runs;
 pub mod sasrec;
@@ -14,19 +17,22 @@ use std::str::FromStr;
 use candle_core::Device;
 use serde_json::json;
 
-pub use config::{IllmRecTrainConfig, SasRecTrainConfig, Schedule, TrainConfig, ValidationConfig};
+pub use config::{GraphTrainConfig, IllmRecTrainConfig, SasRecTrainConfig, Schedule, TrainConfig, ValidationConfig};
 
 use crate::data::prompt::Variant;
 use crate::data::{DataError, Dataset};
 use crate::distributed::{Collective, DistConfig};
 use crate::eval::EvalError;
 use crate::features::{FeatureTable, FeaturesConfig};
+use crate::model::graph::{GraphKind, GraphScorer};
 use crate::model::pop::Pop;
+use crate::model::random::RandomScorer;
 use crate::model::ModelConfig;
 use crate::model::{HostTensor, ModelError, SasRec, Scorer};
 use crate::store::{Store, StoreError};
 use crate::telemetry::TelemetryConfig;
 use crate::tensorfile::{to_bytes, Array, TensorFile, TensorFileError};
+pub use modality::Modalities;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -66,12 +72,21 @@ impl From<candle_core::Error> for TrainError {
 pub type Result<T> = std::result::Result<T, TrainError>;
 
 /// Models `--model` accepts.
-pub const MODEL_NAMES: &str = "pop, sasrec, illmrec, illmrec:title, illmrec:description, illmrec:image+description";
+pub const MODEL_NAMES: &str = "pop, random, sasrec, morec:text, morec:image, morec:text+image, freedom, bm3, \
+     mmgcn, illmrec, illmrec:title, illmrec:description, illmrec:image+description";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelKind {
     Pop,
+    /// A seeded random ranking: the floor of a results table.
+    Random,
     Sasrec,
+    /// MoRec: SASRec whose item vectors are frozen text and/or image features through a trained
+    /// linear layer.
+    Morec(Modalities),
+    /// A graph-based multimodal recommender (FREEDOM, BM3, MMGCN) on the job's text and/or image
+    /// features; trains in one process.
+    Graph(GraphKind),
     /// An LLM recommender on the frozen LLM; `illmrec` is the image variant (I-LLMRec), the others
     /// the prompt baselines on the same retrieval head.
     Illmrec(Variant),
@@ -82,13 +97,29 @@ impl FromStr for ModelKind {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "pop" => Ok(ModelKind::Pop),
+            "random" => Ok(ModelKind::Random),
             "sasrec" => Ok(ModelKind::Sasrec),
             "illmrec" => Ok(ModelKind::Illmrec(Variant::Image)),
-            _ => match s.strip_prefix("illmrec:").map(str::parse::<Variant>) {
-                Some(Ok(v)) => Ok(ModelKind::Illmrec(v)),
-                _ => Err(format!("unknown model `{s}` ({MODEL_NAMES})")),
-            },
+            _ => {
+                if let Some(Ok(m)) = s.strip_prefix("morec:").map(str::parse::<Modalities>) {
+                    return Ok(ModelKind::Morec(m));
+                }
+                if let Some(g) = GraphKind::parse(s) {
+                    return Ok(ModelKind::Graph(g));
+                }
+                match s.strip_prefix("illmrec:").map(str::parse::<Variant>) {
+                    Some(Ok(v)) => Ok(ModelKind::Illmrec(v)),
+                    _ => Err(format!("unknown model `{s}` ({MODEL_NAMES})")),
+                }
+            }
         }
+    }
+}
+
+impl ModelKind {
+    /// Whether training reads item features (so `run` computes them first).
+    pub fn uses_features(self) -> bool {
+        matches!(self, ModelKind::Morec(_) | ModelKind::Graph(_) | ModelKind::Illmrec(_))
     }
 }
 
@@ -96,7 +127,10 @@ impl fmt::Display for ModelKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ModelKind::Pop => f.write_str("pop"),
+            ModelKind::Random => f.write_str("random"),
             ModelKind::Sasrec => f.write_str("sasrec"),
+            ModelKind::Morec(m) => write!(f, "morec:{m}"),
+            ModelKind::Graph(g) => f.write_str(g.name()),
             ModelKind::Illmrec(Variant::Image) => f.write_str("illmrec"),
             ModelKind::Illmrec(v) => write!(f, "illmrec:{}", v.name()),
         }
@@ -189,16 +223,44 @@ pub fn train(
         return Err(TrainError::Invalid(format!("{kind} trains in one process; start it without mpirun/srun")));
     }
     let ds = crate::data::snapshot::load(store, job.dataset)?;
-    let summary = match kind {
+    let mut state = run_state(kind, &ds);
+    let (tensors, summary) = match kind {
         ModelKind::Pop => {
             let pop = Pop::fit(ds.num_items(), (0..ds.num_users()).map(|u| ds.train(u)));
             let bytes = to_bytes(vec![("counts".into(), Array::F32(&pop.counts, vec![pop.counts.len()]))], None);
-            runs::save(store, &id, 1, vec![("model.safetensors", bytes)], &run_state(kind, &ds), 2, false)?;
-            format!("pop: counted {} training interactions", pop.counts.iter().sum::<f32>())
+            (bytes, format!("pop: counted {} training interactions", pop.counts.iter().sum::<f32>()))
         }
-        ModelKind::Sasrec => train_sasrec(job, store, &ds, &id, None)?,
+        ModelKind::Random => {
+            // Nothing is learnt: the run records the seed its scores are drawn with.
+            state["seed"] = json!(job.train.seed);
+            (to_bytes(Vec::new(), None), format!("random: scores drawn with seed {}", job.train.seed))
+        }
+        ModelKind::Sasrec | ModelKind::Morec(_) => {
+            let model = sasrec_model(job, store, &ds, kind, &job.model.sasrec, job.train.seed)?;
+            fit_sasrec(job, store, &ds, &id, model, &kind.to_string(), kind == ModelKind::Sasrec, &mut state)?
+        }
+        ModelKind::Graph(g) => {
+            let mut model = graph::build(job, store, &ds, g, job.model, job.train.seed)?;
+            let report = graph::fit(model.as_mut(), &ds, &job.train.graph, job.train.seed, job.telemetry, g)?;
+            state["config"] = graph::config_json(job.model, g);
+            state["fit"] = serde_json::to_value(&report).unwrap_or_default();
+            runs::put_report(store, &id, "fit.json", serde_json::to_vec_pretty(&report).unwrap_or_default())?;
+            let summary = format!(
+                "{kind}: {} epochs ({} steps, {:.1}s per epoch) in {:.1}s, best valid ndcg@10 {:.4} at epoch {}, \
+                 final loss {:.4}",
+                report.epochs_run,
+                report.steps,
+                report.seconds_per_epoch,
+                report.seconds,
+                report.best_valid_ndcg10,
+                report.best_epoch,
+                report.last_loss
+            );
+            (weights_bytes(&crate::model::vars_to_host(model.vars())?), summary)
+        }
         ModelKind::Illmrec(_) => unreachable!("handled above"),
     };
+    runs::save(store, &id, 1, vec![("model.safetensors", tensors)], &state, 2, false)?;
     Ok(TrainReport { run_id: id, summary, preempted: false })
 }
 
@@ -217,32 +279,85 @@ pub fn train_sasrec(
     id: &str,
     item_init: Option<&[f32]>,
 ) -> Result<String> {
-    let (model, report) =
-        sasrec::fit(ds, &job.model.sasrec, &job.train.sasrec, job.train.seed, job.telemetry, item_init)?;
+    let model = sasrec::new_model(ds, &job.model.sasrec, job.train.seed)?;
+    if let Some(init) = item_init {
+        model.set_item_table(init)?;
+    }
     let mut state = run_state(ModelKind::Sasrec, ds);
+    state["item_init"] = json!(item_init.is_some());
+    let name = if item_init.is_some() { "sasrec (item table from text)" } else { "sasrec" };
+    let (bytes, summary) = fit_sasrec(job, store, ds, id, model, name, true, &mut state)?;
+    runs::save(store, id, 1, vec![("model.safetensors", bytes)], &state, 2, false)?;
+    Ok(summary)
+}
+
+/// Fits `model` (SASRec, or MoRec: SASRec on projected features) as `train.sasrec` says, under the
+/// label `name`; records its config and fit in `state` and run `id`'s `fit.json`, and with
+/// `cf_table` its item table as the CF feature. Returns the weights' bytes and the summary line.
+#[allow(clippy::too_many_arguments)]
+fn fit_sasrec(
+    job: &TrainJob<'_>,
+    store: &Store,
+    ds: &Dataset,
+    id: &str,
+    model: SasRec,
+    name: &str,
+    cf_table: bool,
+    state: &mut serde_json::Value,
+) -> Result<(Vec<u8>, String)> {
+    let (model, report) = sasrec::fit(ds, model, name, &job.train.sasrec, job.train.seed, job.telemetry)?;
     state["config"] = serde_json::to_value(&job.model.sasrec).unwrap_or_default();
     state["fit"] = serde_json::to_value(&report).unwrap_or_default();
-    state["item_init"] = json!(item_init.is_some());
-    let weights = model.to_host()?;
-    let bytes =
-        to_bytes(weights.iter().map(|t| (t.name.clone(), Array::F32(&t.values, t.shape.clone()))).collect(), None);
-    save_cf_table(store, id, ds, &model)?;
-    runs::save(store, id, 1, vec![("model.safetensors", bytes)], &state, 2, false)?;
-    Ok(format!(
-        "sasrec{}: {} epochs ({} steps) in {:.1}s, best valid ndcg@10 {:.4} at epoch {}, final loss {:.4}",
-        if item_init.is_some() { " (item table from text)" } else { "" },
+    runs::put_report(store, id, "fit.json", serde_json::to_vec_pretty(&report).unwrap_or_default())?;
+    if cf_table {
+        save_cf_table(store, id, ds, &model)?;
+    }
+    let summary = format!(
+        "{name}: {} epochs ({} steps, {:.1}s per epoch) in {:.1}s, best valid ndcg@10 {:.4} at epoch {}, \
+         final loss {:.4}",
         report.epochs_run,
         report.steps,
+        report.seconds_per_epoch,
         report.seconds,
         report.best_valid_ndcg10,
         report.best_epoch,
         report.last_loss
-    ))
+    );
+    Ok((weights_bytes(&model.to_host()?), summary))
+}
+
+/// Named tensors as the bytes of a `model.safetensors`.
+fn weights_bytes(weights: &[HostTensor]) -> Vec<u8> {
+    to_bytes(weights.iter().map(|t| (t.name.clone(), Array::F32(&t.values, t.shape.clone()))).collect(), None)
+}
+
+/// A freshly initialised SASRec with `cfg` for `ds`, or for `morec:*` the same encoder on the
+/// frozen features of its modalities.
+fn sasrec_model(
+    job: &TrainJob<'_>,
+    store: &Store,
+    ds: &Dataset,
+    kind: ModelKind,
+    cfg: &crate::model::SasRecConfig,
+    seed: u64,
+) -> Result<SasRec> {
+    match kind {
+        ModelKind::Morec(m) => {
+            let feats = modality::concat(&modality::load(job, store, ds, m.kinds(), &kind.to_string())?)?;
+            Ok(SasRec::with_features(
+                cfg.clone(),
+                feats,
+                &mut crate::seed::stream(seed, "morec/init", 0),
+                &Device::Cpu,
+            )?)
+        }
+        _ => sasrec::new_model(ds, cfg, seed),
+    }
 }
 
 /// SASRec's item embeddings (rows 1..=N) as a feature table keyed by the items' source ids.
 fn save_cf_table(store: &Store, run_id: &str, ds: &Dataset, model: &SasRec) -> Result<()> {
-    let emb = model.item_embeddings().narrow(0, 1, ds.num_items())?;
+    let emb = model.item_embeddings()?.narrow(0, 1, ds.num_items())?;
     let table = FeatureTable::new(
         ds.items.iter().map(|i| i.id.clone()).collect(),
         model.cfg.hidden,
@@ -266,10 +381,16 @@ pub fn load_scorer<'d>(
         return Ok(Box::new(illmrec::load_scorer(job, store, ds, variant, which)?));
     }
     let id = job.run_id(kind);
+    let ckpt = checkpoint_of(store, &id, kind, ds, which)?;
+    let tf = TensorFile::parse(ckpt.file("model.safetensors")?, &format!("runs/{id} checkpoint {}", ckpt.step))?;
     match kind {
+        ModelKind::Random => {
+            let seed = ckpt.state["seed"]
+                .as_u64()
+                .ok_or_else(|| TrainError::Invalid(format!("run {id}: state.json has no `seed`")))?;
+            Ok(Box::new(RandomScorer { seed, num_items: ds.num_items() }))
+        }
         ModelKind::Pop => {
-            let (tf_bytes, _) = checkpoint_of(store, &id, kind, ds, which)?;
-            let tf = TensorFile::parse(&tf_bytes, &format!("runs/{id} checkpoint"))?;
             let (_, counts) = tf.f32("counts")?;
             if counts.len() != ds.num_items() + 1 {
                 return Err(TrainError::Invalid(format!(
@@ -280,19 +401,45 @@ pub fn load_scorer<'d>(
             }
             Ok(Box::new(Pop { counts }))
         }
-        ModelKind::Sasrec => Ok(Box::new(load_sasrec(store, &id, ds, which)?)),
+        ModelKind::Sasrec | ModelKind::Morec(_) => {
+            let cfg = serde_json::from_value(ckpt.state["config"].clone())
+                .map_err(|e| TrainError::Invalid(format!("run {id}: state.json config: {e}")))?;
+            // The initial values are overwritten by the checkpoint's.
+            let model = sasrec_model(job, store, ds, kind, &cfg, 0)?;
+            model.load_host(&host_tensors(&tf)?)?;
+            Ok(Box::new(model))
+        }
+        ModelKind::Graph(g) => {
+            let models = graph::with_recorded(job.model, g, &ckpt.state["config"])?;
+            // The initial values are overwritten by the checkpoint's.
+            let model = graph::build(job, store, ds, g, &models, 0)?;
+            crate::model::load_host_into(model.vars(), &host_tensors(&tf)?)?;
+            Ok(Box::new(GraphScorer::new(model.as_ref(), g)?))
+        }
         ModelKind::Illmrec(_) => unreachable!("handled above"),
     }
 }
 
-/// The model file and state of a baseline run's checkpoint, checked to be trained on `ds`.
+/// The SASRec saved as run `id` (by `train_sasrec`), checked to be trained on `ds`.
+pub fn load_sasrec(job: &TrainJob<'_>, store: &Store, id: &str, ds: &Dataset, which: runs::Which) -> Result<SasRec> {
+    let ckpt = checkpoint_of(store, id, ModelKind::Sasrec, ds, which)?;
+    let tf = TensorFile::parse(ckpt.file("model.safetensors")?, &format!("runs/{id} checkpoint {}", ckpt.step))?;
+    let cfg = serde_json::from_value(ckpt.state["config"].clone())
+        .map_err(|e| TrainError::Invalid(format!("run {id}: state.json config: {e}")))?;
+    // The initial values are overwritten by the checkpoint's.
+    let model = sasrec_model(job, store, ds, ModelKind::Sasrec, &cfg, 0)?;
+    model.load_host(&host_tensors(&tf)?)?;
+    Ok(model)
+}
+
+/// A baseline run's checkpoint (`which`), checked to be trained on `ds`.
 fn checkpoint_of(
     store: &Store,
     id: &str,
     kind: impl fmt::Display,
     ds: &Dataset,
     which: runs::Which,
-) -> Result<(bytes::Bytes, serde_json::Value)> {
+) -> Result<runs::Checkpoint> {
     let ckpt = runs::load(store, id, which)?.ok_or_else(|| {
         TrainError::Invalid(format!(
             "no trained `{kind}` under {}/runs/{id}: run `illmrec train --job FILE --model {kind}` first",
@@ -306,22 +453,14 @@ fn checkpoint_of(
             ds.key
         )));
     }
-    Ok((ckpt.file("model.safetensors")?.clone(), ckpt.state.clone()))
+    Ok(ckpt)
 }
 
-/// The SASRec saved as run `id` (by `train_sasrec`), checked to be trained on `ds`.
-pub fn load_sasrec(store: &Store, id: &str, ds: &Dataset, which: runs::Which) -> Result<SasRec> {
-    let (bytes, state) = checkpoint_of(store, id, ModelKind::Sasrec, ds, which)?;
-    let tf = TensorFile::parse(&bytes, &format!("runs/{id} checkpoint"))?;
-    let cfg = serde_json::from_value(state["config"].clone())
-        .map_err(|e| TrainError::Invalid(format!("run {id}: state.json config: {e}")))?;
-    // The initial values are overwritten by the checkpoint's.
-    let model = SasRec::new(cfg, ds.num_items(), &mut crate::seed::stream(0, "sasrec/load", 0), &Device::Cpu)?;
-    let weights = tf
+/// Every tensor of a checkpoint's model file.
+fn host_tensors(tf: &TensorFile<'_>) -> Result<Vec<HostTensor>> {
+    Ok(tf
         .names()
         .into_iter()
         .map(|name| tf.f32(&name).map(|(shape, values)| HostTensor { name, shape, values }))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    model.load_host(&weights)?;
-    Ok(model)
+        .collect::<std::result::Result<Vec<_>, _>>()?)
 }

@@ -1,6 +1,6 @@
-//! Training SASRec: one sample per user and epoch (the whole training sequence, each position
-//! predicting the next item against one sampled negative), Adam, and early stopping on the valid
-//! NDCG@10; the best validated weights are kept.
+//! Training SASRec and MoRec (SASRec on frozen item features): one sample per user and epoch (the
+//! whole training sequence, each position predicting the next item against one sampled negative),
+//! Adam, and early stopping on the valid NDCG@10; the best validated weights are kept.
 
 use std::collections::HashSet;
 use std::time::Instant;
@@ -10,18 +10,20 @@ use rand::seq::SliceRandom;
 use rand::Rng as _;
 
 use super::config::SasRecTrainConfig;
+use super::early_stopping::{valid_ndcg10, BestWeights};
 use super::optim::{flatten_grads, read_params, write_params, AdamW};
 use super::TrainError;
-use crate::data::{Dataset, Split};
-use crate::eval::{evaluate, Plan};
+use crate::data::Dataset;
 use crate::model::sasrec::Batch;
-use crate::model::{HostTensor, SasRec, SasRecConfig};
+use crate::model::{SasRec, SasRecConfig};
 use crate::seed::stream;
 use crate::telemetry::{Progress, TelemetryConfig};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FitReport {
     pub epochs_run: usize,
+    /// Training seconds per epoch, validation left out (the cost table's training column).
+    pub seconds_per_epoch: f64,
     pub best_epoch: usize,
     pub best_valid_ndcg10: f64,
     pub last_loss: f64,
@@ -29,36 +31,37 @@ pub struct FitReport {
     pub steps: u64,
 }
 
+/// A freshly initialised SASRec for `ds`.
+pub fn new_model(ds: &Dataset, mcfg: &SasRecConfig, seed: u64) -> Result<SasRec, TrainError> {
+    Ok(SasRec::new(mcfg.clone(), ds.num_items(), &mut stream(seed, "sasrec/init", 0), &Device::Cpu)?)
+}
+
+/// Trains `model` (`name` labels its progress and logs) and leaves the best validated weights in it.
 pub fn fit(
     ds: &Dataset,
-    mcfg: &SasRecConfig,
+    model: SasRec,
+    name: &str,
     tcfg: &SasRecTrainConfig,
     seed: u64,
     telemetry: &TelemetryConfig,
-    item_init: Option<&[f32]>,
 ) -> Result<(SasRec, FitReport), TrainError> {
     let started = Instant::now();
-    let device = Device::Cpu;
     let n_items = ds.num_items();
-    let model = SasRec::new(mcfg.clone(), n_items, &mut stream(seed, "sasrec/init", 0), &device)?;
-    if let Some(init) = item_init {
-        model.set_item_table(init)?;
-    }
     let vars: Vec<&candle_core::Var> = model.vars().iter().map(|(_, v)| v).collect();
     let mut opt = AdamW::new(super::optim::count(&vars), tcfg.betas, 0.0);
     let mut params = read_params(&vars)?;
     // Users whose training part has at least one (input, next item) pair.
     let users: Vec<usize> = (0..ds.num_users()).filter(|&u| ds.train(u).len() >= 2).collect();
-    let all_users: Vec<usize> = (0..ds.num_users()).collect();
-    let l = mcfg.max_len;
+    let l = model.cfg.max_len;
     let steps_per_epoch = users.len().div_ceil(tcfg.batch_size) as u64;
-    let mut progress = Progress::new(telemetry, "sasrec", steps_per_epoch * tcfg.epochs as u64);
-    let mut best: Option<(usize, f64, Vec<HostTensor>)> = None;
-    let mut evals_without_gain = 0;
+    let mut progress = Progress::new(telemetry, name, steps_per_epoch * tcfg.epochs as u64);
+    let mut train_seconds = 0.0;
+    let mut best = BestWeights::new(tcfg.patience);
     let mut last_loss = f64::NAN;
     let mut epochs_run = 0;
     for epoch in 1..=tcfg.epochs {
         epochs_run = epoch;
+        let epoch_started = Instant::now();
         let mut order = users.clone();
         order.shuffle(&mut stream(seed, "sasrec/epoch", epoch as u64));
         let mut loss_sum = 0.0;
@@ -89,43 +92,30 @@ pub fn fit(
             loss_sum += loss.to_scalar::<f32>()? as f64;
             progress.inc(1);
         }
+        train_seconds += epoch_started.elapsed().as_secs_f64();
         last_loss = loss_sum / steps_per_epoch as f64;
         if !last_loss.is_finite() {
-            return Err(TrainError::Invalid(format!("SASRec loss became {last_loss} at epoch {epoch}")));
+            return Err(TrainError::Invalid(format!("{name} loss became {last_loss} at epoch {epoch}")));
         }
         progress.set_message(format!("epoch {epoch} loss {last_loss:.4}"));
         if epoch % tcfg.eval_every == 0 || epoch == tcfg.epochs {
-            let plan = Plan {
-                split: Split::Valid,
-                protocols: &[tcfg.early_stopping_protocol],
-                ks: &[10],
-                users: &all_users,
-                batch_size: 256,
-            };
-            let m = evaluate(&model, ds, &plan, None)?;
-            let ndcg = m[0].get("ndcg@10").unwrap_or(0.0);
+            let ndcg = valid_ndcg10(&model, ds, tcfg.early_stopping_protocol)?;
             tracing::info!(
-                "sasrec epoch {epoch}: loss {last_loss:.4}, valid ndcg@10 ({}) {ndcg:.4}",
+                "{name} epoch {epoch}: loss {last_loss:.4}, valid ndcg@10 ({}) {ndcg:.4}",
                 tcfg.early_stopping_protocol
             );
-            if best.as_ref().is_none_or(|b| ndcg > b.1) {
-                best = Some((epoch, ndcg, model.to_host()?));
-                evals_without_gain = 0;
-            } else {
-                evals_without_gain += 1;
-                if evals_without_gain >= tcfg.patience {
-                    tracing::info!("sasrec: no gain in {} validations, stopping at epoch {epoch}", tcfg.patience);
-                    break;
-                }
+            if best.record(epoch, ndcg, || model.to_host())? {
+                tracing::info!("{name}: no gain in {} validations, stopping at epoch {epoch}", tcfg.patience);
+                break;
             }
         }
     }
     progress.finish();
-    let (best_epoch, best_ndcg, weights) =
-        best.ok_or_else(|| TrainError::Invalid("SASRec was never validated".into()))?;
+    let (best_epoch, best_ndcg, weights) = best.finish(name)?;
     model.load_host(&weights)?;
     let report = FitReport {
         epochs_run,
+        seconds_per_epoch: train_seconds / epochs_run.max(1) as f64,
         best_epoch,
         best_valid_ndcg10: best_ndcg,
         last_loss,

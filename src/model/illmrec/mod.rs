@@ -333,27 +333,34 @@ impl IllmRec {
         self.vars.iter().map(|(_, v)| v.elem_count()).sum()
     }
 
-    /// Input embeddings `[rows, len, hidden]`: token embeddings with item-token slots and [REC]
-    /// overwritten by the adaptor's outputs and the [REC] vector.
+    /// Whether batches may leave their shared prompt prefix to the LLM's cache: not when the input
+    /// embeddings are trained (the prefix's embeddings then change every step).
+    pub fn caches_prefix(&self) -> bool {
+        self.embeddings.is_none()
+    }
+
+    /// Input embeddings `[tokens, hidden]` of a packed batch: token embeddings with item-token slots
+    /// and [REC] overwritten by the adaptor's outputs and the [REC] vector.
     fn inputs(&self, llm: &Llm, b: &EncodedBatch, feats: &Features) -> Result<Tensor> {
         let device = llm.model.device();
         let h = llm.hidden_size();
-        let ids = Tensor::from_slice(&b.ids, (b.rows, b.len), device)?;
+        let n = b.tokens();
+        let ids = Tensor::from_slice(&b.ids, (1, n), device)?;
         let tokens = match &self.embeddings {
             Some(e) => embed_with(e.as_tensor(), &ids)?,
             None => llm.model.embed(&ids)?,
         };
-        let tokens = tokens.reshape((b.rows * b.len, h))?;
+        let tokens = tokens.reshape((n, h))?;
         let mut positions: Vec<u32> = b.slot_pos.clone();
         positions.extend(&b.rec_pos);
         if positions.is_empty() {
-            return Ok(tokens.reshape((b.rows, b.len, h))?);
+            return Ok(tokens);
         }
-        let mut keep = vec![1f32; b.rows * b.len];
+        let mut keep = vec![1f32; n];
         for &p in &positions {
             keep[p as usize] = 0.0;
         }
-        let keep = Tensor::from_vec(keep, (b.rows * b.len, 1), device)?.to_dtype(tokens.dtype())?;
+        let keep = Tensor::from_vec(keep, (n, 1), device)?.to_dtype(tokens.dtype())?;
         let mut values = Vec::new();
         if !b.slot_items.is_empty() {
             values.push(self.item_tokens(&b.slot_items, feats, device)?);
@@ -363,8 +370,14 @@ impl IllmRec {
         }
         let values = Tensor::cat(&values, 0)?;
         let positions = Tensor::from_vec(positions, values.dim(0)?, device)?;
-        let x = tokens.broadcast_mul(&keep)?.index_add(&positions, &values, 0)?;
-        Ok(x.reshape((b.rows, b.len, h))?)
+        Ok(tokens.broadcast_mul(&keep)?.index_add(&positions, &values, 0)?)
+    }
+
+    /// The LLM's final hidden states `[tokens, hidden]` of a packed batch, after its cached prefix.
+    fn hidden(&self, llm: &Llm, b: &EncodedBatch, feats: &Features) -> Result<Tensor> {
+        let x = self.inputs(llm, b, feats)?;
+        let prefix = if b.prefix.is_empty() { None } else { Some(llm.prefix(&b.prefix)?) };
+        Ok(llm.model.forward_packed(&x, &b.lens, prefix.as_deref())?)
     }
 
     /// The adapted token of each item: from the token feature, or through the fallback adaptor for
@@ -393,11 +406,9 @@ impl IllmRec {
 
     /// The user states: final hidden states at the [REC] positions, `[rows, hidden]`.
     pub fn user_states(&self, llm: &Llm, b: &EncodedBatch, feats: &Features) -> Result<Tensor> {
-        let x = self.inputs(llm, b, feats)?;
-        let hidden = llm.model.forward_embeds(&x)?;
-        let flat = hidden.reshape((b.rows * b.len, llm.hidden_size()))?;
+        let hidden = self.hidden(llm, b, feats)?;
         let idx = Tensor::from_slice(&b.rec_pos, b.rec_pos.len(), llm.model.device())?;
-        Ok(flat.index_select(&idx, 0)?)
+        Ok(hidden.index_select(&idx, 0)?)
     }
 
     /// Scores of user vectors `u [rows, d]` against item vectors `v [rows, n, d]`: `[rows, n]`.
@@ -470,8 +481,7 @@ impl IllmRec {
     /// means. The LM head is applied only at the supervised positions.
     pub fn alignment_loss(&self, llm: &Llm, b: &EncodedBatch, feats: &Features) -> Result<Tensor> {
         let device = llm.model.device();
-        let x = self.inputs(llm, b, feats)?;
-        let hidden = llm.model.forward_embeds(&x)?.reshape((b.rows * b.len, llm.hidden_size()))?;
+        let hidden = self.hidden(llm, b, feats)?;
         let n = b.label_pos.len();
         let at = hidden.index_select(&Tensor::from_slice(&b.label_pos, n, device)?, 0)?;
         let log_probs = candle_nn::ops::log_softmax(&llm.model.logits(&at)?, D::Minus1)?;

@@ -20,10 +20,11 @@ pub struct Session {
 }
 
 impl Session {
-    /// Tokenizes prompts into one right-padded batch.
+    /// Tokenizes prompts into one packed batch (its shared prefix left to the LLM's cache where the
+    /// model allows).
     pub fn encode_all(&self, prompts: Vec<Prompt>) -> Result<EncodedBatch, LlmError> {
         let encoded = prompts.iter().map(|p| encode(&self.llm, p)).collect::<Result<Vec<_>, _>>()?;
-        Ok(EncodedBatch::new(&encoded, self.llm.eos))
+        Ok(EncodedBatch::new(&encoded, self.model.caches_prefix()))
     }
 
     /// The retrieval prompts of histories (their last `max_history` items), as a batch.

@@ -65,11 +65,15 @@ fn setup(dtype: DType, cfg: IllmRecConfig) -> Setup {
     let b = PromptBuilder { variant: Variant::Image, max_description_words: 10 };
     let histories: [Vec<&Item>; 2] = [vec![&items[0], &items[2]], vec![&items[1], &items[3], &items[4]]];
     let enc = |p| encode(&llm, &p).unwrap();
-    let retrieval = EncodedBatch::new(&histories.iter().map(|h| enc(b.retrieval(h))).collect::<Vec<_>>(), llm.eos);
+    // The shared template opening goes through the LLM's prefix cache, as in training (not when the
+    // input embeddings are trained).
+    let split = model.caches_prefix();
+    let retrieval = EncodedBatch::new(&histories.iter().map(|h| enc(b.retrieval(h))).collect::<Vec<_>>(), split);
     let alignment = EncodedBatch::new(
         &histories.iter().map(|h| enc(b.alignment(h, &items[5], Property::Brand, 1))).collect::<Vec<_>>(),
-        llm.eos,
+        split,
     );
+    assert_eq!(retrieval.prefix.is_empty(), !split);
     Setup { llm, model, feats, retrieval, alignment }
 }
 

@@ -1,6 +1,7 @@
-//! Generation with a key/value cache, beside the training forward in `llama.rs` (which it leaves as
-//! it is). The keys and values of the tokens seen so far are kept per layer, so a new token costs one
-//! row through the decoder instead of the whole prefix again. A cache is cheap to clone (its tensors
+//! Generation with a key/value cache, through the same decoder blocks as the training forward
+//! (`Llama::blocks_with` in `llama.rs`) with attention over the cache instead of over packed rows.
+//! The keys and values of the tokens seen so far are kept per layer, so a new token costs one row
+//! through the decoder instead of the whole prefix again. A cache is cheap to clone (its tensors
 //! are shared until appended to), so a prompt prefix common to many requests is computed once; and
 //! caches can be stacked to decode several sequences in lockstep, reading the weights once per step
 //! for all of them.
@@ -8,11 +9,15 @@
 //! Rows of a stacked cache may hold different numbers of tokens: shorter rows are right-padded, the
 //! padded slots are masked, and each row keeps its own positions for RoPE. RoPE makes attention
 //! scores depend on relative positions only, so a row attends exactly as it would alone.
+//!
+//! Several new tokens (a prompt, one row) attend through the fused `packed_attention`, the row's
+//! cached keys and values as its prefix; one new token per row (a decoding step) attends through
+//! the small masked product below, each row over its own cached slots.
 
 use candle_core::{DType, Tensor, D};
 
 use super::frozen::FrozenLinear;
-use super::ops::{causal_softmax_after, rms_norm, rope};
+use super::ops::{packed_attention, rms_norm};
 use super::Llama;
 
 /// Keys and values (after RoPE) of every layer for a batch of sequences, in buffers with room to
@@ -118,23 +123,33 @@ impl KvCache {
         Ok(())
     }
 
-    /// Additive attention mask `[rows, 1, 1, t, used + t]` for `t` new tokens per row when some row
-    /// has padded slots, or `None` when every row may see every earlier slot (and the new ones
-    /// causally).
-    fn mask(&self, t: usize, dtype: DType, dev: &candle_core::Device) -> candle_core::Result<Option<Tensor>> {
-        let padded = self.valid.iter().any(|r| r.iter().any(|v| !v));
-        if !padded {
+    /// The keys and values of row `row`'s own tokens at `layer`, `[kv_heads, len, head_dim]` each
+    /// (its padded slots left out).
+    fn row_slots(&self, layer: usize, row: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let (k, v) = &self.layers[layer];
+        let (k, v) = (k.get(row)?, v.get(row)?);
+        let valid = &self.valid[row];
+        if valid.iter().all(|v| *v) {
+            return Ok((k.narrow(1, 0, self.used)?, v.narrow(1, 0, self.used)?));
+        }
+        let slots: Vec<u32> = (0..self.used as u32).filter(|&s| valid[s as usize]).collect();
+        let idx = Tensor::from_vec(slots, self.len(row), k.device())?;
+        Ok((k.index_select(&idx, 1)?, v.index_select(&idx, 1)?))
+    }
+
+    /// Additive attention mask `[rows, 1, 1, used + 1]` for one new token per row when some row has
+    /// padded slots, or `None` when every row may see every slot.
+    fn mask(&self, dtype: DType, dev: &candle_core::Device) -> candle_core::Result<Option<Tensor>> {
+        if self.valid.iter().all(|r| r.iter().all(|v| *v)) {
             return Ok(None);
         }
-        let total = self.used + t;
-        let mut m = Vec::with_capacity(self.rows() * t * total);
+        let total = self.used + 1;
+        let mut m = Vec::with_capacity(self.rows() * total);
         for row in &self.valid {
-            for i in 0..t {
-                m.extend(row.iter().map(|&v| if v { 0f32 } else { f32::NEG_INFINITY }));
-                m.extend((0..t).map(|j| if j <= i { 0f32 } else { f32::NEG_INFINITY }));
-            }
+            m.extend(row.iter().map(|&v| if v { 0f32 } else { f32::NEG_INFINITY }));
+            m.push(0.0);
         }
-        Ok(Some(Tensor::from_vec(m, (self.rows(), 1, 1, t, total), dev)?.to_dtype(dtype)?))
+        Ok(Some(Tensor::from_vec(m, (self.rows(), 1, 1, total), dev)?.to_dtype(dtype)?))
     }
 }
 
@@ -157,20 +172,19 @@ impl Llama {
     /// when they are more).
     pub fn new_cache(&self, capacity: usize) -> candle_core::Result<KvCache> {
         let shape = (self.cfg.kv_heads(), self.cfg.head_dim());
-        KvCache::empty(1, self.blocks.len(), shape, capacity, &self.norm)
+        KvCache::empty(1, self.cfg.num_hidden_layers, shape, capacity, &self.norm)
     }
 
     /// The output rows of `ids` (see [`VocabSubset`]).
     pub fn vocab_subset(&self, ids: &[u32]) -> candle_core::Result<VocabSubset> {
-        let idx = Tensor::from_vec(ids.to_vec(), ids.len(), self.device())?;
-        Ok(VocabSubset { ids: ids.to_vec(), head: FrozenLinear::new(self.lm_head.weight().index_select(&idx, 0)?) })
+        Ok(VocabSubset { ids: ids.to_vec(), head: self.lm_head.select_rows(ids)? })
     }
 
     /// Final-normed hidden states `[rows, t, hidden]` of input embeddings `x` `[rows, t, hidden]`
     /// placed after the tokens `cache` holds, which is extended by them. Several new tokens per row
     /// (a prompt) need a cache of one row; a stacked cache takes one token per row.
     pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
+        let (b, t, hidden) = x.dims3()?;
         if b != cache.rows() {
             candle_core::bail!("{b} rows of input for a cache of {} rows", cache.rows());
         }
@@ -178,65 +192,46 @@ impl Llama {
             candle_core::bail!("several new tokens per row need a cache of one row");
         }
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
-        let positions: Vec<usize> = (0..b).map(|r| cache.len(r)).collect();
-        let end = positions.iter().max().copied().unwrap_or(0) + t;
+        let starts: Vec<usize> = (0..b).map(|r| cache.len(r)).collect();
+        let end = starts.iter().max().copied().unwrap_or(0) + t;
         if end > self.cfg.max_position_embeddings {
             candle_core::bail!("{end} tokens exceed the model's {} positions", self.cfg.max_position_embeddings);
         }
-        let interleaved = self.cfg.rope_interleaved;
-        // One row: a slice of the tables through the fused op; a batch: each row's own position.
-        let rotate = |x: &Tensor| -> candle_core::Result<Tensor> {
-            if b == 1 {
-                let (cos, sin) = (self.cos.narrow(0, positions[0], t)?, self.sin.narrow(0, positions[0], t)?);
-                return rope(x, &cos, &sin, interleaved);
-            }
-            let idx = Tensor::from_vec(positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), b, x.device())?;
-            let (cos, sin) =
-                (self.cos.index_select(&idx, 0)?.unsqueeze(1)?, self.sin.index_select(&idx, 0)?.unsqueeze(1)?);
-            if interleaved {
-                candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
-            } else {
-                candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
-            }
-        };
-        let mask = cache.mask(t, x.dtype(), x.device())?;
+        // Packed as [rows * t, hidden], each row's tokens at its own next positions.
+        let positions: Vec<u32> = starts.iter().flat_map(|&p| (p..p + t).map(|i| i as u32)).collect();
+        let mask = if t == 1 { cache.mask(x.dtype(), x.device())? } else { None };
         cache.reserve(t)?;
         let (used, n_rep) = (cache.used, nh / nkv);
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = x.clone();
-        for (blk, (kbuf, vbuf)) in self.blocks.iter().zip(&cache.layers) {
-            let h = rms_norm(&x, &blk.attn_norm, self.cfg.rms_norm_eps)?;
-            let heads = |lin: &FrozenLinear, n: usize| -> candle_core::Result<Tensor> {
-                lin.forward(&h)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
-            };
-            let q = rotate(&heads(&blk.q, nh)?)?;
-            kbuf.slice_set(&rotate(&heads(&blk.k, nkv)?)?, 2, used)?;
-            vbuf.slice_set(&heads(&blk.v, nkv)?, 2, used)?;
-            let (k, v) = (kbuf.narrow(2, 0, used + t)?, vbuf.narrow(2, 0, used + t)?);
+        let out = self.blocks_with(&x.reshape((b * t, hidden))?, positions, |layer, q, k, v| {
+            if t > 1 {
+                // A prompt (one row): fused causal attention after the row's cached slots.
+                let past = if cache.len(0) > 0 { Some(cache.row_slots(layer, 0)?) } else { None };
+                let (kbuf, vbuf) = &cache.layers[layer];
+                kbuf.slice_set(&k.unsqueeze(0)?, 2, used)?;
+                vbuf.slice_set(&v.unsqueeze(0)?, 2, used)?;
+                return packed_attention(&q, &k, &v, &[t], past.as_ref().map(|(k, v)| (k, v)), scale);
+            }
+            // One token per row: [kv_heads, rows, hd] -> [rows, kv_heads, 1, hd] into the buffers.
+            let (kbuf, vbuf) = &cache.layers[layer];
+            kbuf.slice_set(&k.transpose(0, 1)?.unsqueeze(2)?.contiguous()?, 2, used)?;
+            vbuf.slice_set(&v.transpose(0, 1)?.unsqueeze(2)?.contiguous()?, 2, used)?;
+            let (k, v) = (kbuf.narrow(2, 0, used + 1)?, vbuf.narrow(2, 0, used + 1)?);
             // Grouped-query attention without copying keys per query head: the n_rep query heads
             // that share a key head are rows of one product.
-            let q = q.reshape((b, nkv, n_rep * t, hd))?;
+            let q = q.transpose(0, 1)?.reshape((b, nkv, n_rep, hd))?;
             let mut scores = (q.matmul(&k.t()?)? * scale)?;
             if let Some(m) = &mask {
-                scores = scores.reshape((b, nkv, n_rep, t, used + t))?.broadcast_add(m)?.reshape((
-                    b,
-                    nkv,
-                    n_rep * t,
-                    used + t,
-                ))?;
+                scores = scores.broadcast_add(m)?;
             }
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let ctx = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-            x = (x + blk.o.forward(&ctx)?)?;
-            let h = rms_norm(&x, &blk.mlp_norm, self.cfg.rms_norm_eps)?;
-            let act = (candle_nn::ops::silu(&blk.gate.forward(&h)?)? * blk.up.forward(&h)?)?;
-            x = (x + blk.down.forward(&act)?)?;
-        }
+            probs.matmul(&v)?.reshape((b, nh, hd))?.transpose(0, 1)?.contiguous()
+        })?;
         cache.used += t;
         for row in &mut cache.valid {
             row.extend(std::iter::repeat_n(true, t));
         }
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+        rms_norm(&out, &self.norm, self.cfg.rms_norm_eps)?.reshape((b, t, hidden))
     }
 }
 
@@ -309,6 +304,14 @@ mod tests {
         let mut cb2 = cb.fork(1).unwrap();
         let want = llm.model.forward_cached(&llm.embed_ids(vec![next], 1).unwrap(), &mut cb2).unwrap();
         assert!(max_diff(&h2, &want) < 1e-4);
+        // Several tokens after a padded row (the shorter one, alone again) see its own slots only.
+        let more = llm.encode(" and a green table").unwrap();
+        let mut only_a = both.select_rows(&[0]).unwrap();
+        let h3 = llm.model.forward_cached(&llm.embed_ids(more.clone(), 1).unwrap(), &mut only_a).unwrap();
+        let mut ca2 = ca.fork(more.len()).unwrap();
+        let want3 = llm.model.forward_cached(&llm.embed_ids(more.clone(), 1).unwrap(), &mut ca2).unwrap();
+        assert!(max_diff(&h3, &want3) < 1e-4, "{}", max_diff(&h3, &want3));
+        assert_eq!(only_a.len(0), ca.len(0) + more.len());
         // Logits over a few tokens equal those columns of the full logits.
         let sub = llm.model.vocab_subset(&[next, 3, 7]).unwrap();
         let full = llm.model.logits(&want).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();

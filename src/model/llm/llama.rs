@@ -2,8 +2,13 @@
 //! states, differentiable end to end with respect to those embeddings. The weights are plain tensors:
 //! never updated, and no gradient is computed for them (see `frozen.rs`).
 //!
-//! RMS norm, RoPE and the causal softmax are this crate's own fused ops with backward passes (`ops/`):
-//! candle's fused versions have none (docs/candle.md), so the gradient would silently stop there.
+//! RMS norm, RoPE, attention and the MLP's gate are this crate's own fused ops with backward passes
+//! (`ops/`): candle's fused versions have none (docs/candle.md), so the gradient would silently stop
+//! there.
+//!
+//! A batch is packed: its prompts lie one after another along the token dimension, without padding,
+//! and may all continue one constant prefix (the template's opening words) whose keys and values are
+//! computed once (`prefix_cache`) and never differentiated.
 
 use std::collections::HashMap;
 
@@ -11,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::frozen::FrozenLinear;
-use super::ops::{causal_softmax, rms_norm, rope};
+use super::ops::{packed_attention, rms_norm, rope, silu_mul};
 use super::LlmError;
 
 /// Architecture of a Llama-family checkpoint (the fields of a Hugging Face `config.json` that matter).
@@ -59,10 +64,10 @@ impl LlamaConfig {
 
     pub fn check(&self) -> Result<(), String> {
         let h = self.num_attention_heads;
-        if h == 0 || self.hidden_size % h != 0 || self.head_dim() % 2 != 0 {
+        if h == 0 || !self.hidden_size.is_multiple_of(h) || !self.head_dim().is_multiple_of(2) {
             return Err(format!("hidden_size {} must split into {h} heads of an even size", self.hidden_size));
         }
-        if self.kv_heads() == 0 || h % self.kv_heads() != 0 {
+        if self.kv_heads() == 0 || !h.is_multiple_of(self.kv_heads()) {
             return Err(format!(
                 "num_attention_heads {h} must be a multiple of num_key_value_heads {}",
                 self.kv_heads()
@@ -99,27 +104,27 @@ impl LlamaConfig {
     }
 }
 
-pub(super) struct Block {
-    pub(super) attn_norm: Tensor,
-    pub(super) q: FrozenLinear,
-    pub(super) k: FrozenLinear,
-    pub(super) v: FrozenLinear,
-    pub(super) o: FrozenLinear,
-    pub(super) mlp_norm: Tensor,
-    pub(super) gate: FrozenLinear,
-    pub(super) up: FrozenLinear,
-    pub(super) down: FrozenLinear,
+struct Block {
+    attn_norm: Tensor,
+    q: FrozenLinear,
+    k: FrozenLinear,
+    v: FrozenLinear,
+    o: FrozenLinear,
+    mlp_norm: Tensor,
+    gate: FrozenLinear,
+    up: FrozenLinear,
+    down: FrozenLinear,
 }
 
 /// The decoder's weights and precomputed RoPE tables.
 pub struct Llama {
     pub cfg: LlamaConfig,
     embed: Tensor,
-    pub(super) blocks: Vec<Block>,
+    blocks: Vec<Block>,
     pub(super) norm: Tensor,
     pub(super) lm_head: FrozenLinear,
-    pub(super) cos: Tensor,
-    pub(super) sin: Tensor,
+    cos: Tensor,
+    sin: Tensor,
     device: Device,
     dtype: DType,
 }
@@ -150,14 +155,17 @@ impl Llama {
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let mut lin = |n: &str| take(&format!("{p}.{n}.weight")).map(FrozenLinear::new);
+            let mut w = |n: &str| take(&format!("{p}.{n}.weight"));
+            let attn_norm = w("input_layernorm")?;
+            let mlp_norm = w("post_attention_layernorm")?;
+            let mut lin = |n: &str| w(n).map(FrozenLinear::new);
             blocks.push(Block {
-                attn_norm: lin("input_layernorm")?.weight().clone(),
+                attn_norm,
                 q: lin("self_attn.q_proj")?,
                 k: lin("self_attn.k_proj")?,
                 v: lin("self_attn.v_proj")?,
                 o: lin("self_attn.o_proj")?,
-                mlp_norm: lin("post_attention_layernorm")?.weight().clone(),
+                mlp_norm,
                 gate: lin("mlp.gate_proj")?,
                 up: lin("mlp.up_proj")?,
                 down: lin("mlp.down_proj")?,
@@ -183,6 +191,18 @@ impl Llama {
         &self.device
     }
 
+    /// Puts every frozen product (the layers' and the LM head's) on bf16 panels where the CPU can
+    /// (`frozen.rs`); whether it could.
+    pub fn use_bf16_matmuls(&mut self) -> candle_core::Result<bool> {
+        let mut all = self.lm_head.pack_bf16()?;
+        for b in &mut self.blocks {
+            for lin in [&mut b.q, &mut b.k, &mut b.v, &mut b.o, &mut b.gate, &mut b.up, &mut b.down] {
+                all &= lin.pack_bf16()?;
+            }
+        }
+        Ok(all)
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -197,38 +217,105 @@ impl Llama {
         embed_with(&self.embed, ids)
     }
 
-    /// Final-normed hidden states `[b, t, hidden]` for input embeddings `[b, t, hidden]`, with causal
-    /// attention from position 0. Right-padded rows need no mask: a real token only sees earlier
-    /// positions, which are real too.
+    /// Final-normed hidden states `[b, t, hidden]` for input embeddings `[b, t, hidden]`: `b` rows of
+    /// `t` tokens each, causal attention from position 0.
     pub fn forward_embeds(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
-        if t > self.cfg.max_position_embeddings {
+        let (b, t, h) = x.dims3()?;
+        self.forward_packed(&x.reshape((b * t, h))?, &vec![t; b], None)?.reshape((b, t, h))
+    }
+
+    /// Final-normed hidden states `[tokens, hidden]` of packed rows: row r is the next `lens[r]`
+    /// input embeddings of `x [tokens, hidden]`, with causal attention within the row and to the
+    /// whole `prefix` it continues (its positions start after the prefix).
+    pub fn forward_packed(
+        &self,
+        x: &Tensor,
+        lens: &[usize],
+        prefix: Option<&PrefixCache>,
+    ) -> candle_core::Result<Tensor> {
+        let x = self.layers(x, lens, prefix, None)?;
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// The keys and values every layer computes for a constant prefix `[p, hidden]` of input
+    /// embeddings (no gradient flows into them).
+    pub fn prefix_cache(&self, x: &Tensor) -> candle_core::Result<PrefixCache> {
+        let p = x.dim(0)?;
+        let mut kv = (Vec::with_capacity(self.blocks.len()), Vec::with_capacity(self.blocks.len()));
+        self.layers(&x.detach(), &[p], None, Some(&mut kv))?;
+        Ok(PrefixCache { len: p, k: kv.0, v: kv.1 })
+    }
+
+    /// The decoder blocks over packed rows (before the final norm); the keys (after RoPE) and values
+    /// of every layer go to `collect` when it is given.
+    fn layers(
+        &self,
+        x: &Tensor,
+        lens: &[usize],
+        prefix: Option<&PrefixCache>,
+        mut collect: Option<&mut (Vec<Tensor>, Vec<Tensor>)>,
+    ) -> candle_core::Result<Tensor> {
+        let tokens = x.dim(0)?;
+        let p = prefix.map_or(0, |c| c.len);
+        let longest = p + lens.iter().copied().max().unwrap_or(0);
+        if longest > self.cfg.max_position_embeddings {
             candle_core::bail!(
-                "a prompt of {t} tokens is longer than the model's {} positions",
+                "a prompt of {longest} tokens is longer than the model's {} positions",
                 self.cfg.max_position_embeddings
             );
         }
-        let (cos, sin) = (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?);
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = x.clone();
-        for blk in &self.blocks {
-            let h = rms_norm(&x, &blk.attn_norm, self.cfg.rms_norm_eps)?;
-            let heads = |lin: &FrozenLinear, n: usize| -> candle_core::Result<Tensor> {
-                lin.forward(&h)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
-            };
-            let (q, k, v) = (heads(&blk.q, nh)?, heads(&blk.k, nkv)?, heads(&blk.v, nkv)?);
-            let interleaved = self.cfg.rope_interleaved;
-            let (q, k) = (rope(&q, &cos, &sin, interleaved)?, rope(&k, &cos, &sin, interleaved)?);
-            let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-            let probs = causal_softmax(&q.matmul(&k.t()?)?, scale)?;
-            let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-            x = (x + blk.o.forward(&ctx)?)?;
-            let h = rms_norm(&x, &blk.mlp_norm, self.cfg.rms_norm_eps)?;
-            let act = (candle_nn::ops::silu(&blk.gate.forward(&h)?)? * blk.up.forward(&h)?)?;
-            x = (x + blk.down.forward(&act)?)?;
+        // Each token's position: the prefix's length plus its place in its row.
+        let positions: Vec<u32> = lens.iter().flat_map(|&n| (p..p + n).map(|i| i as u32)).collect();
+        if positions.len() != tokens {
+            candle_core::bail!("rows of {lens:?} tokens for {tokens} input embeddings");
         }
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+        let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
+        self.blocks_with(x, positions, |layer, q, k, v| {
+            let cached = prefix.map(|c| (&c.k[layer], &c.v[layer]));
+            let ctx = packed_attention(&q, &k, &v, lens, cached, scale)?;
+            if let Some((ks, vs)) = collect.as_deref_mut() {
+                ks.push(k);
+                vs.push(v);
+            }
+            Ok(ctx)
+        })
+    }
+
+    /// The decoder blocks (before the final norm) over `x [tokens, hidden]`, token i at
+    /// `positions[i]`, with attention left to `attend(layer, q, k, v)`: queries `[heads, tokens,
+    /// head_dim]`, keys and values `[kv_heads, tokens, head_dim]` (queries and keys after RoPE) in,
+    /// the attention output `[heads, tokens, head_dim]` out. The training forward attends over packed
+    /// rows, generation over a key/value cache (`cache.rs`).
+    pub(super) fn blocks_with(
+        &self,
+        x: &Tensor,
+        positions: Vec<u32>,
+        mut attend: impl FnMut(usize, Tensor, Tensor, Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let tokens = x.dim(0)?;
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
+        let at = Tensor::from_vec(positions, tokens, &self.device)?;
+        let (cos, sin) = (self.cos.index_select(&at, 0)?, self.sin.index_select(&at, 0)?);
+        let interleaved = self.cfg.rope_interleaved;
+        let mut x = x.clone();
+        for (layer, blk) in self.blocks.iter().enumerate() {
+            let h = rms_norm(&x, &blk.attn_norm, self.cfg.rms_norm_eps)?;
+            // [tokens, heads * hd] -> [heads, tokens, hd], rotated by position.
+            let heads = |lin: &FrozenLinear, n: usize, rotate: bool| -> candle_core::Result<Tensor> {
+                let y = lin.forward(&h)?.reshape((tokens, n, hd))?.transpose(0, 1)?.contiguous()?;
+                if rotate {
+                    rope(&y.unsqueeze(0)?, &cos, &sin, interleaved)?.squeeze(0)
+                } else {
+                    Ok(y)
+                }
+            };
+            let (q, k, v) = (heads(&blk.q, nh, true)?, heads(&blk.k, nkv, true)?, heads(&blk.v, nkv, false)?);
+            let ctx = attend(layer, q, k, v)?;
+            x = (x + blk.o.forward(&ctx.transpose(0, 1)?.reshape((tokens, nh * hd))?)?)?;
+            let h = rms_norm(&x, &blk.mlp_norm, self.cfg.rms_norm_eps)?;
+            x = (x + blk.down.forward(&silu_mul(&blk.gate.forward(&h)?, &blk.up.forward(&h)?)?)?)?;
+        }
+        Ok(x)
     }
 
     /// Vocabulary logits `[.., vocab]` of final hidden states `[.., hidden]`: apply it only to the
@@ -245,12 +332,12 @@ pub fn embed_with(matrix: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> 
     matrix.index_select(&ids.flatten_all()?, 0)?.reshape((rows, len, matrix.dim(1)?))
 }
 
-fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, nkv, t, hd) = x.dims4()?;
-    x.unsqueeze(2)?.broadcast_as((b, nkv, n_rep, t, hd))?.reshape((b, nkv * n_rep, t, hd))
+/// The keys (after RoPE) and values `[kv_heads, len, head_dim]` of a constant prompt prefix at every
+/// layer: what rows continuing it attend to.
+pub struct PrefixCache {
+    pub len: usize,
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
 }
 
 fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {

@@ -48,7 +48,7 @@ pub fn hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Llm, LlmError
     let eos = id("eos_token_id").ok_or_else(|| load_err(&config_path, "no eos_token_id"))?;
     let model = Llama::from_weights(cfg, weights, dtype, device)?;
     let name = format!("hf {}", dir.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
-    Ok(Llm { model, tokenizer, bos: id("bos_token_id"), eos, name })
+    Ok(Llm::new(model, tokenizer, id("bos_token_id"), eos, name))
 }
 
 fn safetensors_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, LlmError> {
@@ -139,7 +139,7 @@ pub fn gguf(path: &Path, dtype: DType, device: &Device) -> Result<Llm, LlmError>
     let eos = meta("tokenizer.ggml.eos_token_id")?.to_u32().map_err(|e| load_err(path, e))?;
     let model = Llama::from_weights(cfg, weights, dtype, device)?;
     let name = format!("gguf {}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
-    Ok(Llm { model, tokenizer, bos, eos, name })
+    Ok(Llm::new(model, tokenizer, bos, eos, name))
 }
 
 fn string_array(content: &gguf_file::Content, key: &str, path: &Path) -> Result<Vec<String>, LlmError> {

@@ -1,6 +1,8 @@
 //! The frozen LLM: a Llama-family decoder plus its tokenizer, loaded from a Hugging Face directory,
 //! a GGUF file (dequantized to plain tensors), or built tiny and random from a seed for tests.
 
+#[cfg(target_arch = "x86_64")]
+mod bf16;
 #[cfg(feature = "openblas")]
 pub mod blas;
 mod cache;
@@ -18,7 +20,7 @@ use tokenizers::Tokenizer;
 
 pub use cache::{argmax_rows, KvCache, VocabSubset};
 pub use frozen::{cpu_matmul_backend, FrozenLinear};
-pub use llama::{embed_with, Llama, LlamaConfig};
+pub use llama::{embed_with, Llama, LlamaConfig, PrefixCache};
 pub use tiny::TinyLlmConfig;
 
 use crate::invalid::Invalid;
@@ -89,6 +91,8 @@ pub struct Llm {
     pub eos: u32,
     /// A short description for reports ("gguf SmolLM2-135M-Instruct.Q4_1.gguf", "tiny seed 1").
     pub name: String,
+    /// Prompt prefixes computed so far, by their token ids (`prefix`).
+    prefixes: std::sync::Mutex<std::collections::HashMap<Vec<u32>, std::sync::Arc<PrefixCache>>>,
 }
 
 impl Llm {
@@ -101,8 +105,34 @@ impl Llm {
         }
     }
 
+    /// Loads it and puts its products on the precision `matmul` asks for (see `ModelConfig`).
+    pub fn load_for(source: &LlmSource, matmul: super::LlmMatmul, device: &Device) -> Result<Self, LlmError> {
+        let mut llm = Self::load(source, DType::F32, device)?;
+        if matmul == super::LlmMatmul::Bf16 && !llm.model.use_bf16_matmuls()? {
+            tracing::warn!("model.llm_matmul: bf16 needs an x86-64 CPU with AVX-512 BF16; the products stay f32");
+        }
+        Ok(llm)
+    }
+
+    pub(crate) fn new(model: Llama, tokenizer: Tokenizer, bos: Option<u32>, eos: u32, name: String) -> Self {
+        Self { model, tokenizer, bos, eos, name, prefixes: Default::default() }
+    }
+
     pub fn hidden_size(&self) -> usize {
         self.model.cfg.hidden_size
+    }
+
+    /// The cached keys and values of a constant prompt prefix (token ids), computed the first time
+    /// it is asked for. The weights are frozen, so the cache never goes stale.
+    pub fn prefix(&self, ids: &[u32]) -> candle_core::Result<std::sync::Arc<PrefixCache>> {
+        let mut known = self.prefixes.lock().map_err(|_| candle_core::Error::Msg("prefix cache poisoned".into()))?;
+        if let Some(c) = known.get(ids) {
+            return Ok(c.clone());
+        }
+        let x = self.model.embed(&Tensor::from_slice(ids, (1, ids.len()), self.model.device())?)?.squeeze(0)?;
+        let cache = std::sync::Arc::new(self.model.prefix_cache(&x)?);
+        known.insert(ids.to_vec(), cache.clone());
+        Ok(cache)
     }
 
     /// Token ids of `text`, without special tokens.

@@ -93,3 +93,36 @@ fn missing_model_files_name_the_path() {
         .to_string();
     assert!(err.contains("none.gguf"), "{err}");
 }
+
+#[test]
+fn a_cached_prefix_gives_the_full_computations_outputs_and_gradients() {
+    // Two rows of 4 and 2 tokens continuing a 3-token prefix: packed with the prefix cached, against
+    // each row computed in full (prefix included) on its own, in f64.
+    let llm = tiny(DType::F64);
+    let (dev, h, p, lens) = (Device::Cpu, llm.hidden_size(), 3, [4usize, 2]);
+    let mut rng = crate::seed::stream(4, "prefix", 0);
+    let mut normal = |n: usize| {
+        crate::model::layers::normal_tensor((n, h), 1.0, &mut rng, &dev).unwrap().to_dtype(DType::F64).unwrap()
+    };
+    let prefix = normal(p);
+    let x = Var::from_tensor(&normal(6)).unwrap();
+    let probe = normal(6);
+    let cache = llm.model.prefix_cache(&prefix).unwrap();
+    let packed = llm.model.forward_packed(x.as_tensor(), &lens, Some(&cache)).unwrap();
+    let g_packed = (&packed * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_packed = g_packed.get(x.as_tensor()).unwrap();
+    let mut start = 0;
+    for &len in &lens {
+        let row = Var::from_tensor(&x.as_tensor().narrow(0, start, len).unwrap()).unwrap();
+        let full = Tensor::cat(&[&prefix, row.as_tensor()], 0).unwrap();
+        let out = llm.model.forward_packed(&full, &[p + len], None).unwrap().narrow(0, p, len).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+        };
+        assert!(diff(&out, &packed.narrow(0, start, len).unwrap()) < 1e-10, "outputs of the row at {start}");
+        let g = (&out * &probe.narrow(0, start, len).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+        let d = diff(g.get(row.as_tensor()).unwrap(), &g_packed.narrow(0, start, len).unwrap());
+        assert!(d < 1e-10, "gradient of the row at {start}: {d:.2e}");
+        start += len;
+    }
+}

@@ -167,13 +167,13 @@ pub fn build(cfg: &TinyLlmConfig, dtype: DType, device: &Device) -> Result<Llm, 
     let id = |t: &str| tokenizer.token_to_id(t).ok_or_else(|| LlmError::Tokenizer(format!("no token {t}")));
     let (bos, eos) = (id(BOS)?, id(EOS)?);
     let model = Llama::from_weights(arch.clone(), weights(&arch, cfg.seed)?, dtype, device)?;
-    Ok(Llm {
+    Ok(Llm::new(
         model,
         tokenizer,
-        bos: Some(bos),
+        Some(bos),
         eos,
-        name: format!("tiny seed {} ({} layers x {})", cfg.seed, cfg.layers, cfg.hidden),
-    })
+        format!("tiny seed {} ({} layers x {})", cfg.seed, cfg.layers, cfg.hidden),
+    ))
 }
 
 /// Writes the tiny model as a Hugging Face directory (config.json, model.safetensors, tokenizer.json),

@@ -25,6 +25,7 @@ pub fn fingerprint(job: &TrainJob<'_>, variant: Variant, ds: &Dataset) -> serde_
         "dataset_key": ds.key,
         "seed": job.train.seed,
         "llm": job.model.llm,
+        "llm_matmul": job.model.llm_matmul,
         "model": job.model.illmrec,
         "features": job.features,
         "train": {"epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr, "betas": t.betas,

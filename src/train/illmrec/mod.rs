@@ -107,7 +107,8 @@ pub fn fit(
     let finger = fingerprint(job, variant, &ds);
     let validator = Validator::new(tcfg, &ds, job.train.seed);
     let validate_every = tcfg.validate_every.unwrap_or(plan.steps_per_epoch).max(1);
-    let due = |step: u64| tcfg.validates() && step > 0 && (step % validate_every == 0 || step == plan.total_steps);
+    let due =
+        |step: u64| tcfg.validates() && step > 0 && (step.is_multiple_of(validate_every) || step == plan.total_steps);
     let (mut next_step, mut log, mut early, resumed_from) = if opts.resume {
         let ckpt = runs::load_latest(store, &run_id)?.ok_or_else(|| {
             TrainError::Invalid(format!("--resume: run {run_id} has no checkpoint under {}", store.url()))
@@ -178,17 +179,22 @@ pub fn fit(
     // budget added to their deadline, so a slow store does not look like a stalled rank (on a local
     // root the deadline stays the step's, and a stalled rank is still caught fast). Storage trouble
     // costs this checkpoint, not the run: the previous one stays in force and the next one retries.
+    // Whether it committed (on rank 0; the others do not write and report false).
     let checkpoint = |coll: &mut Guarded, step: u64, opt: &AdamW, log: &[StepLog], early: &EarlyStopping, best| {
         coll.set_timeout(step_timeout + save_budget);
+        let mut committed = false;
         if lead {
             match save(step, opt, log, early, best) {
                 Err(TrainError::Store(e)) => tracing::warn!("checkpoint at step {step} failed, training goes on: {e}"),
-                other => other?,
+                other => {
+                    other?;
+                    committed = true;
+                }
             }
         }
         coll.barrier()?;
         coll.set_timeout(step_timeout);
-        Ok::<_, TrainError>(())
+        Ok::<_, TrainError>(committed)
     };
     let (mut preempted, mut stopped_early, mut saved_at) = (false, false, None);
     let mut epoch_span: Option<(u64, tracing::Span)> = None;
@@ -219,8 +225,9 @@ pub fn fit(
             if let Some(p) = progress.as_mut() {
                 p.set_message(format!("valid {} {:.4} (best {best:.4} @ {best_step})", validator.metric(), v.value));
             }
-            checkpoint(coll, next_step, &stepper.opt, &log, &early, improved)?;
-            saved_at = Some(next_step);
+            if checkpoint(coll, next_step, &stepper.opt, &log, &early, improved)? {
+                saved_at = Some(next_step);
+            }
             if early.exhausted(tcfg.patience) {
                 tracing::info!(
                     "stopping early: {} validations without a better {} (best {best:.4} at step {best_step})",
@@ -257,21 +264,22 @@ pub fn fit(
         }
         if next_step % tcfg.checkpoint_every == 0 && next_step < last && !due(next_step) {
             checkpoint(coll, next_step, &stepper.opt, &log, &early, false)?;
-            saved_at = Some(next_step);
         }
     }
     if let Some(p) = progress {
         p.finish();
     }
-    // The final save (unless the last validation just made it) may retry FINAL_SAVE_ATTEMPTS times
-    // with pauses of 2, 4, 8, ... seconds.
+    // The final save (unless the last validation just committed it) may retry FINAL_SAVE_ATTEMPTS
+    // times with pauses of 2, 4, 8, ... seconds; BEST moves with it when a validation of this very
+    // step improved and its own save failed.
     let pauses = std::time::Duration::from_secs((1u64 << FINAL_SAVE_ATTEMPTS) - 2);
     coll.set_timeout(step_timeout + save_budget * FINAL_SAVE_ATTEMPTS + pauses);
     let resumed_at_end = resumed_from == Some(next_step);
     if lead && saved_at != Some(next_step) && !resumed_at_end {
+        let best = early.history.last().is_some_and(|v| v.step == next_step && v.improved);
         let mut attempt = 1;
         loop {
-            match save(next_step, &stepper.opt, &log, &early, false) {
+            match save(next_step, &stepper.opt, &log, &early, best) {
                 Err(TrainError::Store(e)) if attempt < FINAL_SAVE_ATTEMPTS => {
                     let pause = std::time::Duration::from_secs(1 << attempt);
                     tracing::warn!(

@@ -18,13 +18,14 @@ use crate::distributed::{check_same, Collective, Guarded};
 use crate::model::illmrec::session::Session;
 use crate::model::illmrec::RetrievalLoss;
 
-/// Seconds spent in each phase of a step, and the tokens (padding included) the LLM processed.
+/// Seconds spent in each phase of a step, and the tokens the LLM computed (cached prefixes not
+/// counted; there is no padding).
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Timings {
     pub prompts: f64,
     pub forward: f64,
     pub backward: f64,
-    pub padded_tokens: usize,
+    pub tokens: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
@@ -102,12 +103,12 @@ pub fn gradients(
     let grads = loss.backward()?;
     let flat = flatten_grads(&sess.vars(), &grads)?;
     let t3 = Instant::now();
-    let tokens = retrieval.rows * retrieval.len + alignment.as_ref().map_or(0, |a| a.rows * a.len);
+    let tokens = retrieval.tokens() + alignment.as_ref().map_or(0, |a| a.tokens());
     let timings = Timings {
         prompts: (t1 - t0).as_secs_f64(),
         forward: (t2 - t1).as_secs_f64(),
         backward: (t3 - t2).as_secs_f64(),
-        padded_tokens: tokens,
+        tokens,
     };
     Ok((flat, losses, timings))
 }
@@ -193,8 +194,11 @@ impl<'a> Stepper<'a> {
         }
         let order = self.order.as_ref().map(|(_, o)| &o[..]).unwrap_or_default();
         let samples = self.samples(order, step, epoch);
+        let computing = Instant::now();
         let (mut grads, local, timings) =
             gradients(self.sess, self.ds, &samples, self.cfg.risa_weight, self.cfg.reri_loss)?;
+        // The others may take as long as this rank did, and longer on a loaded machine.
+        coll.grant(computing.elapsed() * 2);
         // Dividing the sum of per-rank means by the world size gives the mean over the global batch.
         grads.extend([local.loss as f32, local.reri as f32, local.risa as f32, if stop { 1.0 } else { 0.0 }]);
         coll.all_reduce_sum(&mut grads)?;
@@ -214,7 +218,7 @@ impl<'a> Stepper<'a> {
         self.opt.update_groups(&mut self.params, &grads, &groups);
         write_params(&self.sess.vars(), &self.params)?;
         let optimizer_seconds = started.elapsed().as_secs_f64();
-        if (step + 1) % self.check_every == 0 {
+        if (step + 1).is_multiple_of(self.check_every) {
             check_same(
                 coll,
                 &format!("the parameters after step {}", step + 1),

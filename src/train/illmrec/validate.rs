@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::super::{IllmRecTrainConfig, Result};
 use crate::data::{Dataset, Split};
-use crate::distributed::Collective;
+use crate::distributed::{Collective, Guarded};
 use crate::eval::{metrics_of, target_ranks, Plan, Protocol};
 use crate::model::illmrec::scorer::IllmRecScorer;
 use crate::model::illmrec::session::Session;
@@ -101,14 +101,7 @@ impl Validator {
     /// Validates the session's current weights as one rank of `coll`: rank r scores every world-th
     /// user from the r-th, one all-reduce gathers the targets' ranks, and every rank computes the
     /// same metrics from them in the sample's order.
-    pub fn run(
-        &self,
-        sess: &Session,
-        ds: &Dataset,
-        coll: &dyn Collective,
-        step: u64,
-        epoch: u64,
-    ) -> Result<Validation> {
+    pub fn run(&self, sess: &Session, ds: &Dataset, coll: &Guarded, step: u64, epoch: u64) -> Result<Validation> {
         let started = Instant::now();
         let mine: Vec<usize> = self.users.iter().skip(coll.rank()).step_by(coll.world()).copied().collect();
         let scorer = IllmRecScorer::new(sess, ds, self.batch)?;
@@ -116,6 +109,8 @@ impl Validator {
         let plan =
             Plan { split: Split::Valid, protocols: &protocols, ks: &self.ks, users: &mine, batch_size: self.batch };
         let local = target_ranks(&scorer, ds, &plan, None)?.remove(0);
+        // The others may take as long as this rank did to score their share.
+        coll.grant(started.elapsed() * 2);
         // Ranks are small integers: exact in f32, whatever order the sum takes.
         let mut all = vec![0f32; self.users.len()];
         for (j, r) in local.into_iter().enumerate() {

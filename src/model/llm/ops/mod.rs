@@ -5,13 +5,15 @@
 //! "Speed of a training step"). candle's own fused versions have no backward (docs/candle.md).
 //! On other devices, or dtypes other than f32/f64, the primitive versions run instead.
 
+mod attention;
 mod rms_norm;
 mod rope;
-mod softmax;
+mod silu_mul;
 
+pub use attention::packed_attention;
 pub use rms_norm::rms_norm;
 pub use rope::rope;
-pub use softmax::{causal_softmax, causal_softmax_after};
+pub use silu_mul::silu_mul;
 
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, WithDType};
 
@@ -58,6 +60,34 @@ fn run2<K: Kernel2>(
     Ok((out, l1.shape().clone()))
 }
 
+/// Rows of `width` values of `x` (and of `y`, the same shape, where a backward reads two operands)
+/// mapped through `f(row index, x row, y row, out row)` into a new buffer of rows of the same width
+/// (the last row may be short), over the thread pool when there is enough work to share.
+fn map_rows<T: WithDType>(
+    x: &[T],
+    y: Option<&[T]>,
+    width: usize,
+    f: impl Fn(usize, &[T], &[T], &mut [T]) + Sync,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let width = width.max(1);
+    let mut out = vec![T::zero(); x.len()];
+    let y = y.unwrap_or(&[]);
+    let yrow = |r: usize| if y.is_empty() { &y[..0] } else { &y[r * width..((r + 1) * width).min(y.len())] };
+    let out_width = width;
+    if rayon::current_num_threads() > 1 && x.len() >= 1 << 15 {
+        out.par_chunks_mut(out_width)
+            .zip(x.par_chunks(width))
+            .enumerate()
+            .for_each(|(r, (o, xr))| f(r, xr, yrow(r), o));
+    } else {
+        for (r, (o, xr)) in out.chunks_mut(out_width).zip(x.chunks(width)).enumerate() {
+            f(r, xr, yrow(r), o);
+        }
+    }
+    out
+}
+
 /// Whether `x` takes the fused path.
 fn fused(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
@@ -80,4 +110,37 @@ fn random_f64(shape: &[usize], seed: u64) -> Tensor {
         .unwrap()
         .to_dtype(DType::F64)
         .unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// Every op's output and input gradients on f32 data big enough to be shared out, in a pool of
+    /// `threads` threads.
+    fn run_all(threads: usize) -> Vec<Vec<f32>> {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let f32s = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+            let x = Var::from_tensor(&f32s(random_f64(&[2, 3, 96, 64], 1))).unwrap();
+            let w = f32s(random_f64(&[64], 2));
+            let (cos, sin) = (f32s(random_f64(&[96, 32], 3)), f32s(random_f64(&[96, 32], 4)));
+            let kv = Var::from_tensor(&f32s(random_f64(&[2, 192, 64], 5))).unwrap();
+            let y = rms_norm(x.as_tensor(), &w, 1e-5).unwrap();
+            let y = rope(&y, &cos, &sin, true).unwrap();
+            let y = silu_mul(&y, x.as_tensor()).unwrap();
+            let q = y.reshape((6, 192, 32)).unwrap().narrow(2, 0, 32).unwrap().contiguous().unwrap();
+            let kv2 = kv.as_tensor().narrow(2, 0, 32).unwrap().contiguous().unwrap();
+            let out = packed_attention(&q, &kv2, &kv2, &[100, 92], None, 0.2).unwrap();
+            let grads = out.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            vec![flat(&out), flat(grads.get(x.as_tensor()).unwrap()), flat(grads.get(kv.as_tensor()).unwrap())]
+        })
+    }
+
+    #[test]
+    fn threads_change_nothing_bit_for_bit() {
+        assert_eq!(run_all(1), run_all(2));
+    }
 }

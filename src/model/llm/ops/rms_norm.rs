@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType, D};
 
-use super::{fused, run, run2, values, Kernel, Kernel2};
+use super::{fused, map_rows, run, run2, values, Kernel, Kernel2};
 
 /// RMS norm over the last dimension of `x`; differentiable in `x` (the weight is frozen).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
@@ -40,27 +40,28 @@ impl RmsNorm {
 
 impl Kernel for RmsNorm {
     fn apply<T: WithDType>(&self, x: &[T]) -> Vec<T> {
-        let mut out = Vec::with_capacity(x.len());
-        for row in x.chunks_exact(self.w.len()) {
+        let n = self.w.len();
+        map_rows(x, None, n, |_, row, _, out| {
             let r = self.inv_rms(row);
-            out.extend(row.iter().zip(self.w.iter()).map(|(v, w)| T::from_f64(v.to_f64() * r * w)));
-        }
-        out
+            for ((o, v), w) in out.iter_mut().zip(row).zip(self.w.iter()) {
+                *o = T::from_f64(v.to_f64() * r * w);
+            }
+        })
     }
 }
 
 impl Kernel2 for RmsNormGrad {
     fn apply<T: WithDType>(&self, x: &[T], g: &[T]) -> Vec<T> {
         let (op, n) = (&self.0, self.0.w.len());
-        let mut out = Vec::with_capacity(x.len());
-        for (row, grow) in x.chunks_exact(n).zip(g.chunks_exact(n)) {
+        map_rows(x, Some(g), n, |_, row, grow, out| {
             let r = op.inv_rms(row);
             let a = |j: usize| grow[j].to_f64() * op.w[j];
             let ax: f64 = (0..n).map(|j| a(j) * row[j].to_f64()).sum();
             let k = r * r * r * ax / n as f64;
-            out.extend((0..n).map(|j| T::from_f64(r * a(j) - row[j].to_f64() * k)));
-        }
-        out
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = T::from_f64(r * a(j) - row[j].to_f64() * k);
+            }
+        })
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 
-use super::{fused, run, values, Kernel};
+use super::{fused, map_rows, run, values, Kernel};
 
 /// RoPE of `x [b, heads, t, head_dim]` with tables `cos`, `sin` `[t, head_dim / 2]`; pairs are
 /// (i, i + head_dim/2) (Hugging Face) or (2i, 2i + 1) (`interleaved`, GGUF). Differentiable in `x`.
@@ -44,8 +44,7 @@ impl Kernel for Rope {
     fn apply<T: WithDType>(&self, x: &[T]) -> Vec<T> {
         let half = self.d / 2;
         let sign = if self.inverse { -1.0 } else { 1.0 };
-        let mut out = vec![T::zero(); x.len()];
-        for (r, (row, o)) in x.chunks_exact(self.d).zip(out.chunks_exact_mut(self.d)).enumerate() {
+        map_rows(x, None, self.d, |r, row, _, o| {
             let pos = r % self.t;
             for i in 0..half {
                 let (c, s) = (self.cos[pos * half + i], sign * self.sin[pos * half + i]);
@@ -54,8 +53,7 @@ impl Kernel for Rope {
                 o[a] = T::from_f64(xa * c - xb * s);
                 o[b] = T::from_f64(xa * s + xb * c);
             }
-        }
-        out
+        })
     }
 }
 

@@ -1,0 +1,134 @@
+//! The Llama MLP's gate as one op: silu(g) ⊙ u with σ = sigmoid(g), silu(g) = g·σ, and backward
+//! dg = dy ⊙ u ⊙ σ(1 + g(1 − σ)), du = dy ⊙ silu(g). From primitives that is five [tokens, ffn]
+//! tensors forward and more backward, at SmolLM2's width (1536) more traffic than any other
+//! elementwise step.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
+
+use super::{fused, map_rows, run2, Kernel2};
+
+/// Elements per unit of work on the thread pool (the op is elementwise; a chunk is a "row").
+const CHUNK: usize = 4096;
+
+/// `silu(gate) * up`, differentiable in both.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if gate.dims() != up.dims() {
+        candle_core::bail!("silu_mul: gate {:?} and up {:?}", gate.dims(), up.dims());
+    }
+    if !fused(gate) {
+        return candle_nn::ops::silu(gate)? * up;
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
+}
+
+struct SiluMul;
+
+impl Kernel2 for SiluMul {
+    fn apply<T: WithDType>(&self, g: &[T], u: &[T]) -> Vec<T> {
+        map_rows(g, Some(u), CHUNK, |_, g, u, out| {
+            for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
+                let g = g.to_f64();
+                *o = T::from_f64(g / (1.0 + (-g).exp()) * u.to_f64());
+            }
+        })
+    }
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        run2(self, "silu_mul", (s1, l1), (s2, l2))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // Both gradients in one pass over [g | u | dy]: out = [dg | du].
+        let n = g.elem_count();
+        let all = Tensor::cat(&[&g.flatten_all()?, &u.flatten_all()?, &dy.contiguous()?.flatten_all()?], 0)?;
+        let grads = all.apply_op1_no_bwd(&SiluMulGrad)?;
+        Ok((Some(grads.narrow(0, 0, n)?.reshape(g.shape())?), Some(grads.narrow(0, n, n)?.reshape(u.shape())?)))
+    }
+}
+
+/// One chunk of the backward: (dg, du) to write from ((g, u), dy).
+type Chunk<'a, T> = ((&'a mut [T], &'a mut [T]), ((&'a [T], &'a [T]), &'a [T]));
+
+/// The backward over one buffer [g | u | dy]; the output is [dg | du].
+struct SiluMulGrad;
+
+impl super::Kernel for SiluMulGrad {
+    fn apply<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+        use rayon::prelude::*;
+        let n = x.len() / 3;
+        let (g, rest) = x.split_at(n);
+        let (u, dy) = rest.split_at(n);
+        let mut out = vec![T::zero(); 2 * n];
+        let (dg, du) = out.split_at_mut(n);
+        let chunk = |((dg, du), ((g, u), dy)): Chunk<'_, T>| {
+            for i in 0..g.len() {
+                let (gi, yi) = (g[i].to_f64(), dy[i].to_f64());
+                let s = 1.0 / (1.0 + (-gi).exp());
+                dg[i] = T::from_f64(yi * u[i].to_f64() * s * (1.0 + gi * (1.0 - s)));
+                du[i] = T::from_f64(yi * gi * s);
+            }
+        };
+        let parts = dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK));
+        let inputs = g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK));
+        if rayon::current_num_threads() > 1 && n >= 1 << 15 {
+            parts.zip(inputs).for_each(chunk);
+        } else {
+            dg.chunks_mut(CHUNK)
+                .zip(du.chunks_mut(CHUNK))
+                .zip(g.chunks(CHUNK).zip(u.chunks(CHUNK)).zip(dy.chunks(CHUNK)))
+                .for_each(chunk);
+        }
+        out
+    }
+}
+
+impl candle_core::CustomOp1 for SiluMulGrad {
+    fn name(&self) -> &'static str {
+        "silu-mul-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (out, shape) = super::run(self, "silu_mul", s, l)?;
+        Ok((out, Shape::from(shape.elem_count() / 3 * 2)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{max_abs_diff, random_f64};
+    use super::*;
+    use candle_core::Var;
+
+    #[test]
+    fn matches_the_primitive_ops_forward_and_backward() {
+        let g = Var::from_tensor(&(random_f64(&[3, 7], 1) * 3.0).unwrap()).unwrap();
+        let u = Var::from_tensor(&random_f64(&[3, 7], 2)).unwrap();
+        let up = random_f64(&[3, 7], 3);
+        let fused = silu_mul(g.as_tensor(), u.as_tensor()).unwrap();
+        let plain = (candle_nn::ops::silu(g.as_tensor()).unwrap() * u.as_tensor()).unwrap();
+        assert!(max_abs_diff(&fused, &plain) < 1e-12);
+        let g1 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (plain * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for x in [&g, &u] {
+            assert!(max_abs_diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap()) < 1e-12);
+        }
+    }
+}
