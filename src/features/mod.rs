@@ -5,6 +5,8 @@
 //! cached yet; `load` assembles, for one feature type, the matrix the model reads (row i = item i).
 
 pub mod cache;
+pub mod captioner;
+pub mod captions;
 mod config;
 pub mod image;
 mod seeded;
@@ -22,6 +24,8 @@ pub use config::{
     CfSource, FeatureKind, FeaturesConfig, ImageSource, ImportConfig, TextSource, TinyBertConfig, TinySiglipConfig,
 };
 pub use table::{FeatureTable, FeatureTableError};
+
+pub(crate) use seeded::var_builder as seeded_var_builder;
 
 use crate::data::{snapshot, Dataset};
 use crate::store::{key, Store, StoreError};

@@ -107,3 +107,29 @@ fn imported_table_is_cached_and_aligned_by_item_id() {
     let cf = load(&cfg, FeatureKind::Cf, &ds, &store, "none").unwrap();
     assert_eq!(cf.values, vec![0., 0., 1., 1., 2., 2., 3., 3.]);
 }
+
+#[test]
+fn captions_are_computed_once_per_picture_and_prompt_then_reused() {
+    let store = Store::open("memory://").unwrap();
+    let mut ds = dataset(&store);
+    let source = |prompt: &str| captions::CaptionSource::TinyBlip { seed: 2, prompt: prompt.into(), max_tokens: 4 };
+    let first = captions::compute(&source("a picture of"), &ds, &store, &quiet()).unwrap();
+    assert_eq!((first.computed, first.reused, first.without_image), (2, 0, 1));
+    let again = captions::compute(&source("a picture of"), &ds, &store, &quiet()).unwrap();
+    assert_eq!((again.computed, again.reused), (0, 2));
+    // A new item with the red picture: its caption is the red picture's, nothing is computed.
+    let mut grown = ds.items[0].clone();
+    grown.index = 4;
+    grown.id = "i3".into();
+    ds.items.push(grown);
+    let grown_report = captions::compute(&source("a picture of"), &ds, &store, &quiet()).unwrap();
+    assert_eq!((grown_report.computed, grown_report.reused), (0, 3));
+    let c = captions::load(&source("a picture of"), &ds, &store).unwrap();
+    assert_eq!(c.len(), 3);
+    assert!(c.get(1).unwrap().starts_with("a picture of"));
+    assert_eq!(c.get(1), c.get(4));
+    assert_eq!(c.get(3), None, "no picture, no caption");
+    // Another prompt is another captioner: its captions are computed afresh.
+    let other = captions::compute(&source("a photo of"), &ds, &store, &quiet()).unwrap();
+    assert_eq!((other.computed, other.reused), (2, 1));
+}

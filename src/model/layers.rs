@@ -47,13 +47,7 @@ pub fn bce_with_logits(logits: &Tensor, target: f64, weight: &Tensor, weight_sum
 /// A tensor drawn from N(0, std^2) with a seeded stream (Box-Muller).
 pub fn normal_tensor(shape: impl Into<Shape>, std: f64, rng: &mut Rng, device: &Device) -> candle_core::Result<Tensor> {
     let shape = shape.into();
-    let values: Vec<f32> = (0..shape.elem_count())
-        .map(|_| {
-            let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-            let u2: f64 = rng.random();
-            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
-        })
-        .collect();
+    let values: Vec<f32> = (0..shape.elem_count()).map(|_| (crate::seed::standard_normal(rng) * std) as f32).collect();
     Tensor::from_vec(values, shape, device)
 }
 

@@ -209,6 +209,24 @@ impl SasRec {
         }
     }
 
+    /// Replaces the item table with `values` (`[(num_items + 1) x hidden]`, row 0 the padding); a
+    /// SASRec with an id table only (MoRec's item vectors are projected features).
+    pub fn set_item_table(&self, values: &[f32]) -> Result<()> {
+        if !matches!(self.items, ItemSource::Table) {
+            return Err(super::ModelError::Invalid("projected item features have no item table to set".into()));
+        }
+        let shape = (self.num_items + 1, self.cfg.hidden);
+        if values.len() != shape.0 * shape.1 {
+            return Err(super::ModelError::Invalid(format!(
+                "an item table of {} values for {} items x {} dims",
+                values.len(),
+                self.num_items,
+                self.cfg.hidden
+            )));
+        }
+        Ok(self.vars[0].1.set(&Tensor::from_slice(values, shape, &self.device)?)?)
+    }
+
     /// Hidden states [rows, max_len, hidden]; dropout is applied when `rng` is given (training).
     pub fn forward(&self, batch: &Batch, mut rng: Option<&mut Rng>) -> Result<Tensor> {
         let (l, h, heads) = (self.cfg.max_len, self.cfg.hidden, self.cfg.heads);

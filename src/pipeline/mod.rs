@@ -2,11 +2,14 @@
 //!
 //! ```text
 //! synth? -> prepare -> train non-LLM models (SASRec first when the CF feature needs its item table)
-//!        -> features -> train LLM recommenders -> evaluate every model -> report
+//!        -> features -> train LLM recommenders -> evaluate every model
+//!        -> LVLM strategies (`lvlm.strategies`; S3/S5 after their base model) -> report
 //! ```
 //! The stages themselves live in `data`, `features`, `train` and `eval` and know nothing of the job
 //! file; this module (with the command line above it) is the only place that reads a whole job and
 //! passes each stage its sections and the artefacts of the stages before it.
+
+pub mod lvlm;
 
 use std::time::Instant;
 
@@ -18,6 +21,7 @@ use crate::distributed::Collective;
 use crate::eval::cost::Cost;
 use crate::eval::{self, EvalResult, Protocol};
 use crate::features::{self, FeaturesReport};
+use crate::lvlm::Strategy;
 use crate::store::{self, Store};
 use crate::train::illmrec::TrainOptions;
 use crate::train::{self, runs, ModelKind, Result, TrainError, TrainJob};
@@ -53,6 +57,8 @@ pub enum Stage {
     Train(ModelKind),
     Features,
     Evaluate(ModelKind),
+    /// An LVLM strategy of `lvlm.strategies`, with the job's default backbone.
+    Lvlm(Strategy),
 }
 
 /// The stages `run` executes for the job, in order: every model of `train.models` is trained and
@@ -88,6 +94,15 @@ pub fn plan(job: &JobConfig) -> Result<Vec<Stage>> {
         }
     }
     stages.extend(models.iter().map(|&k| Stage::Evaluate(k)));
+    // The rerankers need their base model; S2 trains its own SASRec.
+    if job.lvlm.strategies.iter().any(|s| s.reranks()) {
+        let base = job.lvlm.base_model.parse::<ModelKind>().map_err(TrainError::Invalid)?;
+        if !trained.contains(&base) {
+            let at = stages.iter().position(|s| matches!(s, Stage::Evaluate(_))).unwrap_or(stages.len());
+            stages.insert(at, Stage::Train(base));
+        }
+    }
+    stages.extend(job.lvlm.strategies.iter().map(|&s| Stage::Lvlm(s)));
     Ok(stages)
 }
 
@@ -271,6 +286,14 @@ pub fn run(job: &JobConfig, store: &Store) -> anyhow::Result<()> {
                 results.extend(evaluate(job, store, ds, kind, &EvalRequest::test(&job.eval.protocols))?);
                 costs.extend(cost_of(store, &tj.run_id(kind))?);
             }
+            Stage::Lvlm(strategy) => {
+                let ds = ds.as_ref().ok_or_else(|| anyhow::anyhow!("{strategy} before prepare"))?;
+                let out = lvlm::lvlm(job, store, ds, strategy, None, false)?;
+                if let Some(cost) = &out.cost {
+                    print!("{}", crate::lvlm::cost_table(&[(out.result.model.clone(), &out.result.metrics, cost)]));
+                }
+                results.push(out.result);
+            }
         }
     }
     let report_dir = store::key(&["reports", &job.name]);
@@ -316,6 +339,26 @@ mod tests {
         assert_eq!(
             plan(&job("pop, sasrec", true)).unwrap(),
             vec![Prepare, Train(pop), Train(sasrec), Evaluate(pop), Evaluate(sasrec)]
+        );
+    }
+
+    #[test]
+    fn lvlm_strategies_come_last_after_the_base_model_they_rerank() {
+        use Stage::*;
+        let text = "name: j\ndata: {source: {recbole: {dir: d, name: n}}}\ntrain: {models: [pop]}\n\
+                    lvlm: {strategies: [s5, s2], backbones: {m: {llm: {tiny: {seed: 1}}}}}\n";
+        let job =
+            JobConfig::from_str_with_base(text, std::path::Path::new("j.yaml"), std::path::Path::new(".")).unwrap();
+        assert_eq!(
+            plan(&job).unwrap(),
+            vec![
+                Prepare,
+                Train(ModelKind::Pop),
+                Train(ModelKind::Sasrec),
+                Evaluate(ModelKind::Pop),
+                Lvlm(Strategy::S5),
+                Lvlm(Strategy::S2)
+            ]
         );
     }
 }

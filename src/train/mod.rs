@@ -223,8 +223,7 @@ pub fn train(
         return Err(TrainError::Invalid(format!("{kind} trains in one process; start it without mpirun/srun")));
     }
     let ds = crate::data::snapshot::load(store, job.dataset)?;
-    let mut state =
-        json!({"model": kind.to_string(), "dataset": ds.name, "dataset_key": ds.key, "num_items": ds.num_items()});
+    let mut state = run_state(kind, &ds);
     let (tensors, summary) = match kind {
         ModelKind::Pop => {
             let pop = Pop::fit(ds.num_items(), (0..ds.num_users()).map(|u| ds.train(u)));
@@ -238,27 +237,7 @@ pub fn train(
         }
         ModelKind::Sasrec | ModelKind::Morec(_) => {
             let model = sasrec_model(job, store, &ds, kind, &job.model.sasrec, job.train.seed)?;
-            let (model, report) =
-                sasrec::fit(&ds, model, &kind.to_string(), &job.train.sasrec, job.train.seed, job.telemetry)?;
-            state["config"] = serde_json::to_value(&job.model.sasrec).unwrap_or_default();
-            state["fit"] = serde_json::to_value(&report).unwrap_or_default();
-            runs::put_report(store, &id, "fit.json", serde_json::to_vec_pretty(&report).unwrap_or_default())?;
-            let bytes = weights_bytes(&model.to_host()?);
-            if kind == ModelKind::Sasrec {
-                save_cf_table(store, &id, &ds, &model)?;
-            }
-            let summary = format!(
-                "{kind}: {} epochs ({} steps, {:.1}s per epoch) in {:.1}s, best valid ndcg@10 {:.4} at epoch {}, \
-                 final loss {:.4}",
-                report.epochs_run,
-                report.steps,
-                report.seconds_per_epoch,
-                report.seconds,
-                report.best_valid_ndcg10,
-                report.best_epoch,
-                report.last_loss
-            );
-            (bytes, summary)
+            fit_sasrec(job, store, &ds, &id, model, &kind.to_string(), kind == ModelKind::Sasrec, &mut state)?
         }
         ModelKind::Graph(g) => {
             let mut model = graph::build(job, store, &ds, g, job.model, job.train.seed)?;
@@ -284,6 +263,69 @@ pub fn train(
     runs::save(store, &id, 1, vec![("model.safetensors", tensors)], &state, 2, false)?;
     Ok(TrainReport { run_id: id, summary, preempted: false })
 }
+
+/// What a baseline run's state.json records of its model and data.
+fn run_state(kind: impl fmt::Display, ds: &Dataset) -> serde_json::Value {
+    json!({"model": kind.to_string(), "dataset": ds.name, "dataset_key": ds.key, "num_items": ds.num_items()})
+}
+
+/// Trains the job's SASRec on `ds` and saves it as run `id`, with its item table as the CF feature.
+/// `item_init` (`[(items + 1) x hidden]`) replaces the random initial item table (MSRBench's S2).
+/// Returns the summary line.
+pub fn train_sasrec(
+    job: &TrainJob<'_>,
+    store: &Store,
+    ds: &Dataset,
+    id: &str,
+    item_init: Option<&[f32]>,
+) -> Result<String> {
+    let model = sasrec::new_model(ds, &job.model.sasrec, job.train.seed)?;
+    if let Some(init) = item_init {
+        model.set_item_table(init)?;
+    }
+    let mut state = run_state(ModelKind::Sasrec, ds);
+    state["item_init"] = json!(item_init.is_some());
+    let name = if item_init.is_some() { "sasrec (item table from text)" } else { "sasrec" };
+    let (bytes, summary) = fit_sasrec(job, store, ds, id, model, name, true, &mut state)?;
+    runs::save(store, id, 1, vec![("model.safetensors", bytes)], &state, 2, false)?;
+    Ok(summary)
+}
+
+/// Fits `model` (SASRec, or MoRec: SASRec on projected features) as `train.sasrec` says, under the
+/// label `name`; records its config and fit in `state` and run `id`'s `fit.json`, and with
+/// `cf_table` its item table as the CF feature. Returns the weights' bytes and the summary line.
+#[allow(clippy::too_many_arguments)]
+fn fit_sasrec(
+    job: &TrainJob<'_>,
+    store: &Store,
+    ds: &Dataset,
+    id: &str,
+    model: SasRec,
+    name: &str,
+    cf_table: bool,
+    state: &mut serde_json::Value,
+) -> Result<(Vec<u8>, String)> {
+    let (model, report) = sasrec::fit(ds, model, name, &job.train.sasrec, job.train.seed, job.telemetry)?;
+    state["config"] = serde_json::to_value(&job.model.sasrec).unwrap_or_default();
+    state["fit"] = serde_json::to_value(&report).unwrap_or_default();
+    runs::put_report(store, id, "fit.json", serde_json::to_vec_pretty(&report).unwrap_or_default())?;
+    if cf_table {
+        save_cf_table(store, id, ds, &model)?;
+    }
+    let summary = format!(
+        "{name}: {} epochs ({} steps, {:.1}s per epoch) in {:.1}s, best valid ndcg@10 {:.4} at epoch {}, \
+         final loss {:.4}",
+        report.epochs_run,
+        report.steps,
+        report.seconds_per_epoch,
+        report.seconds,
+        report.best_valid_ndcg10,
+        report.best_epoch,
+        report.last_loss
+    );
+    Ok((weights_bytes(&model.to_host()?), summary))
+}
+
 /// Named tensors as the bytes of a `model.safetensors`.
 fn weights_bytes(weights: &[HostTensor]) -> Vec<u8> {
     to_bytes(weights.iter().map(|t| (t.name.clone(), Array::F32(&t.values, t.shape.clone()))).collect(), None)
@@ -339,25 +381,8 @@ pub fn load_scorer<'d>(
         return Ok(Box::new(illmrec::load_scorer(job, store, ds, variant, which)?));
     }
     let id = job.run_id(kind);
-    let ckpt = runs::load(store, &id, which)?.ok_or_else(|| {
-        TrainError::Invalid(format!(
-            "no trained `{kind}` under {}/runs/{id}: run `illmrec train --job FILE --model {kind}` first",
-            store.url()
-        ))
-    })?;
-    let trained_on = ckpt.state["dataset_key"].as_str().unwrap_or("?");
-    if trained_on != ds.key {
-        return Err(TrainError::Invalid(format!(
-            "run {id} was trained on dataset snapshot {trained_on}, but the latest snapshot is {}: train again",
-            ds.key
-        )));
-    }
+    let ckpt = checkpoint_of(store, &id, kind, ds, which)?;
     let tf = TensorFile::parse(ckpt.file("model.safetensors")?, &format!("runs/{id} checkpoint {}", ckpt.step))?;
-    let weights = tf
-        .names()
-        .into_iter()
-        .map(|name| tf.f32(&name).map(|(shape, values)| HostTensor { name, shape, values }))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
     match kind {
         ModelKind::Random => {
             let seed = ckpt.state["seed"]
@@ -381,16 +406,61 @@ pub fn load_scorer<'d>(
                 .map_err(|e| TrainError::Invalid(format!("run {id}: state.json config: {e}")))?;
             // The initial values are overwritten by the checkpoint's.
             let model = sasrec_model(job, store, ds, kind, &cfg, 0)?;
-            model.load_host(&weights)?;
+            model.load_host(&host_tensors(&tf)?)?;
             Ok(Box::new(model))
         }
         ModelKind::Graph(g) => {
             let models = graph::with_recorded(job.model, g, &ckpt.state["config"])?;
             // The initial values are overwritten by the checkpoint's.
             let model = graph::build(job, store, ds, g, &models, 0)?;
-            crate::model::load_host_into(model.vars(), &weights)?;
+            crate::model::load_host_into(model.vars(), &host_tensors(&tf)?)?;
             Ok(Box::new(GraphScorer::new(model.as_ref(), g)?))
         }
         ModelKind::Illmrec(_) => unreachable!("handled above"),
     }
+}
+
+/// The SASRec saved as run `id` (by `train_sasrec`), checked to be trained on `ds`.
+pub fn load_sasrec(job: &TrainJob<'_>, store: &Store, id: &str, ds: &Dataset, which: runs::Which) -> Result<SasRec> {
+    let ckpt = checkpoint_of(store, id, ModelKind::Sasrec, ds, which)?;
+    let tf = TensorFile::parse(ckpt.file("model.safetensors")?, &format!("runs/{id} checkpoint {}", ckpt.step))?;
+    let cfg = serde_json::from_value(ckpt.state["config"].clone())
+        .map_err(|e| TrainError::Invalid(format!("run {id}: state.json config: {e}")))?;
+    // The initial values are overwritten by the checkpoint's.
+    let model = sasrec_model(job, store, ds, ModelKind::Sasrec, &cfg, 0)?;
+    model.load_host(&host_tensors(&tf)?)?;
+    Ok(model)
+}
+
+/// A baseline run's checkpoint (`which`), checked to be trained on `ds`.
+fn checkpoint_of(
+    store: &Store,
+    id: &str,
+    kind: impl fmt::Display,
+    ds: &Dataset,
+    which: runs::Which,
+) -> Result<runs::Checkpoint> {
+    let ckpt = runs::load(store, id, which)?.ok_or_else(|| {
+        TrainError::Invalid(format!(
+            "no trained `{kind}` under {}/runs/{id}: run `illmrec train --job FILE --model {kind}` first",
+            store.url()
+        ))
+    })?;
+    let trained_on = ckpt.state["dataset_key"].as_str().unwrap_or("?");
+    if trained_on != ds.key {
+        return Err(TrainError::Invalid(format!(
+            "run {id} was trained on dataset snapshot {trained_on}, but the latest snapshot is {}: train again",
+            ds.key
+        )));
+    }
+    Ok(ckpt)
+}
+
+/// Every tensor of a checkpoint's model file.
+fn host_tensors(tf: &TensorFile<'_>) -> Result<Vec<HostTensor>> {
+    Ok(tf
+        .names()
+        .into_iter()
+        .map(|name| tf.f32(&name).map(|(shape, values)| HostTensor { name, shape, values }))
+        .collect::<std::result::Result<Vec<_>, _>>()?)
 }

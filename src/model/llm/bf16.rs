@@ -47,6 +47,13 @@ impl Panels {
         }
         Self { k, n, data }
     }
+
+    /// Element (row, col) as stored: an f32 with the bf16 value.
+    fn at(&self, row: usize, col: usize) -> f32 {
+        let (k2, p, c) = (self.k.div_ceil(2), col / NR, col % NR);
+        let half = self.data[(p * k2 + row / 2) * NR * 2 + 2 * c + row % 2];
+        f32::from_bits((half as u32) << 16)
+    }
 }
 
 /// A frozen weight `W [out, in]` packed for both products of a training step.
@@ -63,6 +70,12 @@ impl PackedWeight {
             transposed: Panels::pack(inp, out, |r, c| w[c * inp + r]),
             plain: Panels::pack(out, inp, |r, c| w[r * inp + c]),
         }
+    }
+
+    /// Rows `ids` of W `[ids.len(), in]`, row-major, at the bf16 values the products read.
+    pub fn rows(&self, ids: &[u32]) -> Vec<f32> {
+        let p = &self.plain;
+        ids.iter().flat_map(|&r| (0..p.n).map(move |c| p.at(r as usize, c))).collect()
     }
 }
 
@@ -223,5 +236,12 @@ mod tests {
         // A row's result does not depend on the rows around it.
         let alone = matmul(&x[5 * inp..6 * inp], 1, &p.transposed, 1);
         assert_eq!(alone, y[5 * out..6 * out]);
+        // Rows read back from the panels are the weight's rows rounded to bf16.
+        let rows = p.rows(&[44, 0, 7]);
+        for (i, r) in [44usize, 0, 7].into_iter().enumerate() {
+            for c in 0..inp {
+                assert_eq!(rows[i * inp + c], f32::from_bits((bf16(w[r * inp + c]) as u32) << 16));
+            }
+        }
     }
 }

@@ -57,6 +57,24 @@ impl FrozenLinear {
         Ok(false)
     }
 
+    /// The layer of output rows `ids` of W (logits over a few tokens): a dense weight's rows, or a
+    /// packed one's rows packed again, so each output equals that column of the full product.
+    pub fn select_rows(&self, ids: &[u32]) -> candle_core::Result<FrozenLinear> {
+        match &self.weight {
+            Weight::Dense(w) => {
+                let idx = Tensor::from_vec(ids.to_vec(), ids.len(), w.device())?;
+                Ok(FrozenLinear::new(w.index_select(&idx, 0)?))
+            }
+            #[cfg(target_arch = "x86_64")]
+            Weight::Bf16 { packed, inp, .. } => {
+                let rows = Tensor::from_vec(packed.rows(ids), (ids.len(), *inp), &candle_core::Device::Cpu)?;
+                let mut lin = FrozenLinear::new(rows);
+                lin.pack_bf16()?;
+                Ok(lin)
+            }
+        }
+    }
+
     /// `x [.., in]` -> `x · Wᵀ [.., out]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         FrozenMatmul { weight: self.weight.clone(), side: Side::Transposed }.apply(x)
@@ -192,6 +210,28 @@ mod tests {
         let g2 = (plain * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
         let (a, b) = (g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
         assert_eq!(a.to_vec3::<f32>().unwrap(), b.to_vec3::<f32>().unwrap());
+    }
+
+    #[test]
+    fn selected_rows_give_those_columns_of_the_product_dense_and_packed() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (70, 33), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, 33), &dev).unwrap();
+        let ids = [69u32, 3, 40];
+        let mut full = FrozenLinear::new(w);
+        for packed in [false, true] {
+            if packed && !full.pack_bf16().unwrap() {
+                eprintln!("no bf16 panels on this CPU: the packed case is not checked");
+                break;
+            }
+            let all = full.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            let few = full.select_rows(&ids).unwrap().forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            for (a, f) in all.iter().zip(&few) {
+                for (j, id) in ids.iter().enumerate() {
+                    assert!((f[j] - a[*id as usize]).abs() < 1e-5, "packed {packed}: {} vs {}", f[j], a[*id as usize]);
+                }
+            }
+        }
     }
 
     #[test]

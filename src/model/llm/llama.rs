@@ -121,8 +121,8 @@ pub struct Llama {
     pub cfg: LlamaConfig,
     embed: Tensor,
     blocks: Vec<Block>,
-    norm: Tensor,
-    lm_head: FrozenLinear,
+    pub(super) norm: Tensor,
+    pub(super) lm_head: FrozenLinear,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -256,7 +256,6 @@ impl Llama {
         mut collect: Option<&mut (Vec<Tensor>, Vec<Tensor>)>,
     ) -> candle_core::Result<Tensor> {
         let tokens = x.dim(0)?;
-        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
         let p = prefix.map_or(0, |c| c.len);
         let longest = p + lens.iter().copied().max().unwrap_or(0);
         if longest > self.cfg.max_position_embeddings {
@@ -270,9 +269,33 @@ impl Llama {
         if positions.len() != tokens {
             candle_core::bail!("rows of {lens:?} tokens for {tokens} input embeddings");
         }
+        let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
+        self.blocks_with(x, positions, |layer, q, k, v| {
+            let cached = prefix.map(|c| (&c.k[layer], &c.v[layer]));
+            let ctx = packed_attention(&q, &k, &v, lens, cached, scale)?;
+            if let Some((ks, vs)) = collect.as_deref_mut() {
+                ks.push(k);
+                vs.push(v);
+            }
+            Ok(ctx)
+        })
+    }
+
+    /// The decoder blocks (before the final norm) over `x [tokens, hidden]`, token i at
+    /// `positions[i]`, with attention left to `attend(layer, q, k, v)`: queries `[heads, tokens,
+    /// head_dim]`, keys and values `[kv_heads, tokens, head_dim]` (queries and keys after RoPE) in,
+    /// the attention output `[heads, tokens, head_dim]` out. The training forward attends over packed
+    /// rows, generation over a key/value cache (`cache.rs`).
+    pub(super) fn blocks_with(
+        &self,
+        x: &Tensor,
+        positions: Vec<u32>,
+        mut attend: impl FnMut(usize, Tensor, Tensor, Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let tokens = x.dim(0)?;
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
         let at = Tensor::from_vec(positions, tokens, &self.device)?;
         let (cos, sin) = (self.cos.index_select(&at, 0)?, self.sin.index_select(&at, 0)?);
-        let scale = 1.0 / (hd as f64).sqrt();
         let interleaved = self.cfg.rope_interleaved;
         let mut x = x.clone();
         for (layer, blk) in self.blocks.iter().enumerate() {
@@ -287,12 +310,7 @@ impl Llama {
                 }
             };
             let (q, k, v) = (heads(&blk.q, nh, true)?, heads(&blk.k, nkv, true)?, heads(&blk.v, nkv, false)?);
-            let cached = prefix.map(|c| (&c.k[layer], &c.v[layer]));
-            let ctx = packed_attention(&q, &k, &v, lens, cached, scale)?;
-            if let Some((ks, vs)) = collect.as_deref_mut() {
-                ks.push(k);
-                vs.push(v);
-            }
+            let ctx = attend(layer, q, k, v)?;
             x = (x + blk.o.forward(&ctx.transpose(0, 1)?.reshape((tokens, nh * hd))?)?)?;
             let h = rms_norm(&x, &blk.mlp_norm, self.cfg.rms_norm_eps)?;
             x = (x + blk.down.forward(&silu_mul(&blk.gate.forward(&h)?, &blk.up.forward(&h)?)?)?)?;

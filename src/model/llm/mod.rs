@@ -5,6 +5,7 @@
 mod bf16;
 #[cfg(feature = "openblas")]
 pub mod blas;
+mod cache;
 mod frozen;
 mod llama;
 mod load;
@@ -17,6 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+pub use cache::{argmax_rows, KvCache, VocabSubset};
 pub use frozen::{cpu_matmul_backend, FrozenLinear};
 pub use llama::{embed_with, Llama, LlamaConfig, PrefixCache};
 pub use tiny::TinyLlmConfig;
