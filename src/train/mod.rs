@@ -245,17 +245,7 @@ pub fn train(
             state["config"] = graph::config_json(job.model, g);
             state["fit"] = serde_json::to_value(&report).unwrap_or_default();
             runs::put_report(store, &id, "fit.json", serde_json::to_vec_pretty(&report).unwrap_or_default())?;
-            let summary = format!(
-                "{kind}: {} epochs ({} steps, {:.1}s per epoch) in {:.1}s, best valid ndcg@10 {:.4} at epoch {}, \
-                 final loss {:.4}",
-                report.epochs_run,
-                report.steps,
-                report.seconds_per_epoch,
-                report.seconds,
-                report.best_valid_ndcg10,
-                report.best_epoch,
-                report.last_loss
-            );
+            let summary = report.summary(&kind.to_string());
             (weights_bytes(&crate::model::vars_to_host(model.vars())?), summary)
         }
         ModelKind::Illmrec(_) => unreachable!("handled above"),
@@ -312,18 +302,7 @@ fn fit_sasrec(
     if cf_table {
         save_cf_table(store, id, ds, &model)?;
     }
-    let summary = format!(
-        "{name}: {} epochs ({} steps, {:.1}s per epoch) in {:.1}s, best valid ndcg@10 {:.4} at epoch {}, \
-         final loss {:.4}",
-        report.epochs_run,
-        report.steps,
-        report.seconds_per_epoch,
-        report.seconds,
-        report.best_valid_ndcg10,
-        report.best_epoch,
-        report.last_loss
-    );
-    Ok((weights_bytes(&model.to_host()?), summary))
+    Ok((weights_bytes(&model.to_host()?), report.summary(name)))
 }
 
 /// Named tensors as the bytes of a `model.safetensors`.

@@ -31,6 +31,23 @@ pub struct FitReport {
     pub steps: u64,
 }
 
+impl FitReport {
+    /// The run's summary line, under the label `name`.
+    pub fn summary(&self, name: &str) -> String {
+        format!(
+            "{name}: {} epochs ({} steps, {:.1}s per epoch) in {:.1}s, best valid ndcg@10 {:.4} at epoch {}, \
+             final loss {:.4}",
+            self.epochs_run,
+            self.steps,
+            self.seconds_per_epoch,
+            self.seconds,
+            self.best_valid_ndcg10,
+            self.best_epoch,
+            self.last_loss
+        )
+    }
+}
+
 /// A freshly initialised SASRec for `ds`.
 pub fn new_model(ds: &Dataset, mcfg: &SasRecConfig, seed: u64) -> Result<SasRec, TrainError> {
     Ok(SasRec::new(mcfg.clone(), ds.num_items(), &mut stream(seed, "sasrec/init", 0), &Device::Cpu)?)
