@@ -2,7 +2,8 @@
 //! it, its `recommendations` list is mapped to the candidates shown in the prompt (by their number
 //! or by their title), and what does not map is counted: names outside the candidate list are
 //! hallucinations, repeats are duplicates. A list cut off by the token limit keeps the items it
-//! has.
+//! has. An answer with no JSON list but a numbered list of lines ("1. Some title"), which small
+//! models write whatever the prompt asks, is read as that list of titles.
 
 use serde_json::Value;
 
@@ -140,7 +141,26 @@ fn find_list(text: &str) -> Option<(Vec<Value>, String, bool)> {
     if let Some(a) = first_array {
         return Some((a, String::new(), false));
     }
-    truncated_list(text).map(|entries| (entries, String::new(), true))
+    if let Some(entries) = truncated_list(text) {
+        return Some((entries, String::new(), true));
+    }
+    numbered_lines(text).map(|entries| (entries, String::new(), false))
+}
+
+/// The entries of a plain numbered list: at least two lines `N. text` or `N) text`, each entry the
+/// text after its ordinal (an ordinal is the list's own count, not a candidate number).
+fn numbered_lines(text: &str) -> Option<Vec<Value>> {
+    let entries: Vec<Value> = text
+        .lines()
+        .filter_map(|line| {
+            let t = line.trim_start();
+            let digits = t.chars().take_while(char::is_ascii_digit).count();
+            let rest = t[digits..].strip_prefix(['.', ')'])?;
+            (digits > 0 && rest.starts_with(' ') && !rest.trim().is_empty())
+                .then(|| Value::String(rest.trim().to_string()))
+        })
+        .collect();
+    (entries.len() >= 2).then_some(entries)
 }
 
 /// The entries of a list under a list key that the answer never closed: every complete entry up to
@@ -290,6 +310,21 @@ mod tests {
         for garbage in ["", "I cannot help with that.", "{\"answer\": \"lipstick\"}", "<html>502</html>"] {
             assert_eq!(parse(garbage, &titles()), Err(ParseError::NoList), "{garbage:?}");
         }
+    }
+
+    #[test]
+    fn numbered_lines_of_titles_are_read_when_there_is_no_json() {
+        // What SmolLM2-135M answers through llama-cpp-python's server on Beauty: titles, one per line,
+        // numbered by their place in the answer; the last cut off by the token limit.
+        let text = "Here you go:\n1. Conair True Glow Sonic Facial Skincare System\n2) OPI Nail Lacquer, Simmer \
+                    and Shimmer, 0.5-Fluid Ounce\n3. Moon Rock Face Cream\n4. Glowzone Anti Aging Moisturizer with";
+        let p = parse(text, &titles()).unwrap();
+        assert_eq!(p.ranking, vec![1, 0, 2]);
+        assert_eq!((p.named, p.hallucinated, p.truncated), (4, 1, false));
+        // Dates or other non-titles are hallucinations, not a parse failure; one numbered line is no list.
+        let p = parse("1. 2019-08-31\n2. 2019-08-31", &titles()).unwrap();
+        assert_eq!((p.ranking.len(), p.hallucinated), (0, 2));
+        assert_eq!(parse("1. I would pick the lamp.", &titles()), Err(ParseError::NoList));
     }
 
     #[test]
