@@ -7,13 +7,11 @@ use std::path::PathBuf;
 use candle_core::Device;
 use illmrec::features::text::TextEncoder;
 
+mod assets;
+
 fn minilm() -> PathBuf {
-    let assets = std::env::var_os("ILLMREC_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/assets"));
-    let d = assets.join("all-MiniLM-L6-v2");
-    assert!(d.join("model.safetensors").exists(), "{} is missing: run scripts/fetch-assets.sh minilm", d.display());
-    d
+    let weights = assets::asset("all-MiniLM-L6-v2/model.safetensors", "minilm");
+    weights.parent().expect("a file has a folder").to_path_buf()
 }
 
 #[test]

@@ -25,13 +25,10 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+mod assets;
+
 fn gguf() -> PathBuf {
-    let assets = std::env::var_os("ILLMREC_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/assets"));
-    let f = assets.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(f.exists(), "{} is missing: run scripts/fetch-assets.sh smollm2", f.display());
-    f
+    assets::asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2")
 }
 
 /// llama-cpp-python's OpenAI-compatible server on a free loopback port; killed on drop.

@@ -11,16 +11,15 @@ use illmrec::data::{snapshot, SourceConfig, Split};
 use illmrec::store::Store;
 use illmrec::telemetry::ProgressMode;
 
-fn assets() -> PathBuf {
-    std::env::var_os("ILLMREC_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/assets"))
-        .join("ml-100k")
+mod assets;
+
+fn ml100k() -> PathBuf {
+    assets::asset("ml-100k", "ml100k")
 }
 
 #[test]
 fn ml100k_five_core_counts_split_and_negatives() {
-    let dir = assets();
+    let dir = ml100k();
     assert!(dir.join("ml-100k.inter").exists(), "{} is missing: run scripts/fetch-assets.sh ml100k", dir.display());
     let mut job = JobConfig::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("jobs/ml100k.yaml")).unwrap();
     job.data.source = SourceConfig::Recbole { dir, name: "ml-100k".into() };

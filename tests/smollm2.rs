@@ -8,13 +8,10 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_transformers::models::quantized_llama;
 use illmrec::model::llm::{Llm, LlmSource};
 
+mod assets;
+
 fn gguf() -> PathBuf {
-    let assets = std::env::var_os("ILLMREC_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/assets"));
-    let f = assets.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(f.exists(), "{} is missing: run scripts/fetch-assets.sh smollm2", f.display());
-    f
+    assets::asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2")
 }
 
 #[test]
