@@ -168,6 +168,32 @@ fn prepare(dir: &Path, port: Option<u16>, file: &str, synth: bool) {
     ok(dir, port, &["features", "--job", file]);
 }
 
+/// Trains `s3.yaml` in `d` through `proxy`, which cuts the server off; the server comes back when
+/// the run logs a line `back_on` accepts. Asserts the run succeeded; returns its log.
+fn train_through(d: &Path, proxy: &CutOffProxy, back_on: impl Fn(&str) -> bool) -> String {
+    let mut cmd = Command::new(BIN);
+    s3_env(&mut cmd, proxy.port);
+    let mut child = cmd
+        .args(["train", "--job", "s3.yaml", "--model", "illmrec"])
+        .current_dir(d)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut reported = String::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+        reported.push_str(&line);
+        reported.push('\n');
+        if back_on(&line) {
+            assert!(proxy.tripped.load(Ordering::SeqCst), "the server was never cut off:\n{reported}");
+            proxy.up();
+        }
+    }
+    assert!(child.wait().unwrap().success(), "the run failed:\n{reported}");
+    reported
+}
+
 #[test]
 fn dataset_features_checkpoint_and_resume_round_trip_through_s3() {
     let moto = Moto::start(false);
@@ -336,28 +362,8 @@ fn server_cut_off_during_a_checkpoint_upload_costs_that_checkpoint_only() {
     let proxy = CutOffProxy::start(moto.port, "optimizer.safetensors");
     std::fs::write(d.join("s3.yaml"), job("s3://illmrec-cut/x", 30, retry)).unwrap();
     prepare(d, Some(proxy.port), "s3.yaml", false);
-    let mut cmd = Command::new(BIN);
-    s3_env(&mut cmd, proxy.port);
-    let mut child = cmd
-        .args(["train", "--job", "s3.yaml", "--model", "illmrec"])
-        .current_dir(d)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
     // Bring the server back as soon as the run reports the failed checkpoint.
-    let mut reported = String::new();
-    for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
-        reported.push_str(&line);
-        reported.push('\n');
-        if line.contains("checkpoint at step") && line.contains("failed") {
-            assert!(proxy.tripped.load(Ordering::SeqCst));
-            proxy.up();
-        }
-    }
-    let status = child.wait().unwrap();
-    assert!(status.success(), "the run failed:\n{reported}");
+    let reported = train_through(d, &proxy, |line| line.contains("checkpoint at step") && line.contains("failed"));
     assert!(reported.contains("checkpoint at step 2 failed"), "no report of the failed checkpoint:\n{reported}");
     assert!(!reported.contains(SECRET));
     for line in reported.lines().filter(|l| l.contains("WARN")) {
@@ -407,25 +413,7 @@ fn the_final_checkpoint_is_retried_until_the_store_is_back() {
     std::fs::write(d.join("s3.yaml"), text).unwrap();
     let proxy = CutOffProxy::start(moto.port, "weights.safetensors");
     prepare(d, Some(proxy.port), "s3.yaml", true);
-    let mut cmd = Command::new(BIN);
-    s3_env(&mut cmd, proxy.port);
-    let mut child = cmd
-        .args(["train", "--job", "s3.yaml", "--model", "illmrec"])
-        .current_dir(d)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut reported = String::new();
-    for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
-        reported.push_str(&line);
-        reported.push('\n');
-        if line.contains("final checkpoint at step 6 failed (attempt 1 of 5)") {
-            proxy.up();
-        }
-    }
-    assert!(child.wait().unwrap().success(), "the run failed:\n{reported}");
+    let reported = train_through(d, &proxy, |line| line.contains("final checkpoint at step 6 failed (attempt 1 of 5)"));
     assert!(reported.contains("(attempt 1 of 5), retrying in 2s"), "{reported}");
     let store = open_s3(moto.port, "s3://illmrec-fin/x");
     assert_eq!(illmrec::train::runs::load_latest(&store, "s3t-illmrec").unwrap().unwrap().step, 6);
