@@ -45,6 +45,10 @@ AuthInfo=socket=$d/munge/munge.socket,cred_expire=${SLURM_LOCAL_CRED_EXPIRE:-30}
 MessageTimeout=30
 StateSaveLocation=$d/state
 SlurmdSpoolDir=$d/spool
+# The PMIx plugin makes TmpFS/spmix_appdir_<uid>_<job>.<step> per step and leaves it behind when the
+# step is cancelled; a later cluster's step with the same ids then fails to launch ("Cannot create
+# client cli tmpdir: File exists"). Every cluster here restarts its job ids at 1: keep it in $d.
+TmpFS=$d/tmp
 SlurmctldPidFile=$d/slurmctld.pid
 SlurmdPidFile=$d/slurmd.pid
 SlurmctldLogFile=$d/log/slurmctld.log
@@ -92,7 +96,7 @@ start() {
     echo "slurm-local: already running in $d"
   else
     running "$d" && stop "$d" # half started: begin again
-    mkdir -p "$d/state" "$d/spool" "$d/log" "$d/munge"
+    mkdir -p "$d/state" "$d/spool" "$d/log" "$d/munge" "$d/tmp"
     chmod 711 "$d/munge" # munged wants a socket dir that everyone can traverse, and a private key
     [ -s "$d/munge/munge.key" ] || dd if=/dev/urandom of="$d/munge/munge.key" bs=1024 count=1 2>/dev/null
     chmod 600 "$d/munge/munge.key"

@@ -51,6 +51,17 @@ impl Slurm {
     fn conf(&self) -> PathBuf {
         self.dir.join("slurm.conf")
     }
+
+    /// The daemons' last log lines, for a failure message: why a step did not launch is only there.
+    fn log_tails(&self) -> String {
+        let mut text = String::new();
+        for name in ["slurmctld.log", "slurmd.log"] {
+            let log = std::fs::read_to_string(self.dir.join("log").join(name)).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            text += &format!("--- {name} (last 60 lines)\n{}\n", lines[lines.len().saturating_sub(60)..].join("\n"));
+        }
+        text
+    }
 }
 
 impl Drop for Slurm {
@@ -122,8 +133,9 @@ impl Cluster {
             }
             assert!(
                 started.elapsed() < limit,
-                "job {id}: no {what} after {limit:?} (state {state}):\n{}",
-                self.log(id)
+                "job {id}: no {what} after {limit:?} (state {state}):\n{}\n{}",
+                self.log(id),
+                self.slurm.log_tails()
             );
             std::thread::sleep(Duration::from_millis(300));
         }
