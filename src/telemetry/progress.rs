@@ -17,6 +17,8 @@ pub struct Progress {
     message: String,
     /// Samples in one unit of progress (a training step's global batch), for samples/s.
     samples_per_unit: Option<usize>,
+    /// Units done before this process started (a resumed run): not counted in the rate.
+    resumed_at: u64,
 }
 
 impl Progress {
@@ -50,7 +52,20 @@ impl Progress {
             last_log: now,
             message: String::new(),
             samples_per_unit: None,
+            resumed_at: 0,
         }
+    }
+
+    /// A resumed run: `n` units were done by an earlier process. They count towards the position,
+    /// not towards this process's rate and ETA.
+    pub fn resumed_at(mut self, n: u64) -> Self {
+        self.resumed_at = n;
+        self.done = n;
+        if let Some(b) = &self.bar {
+            b.set_position(n);
+            b.reset_eta();
+        }
+        self
     }
 
     /// Also report samples/s: each unit of progress is `n` samples.
@@ -79,9 +94,14 @@ impl Progress {
         }
     }
 
+    /// Units done by this process, which the rate is measured on.
+    fn done_here(&self) -> u64 {
+        self.done - self.resumed_at
+    }
+
     fn log_line(&self) {
         let elapsed = self.started.elapsed().as_secs_f64();
-        let rate = self.done as f64 / elapsed.max(1e-9);
+        let rate = self.done_here() as f64 / elapsed.max(1e-9);
         let eta = if rate > 0.0 { (self.total.saturating_sub(self.done)) as f64 / rate } else { f64::NAN };
         let samples = self.samples_per_unit.map(|n| format!(", {:.1} samples/s", rate * n as f64)).unwrap_or_default();
         tracing::info!(
@@ -97,5 +117,18 @@ impl Progress {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resumed_run_measures_its_rate_on_its_own_steps() {
+        let cfg = TelemetryConfig { progress: ProgressMode::Off, ..TelemetryConfig::default() };
+        let mut p = Progress::new(&cfg, "t", 1000).resumed_at(117);
+        p.inc(3);
+        assert_eq!((p.done, p.done_here()), (120, 3));
     }
 }

@@ -138,10 +138,8 @@ pub fn fit(
     let mut progress = lead.then(|| {
         Progress::new(job.telemetry, &format!("illmrec:{}", variant.name()), plan.total_steps)
             .with_samples_per_unit(plan.global_batch)
+            .resumed_at(next_step)
     });
-    if let Some(p) = progress.as_mut() {
-        p.inc(next_step);
-    }
     let save = |step: u64, opt: &AdamW, log: &[StepLog], early: &EarlyStopping, best: bool| -> Result<()> {
         let state = json!({
             "model": ModelKind::Illmrec(variant).to_string(),
