@@ -1,7 +1,7 @@
 //! MSRBench's recommender baselines through the real binary on a small synthetic image catalog with
 //! the tiny seeded encoders: `illmrec run` trains Random, Pop, SASRec, MoRec (T, I, T+I), FREEDOM,
-//! BM3 and MMGCN and prints one table and the cost columns; bad item features are refused naming
-//! the items.
+//! BM3, MMGCN and IISAN (T+I) and prints one table and the cost columns; bad item features are
+//! refused naming the items.
 
 use std::path::Path;
 use std::process::Command;
@@ -19,8 +19,18 @@ fn illmrec(dir: &Path, args: &[&str]) -> Result<String, String> {
     }
 }
 
-const MODELS: [&str; 9] =
-    ["random", "pop", "sasrec", "morec:text", "morec:image", "morec:text+image", "freedom", "bm3", "mmgcn"];
+const MODELS: [&str; 10] = [
+    "random",
+    "pop",
+    "sasrec",
+    "morec:text",
+    "morec:image",
+    "morec:text+image",
+    "freedom",
+    "bm3",
+    "mmgcn",
+    "iisan:text+image",
+];
 
 /// A catalog like tests/common's where every item has its image, or (`with_gaps`) where the
 /// generator leaves a tenth of the items without one.
@@ -42,10 +52,12 @@ model:
   freedom: {{dim: 16}}
   bm3: {{dim: 16}}
   mmgcn: {{dim: 16, latent: 16, layers: 2}}
+  iisan: {{blocks: 2, bottleneck: 8}}
 train:
   models: [{}]
   sasrec: {{epochs: 60, batch_size: 32, eval_every: 5, patience: 3, early_stopping_protocol: "sampled:29"}}
   graph: {{epochs: 60, batch_size: 256, eval_every: 5, patience: 3, early_stopping_protocol: "sampled:29"}}
+  iisan: {{epochs: 60, batch_size: 32, lr: 0.001, eval_every: 5, patience: 3, early_stopping_protocol: "sampled:29"}}
 eval:
   ks: [1, 5, 10]
   protocols: ["sampled:29"]
@@ -97,6 +109,13 @@ fn one_run_trains_and_tables_every_baseline() {
     let ckpt = illmrec::train::runs::load_latest(&store, "base-morec-text-image").unwrap().unwrap();
     let tf = TensorFile::parse(ckpt.file("model.safetensors").unwrap(), "morec").unwrap();
     assert_eq!(tf.f32("item_proj.w").unwrap().0, vec![24 + 32, 16]);
+    // IISAN T+I: a side network per modality and one over both, two blocks each over layers 0, 1, 2
+    // of the 2-layer encoders; their last states (24 + 32 + 56) fused to the model width.
+    let ckpt = illmrec::train::runs::load_latest(&store, "base-iisan-text-image").unwrap().unwrap();
+    let tf = TensorFile::parse(ckpt.file("model.safetensors").unwrap(), "iisan").unwrap();
+    assert_eq!(tf.f32("san.inter.block2.down.w").unwrap().0, vec![24 + 32, 8]);
+    assert_eq!(tf.f32("san.image.block1.up.w").unwrap().0, vec![8, 32]);
+    assert_eq!(tf.f32("fuse.w").unwrap().0, vec![2 * (24 + 32), 16]);
     // A graph model recommends for a user of its snapshot, and refuses nothing it knows.
     let ds = illmrec::data::snapshot::load(&store, "base").unwrap();
     let user = ds.user_ids[0].clone();
@@ -119,6 +138,8 @@ fn missing_and_non_finite_features_are_refused_naming_the_items() {
     // The graph models mix the configured modalities, so the image gap stops them too.
     let err = illmrec(d, &["train", "--job", "job.yaml", "--model", "bm3"]).unwrap_err();
     assert!(err.contains("bm3: image features are missing for"), "{err}");
+    let err = illmrec(d, &["train", "--job", "job.yaml", "--model", "iisan:text+image"]).unwrap_err();
+    assert!(err.contains("iisan:text+image: image features are missing for"), "{err}");
 
     // Imported text features: one item short, then one NaN.
     let store = Store::open(&d.join("store").display().to_string()).unwrap();
@@ -143,6 +164,9 @@ fn missing_and_non_finite_features_are_refused_naming_the_items() {
     illmrec(d, &["features", "--job", "short.yaml"]).unwrap();
     let err = illmrec(d, &["train", "--job", "short.yaml", "--model", "freedom"]).unwrap_err();
     assert!(err.contains(&format!("text features are missing for 1 item(s), e.g. {}", ids[0])), "{err}");
+    // IISAN reads the encoder's layers, which a table does not have.
+    let err = illmrec(d, &["train", "--job", "short.yaml", "--model", "iisan:text"]).unwrap_err();
+    assert!(err.contains("per-layer text states need an encoder to run"), "{err}");
     std::fs::write(d.join("nan.yaml"), text_only("nan.safetensors")).unwrap();
     let err = illmrec(d, &["features", "--job", "nan.yaml"]).unwrap_err();
     assert!(err.contains(&format!("non-finite value for item `{}`", ids[3])), "{err}");

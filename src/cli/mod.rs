@@ -54,9 +54,10 @@ enum Command {
         #[arg(long)]
         job: PathBuf,
         /// pop, random, sasrec, morec:text, morec:image, morec:text+image, freedom, bm3, mmgcn,
-        /// illmrec, illmrec:title, illmrec:description, illmrec:image+description. Only the LLM
-        /// recommenders train data-parallel under mpirun/srun; the others (MoRec and the graph
-        /// models FREEDOM, BM3, MMGCN included) train in one process, on one rank.
+        /// iisan:text, iisan:image, iisan:text+image, illmrec, illmrec:title, illmrec:description,
+        /// illmrec:image+description. Only the LLM recommenders train data-parallel under
+        /// mpirun/srun; the others (MoRec, IISAN and the graph models FREEDOM, BM3, MMGCN
+        /// included) train in one process, on one rank.
         #[arg(long)]
         model: ModelKind,
         /// Continue the run from its LATEST checkpoint.

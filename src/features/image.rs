@@ -13,6 +13,9 @@ use super::{hash_dir_files, load_err, FeatureError};
 
 pub struct ImageEncoder {
     model: VisionModel,
+    /// The weights and config the model was built from: `layered` builds shallower copies.
+    vb: VarBuilder<'static>,
+    cfg: VisionConfig,
     image_size: usize,
     dim: usize,
     /// Names the cache: the same id means the same features for the same image bytes.
@@ -35,11 +38,14 @@ impl ImageEncoder {
         // SAFETY: mapped read-only; the file is not modified while the encoder lives.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
             .map_err(|e| load_err(&weights, e))?;
-        let model = VisionModel::new(&cfg, true, vb.pp("vision_model")).map_err(|e| load_err(&weights, e))?;
+        let vb = vb.pp("vision_model");
+        let model = VisionModel::new(&cfg, true, vb.clone()).map_err(|e| load_err(&weights, e))?;
         Ok(Self {
             model,
+            vb,
             image_size: cfg.image_size,
             dim: cfg.hidden_size,
+            cfg,
             id: siglip_id(dir)?,
             device: device.clone(),
         })
@@ -53,27 +59,72 @@ impl ImageEncoder {
         cfg: &TinySiglipConfig,
         device: &Device,
     ) -> Result<(Self, std::sync::Arc<super::seeded::SeededWeights>), FeatureError> {
-        let vcfg = tiny_vision_config(cfg);
+        let vcfg: VisionConfig = serde_json::from_value(tiny_vision_config(cfg))?;
         let (vb, weights) = super::seeded::var_builder(cfg.seed, device);
-        let model = VisionModel::new(&serde_json::from_value(vcfg)?, true, vb.pp("vision_model"))?;
+        let vb = vb.pp("vision_model");
+        let model = VisionModel::new(&vcfg, true, vb.clone())?;
         let id = tiny_siglip_id(cfg);
-        Ok((Self { model, image_size: cfg.image_size, dim: cfg.hidden, id, device: device.clone() }, weights))
+        let (image_size, dim) = (cfg.image_size, cfg.hidden);
+        Ok((Self { model, vb, cfg: vcfg, image_size, dim, id, device: device.clone() }, weights))
     }
 
     pub fn dim(&self) -> usize {
         self.dim
     }
 
+    /// Transformer layers (the depth `layered` chooses from).
+    pub fn depth(&self) -> usize {
+        self.cfg.num_hidden_layers
+    }
+
     /// Features `[images.len() * dim]`, row-major.
     pub fn encode(&self, images: &[image::DynamicImage]) -> Result<Vec<f32>, FeatureError> {
+        let out = self.model.forward(&self.pixels(images)?)?;
+        Ok(out.reshape((images.len(), self.dim))?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// The tower cut after each of `layers` (0: the patch embeddings), for `LayeredImage`.
+    pub fn layered(&self, layers: &[usize]) -> Result<LayeredImage<'_>, FeatureError> {
+        let models = layers
+            .iter()
+            .map(|&l| {
+                if l > self.depth() {
+                    return Err(FeatureError::Invalid(format!("layer {l} of a {}-layer encoder", self.depth())));
+                }
+                // candle's SigLIP keeps its layers private: a tower built with the first `l` layers
+                // of the same weights (and no pooling head) returns the states after layer `l`,
+                // through the final layer norm.
+                let cfg = VisionConfig { num_hidden_layers: l, ..self.cfg.clone() };
+                Ok(VisionModel::new(&cfg, false, self.vb.clone())?)
+            })
+            .collect::<Result<Vec<_>, FeatureError>>()?;
+        Ok(LayeredImage { encoder: self, models })
+    }
+
+    /// Preprocessed pixels `[images, 3, size, size]`.
+    fn pixels(&self, images: &[image::DynamicImage]) -> Result<Tensor, FeatureError> {
         let s = self.image_size;
         let mut pixels = Vec::with_capacity(images.len() * 3 * s * s);
         for img in images {
             pixels.extend(preprocess(img, s));
         }
-        let x = Tensor::from_vec(pixels, (images.len(), 3, s, s), &self.device)?;
-        let out = self.model.forward(&x)?;
-        Ok(out.reshape((images.len(), self.dim))?.flatten_all()?.to_vec1::<f32>()?)
+        Ok(Tensor::from_vec(pixels, (images.len(), 3, s, s), &self.device)?)
+    }
+}
+
+/// An image tower's states after several layers, each layer-normed and mean-pooled over the
+/// patches (IISAN's side networks read them).
+pub struct LayeredImage<'e> {
+    encoder: &'e ImageEncoder,
+    models: Vec<VisionModel>,
+}
+
+impl LayeredImage<'_> {
+    /// `[images.len() * layers * dim]`: per image, the pooled state after each layer in order.
+    pub fn encode(&self, images: &[image::DynamicImage]) -> Result<Vec<f32>, FeatureError> {
+        let x = self.encoder.pixels(images)?;
+        let pooled = self.models.iter().map(|m| m.forward(&x)?.mean(1)).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&pooled, 1)?.flatten_all()?.to_vec1::<f32>()?)
     }
 }
 
@@ -155,5 +206,18 @@ mod tests {
         };
         assert!(d(0, 1) < d(0, 2), "red-red {} vs red-blue {}", d(0, 1), d(0, 2));
         assert_ne!(tiny.id, ImageEncoder::tiny(&TinySiglipConfig { seed: 2, ..cfg }, &Device::Cpu).unwrap().id);
+    }
+
+    #[test]
+    fn layered_image_states_have_one_row_per_layer() {
+        let cfg = TinySiglipConfig::default();
+        let enc = ImageEncoder::tiny(&cfg, &Device::Cpu).unwrap();
+        let img = image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(20, 20, image::Rgb([200, 30, 30])));
+        let depth = enc.depth();
+        let out = enc.layered(&[0, depth]).unwrap().encode(&[img.clone(), img]).unwrap();
+        let d = enc.dim();
+        assert_eq!(out.len(), 2 * 2 * d);
+        assert_eq!(&out[..2 * d], &out[2 * d..], "the same image, the same states");
+        assert_ne!(&out[..d], &out[d..2 * d], "layer 0 and the last layer differ");
     }
 }

@@ -9,6 +9,7 @@ pub mod captioner;
 pub mod captions;
 mod config;
 pub mod image;
+pub mod layers;
 mod seeded;
 mod table;
 pub mod text;
@@ -199,7 +200,13 @@ pub fn compute(
             }
             (kind, None) => {
                 let encoder = build_encoder(cfg, kind, device)?;
-                encode_missing(&encoder, kind, cfg, ds, store, telemetry)?
+                let snapshot_dir = snapshot::dir(&ds.name, &ds.key);
+                let mut encode = |batch: &[(&crate::data::Item, String)]| match &encoder {
+                    Encoder::Image(e) => e.encode(&read_images(store, &snapshot_dir, batch)?),
+                    Encoder::Text(e) => e.encode(&item_texts(batch)),
+                };
+                let target = CacheTarget { id: encoder.id(), dim: encoder.dim(), kind };
+                encode_missing(&target, cfg, ds, store, telemetry, &mut encode)?
             }
         };
         report.seconds = started.elapsed().as_secs_f64();
@@ -250,17 +257,28 @@ fn build_encoder(cfg: &FeaturesConfig, kind: FeatureKind, device: &Device) -> Re
     }
 }
 
-/// Encodes the items whose content key the encoder's cache lacks, committing a shard every
+/// The cache a batch encoder fills: the encoder's id, the width of its rows, the feature type.
+pub(crate) struct CacheTarget<'a> {
+    pub id: &'a str,
+    pub dim: usize,
+    pub kind: FeatureKind,
+}
+
+/// A batch of items with their content keys, encoded to `[batch * dim]` values.
+pub(crate) type EncodeBatch<'a> = dyn FnMut(&[(&crate::data::Item, String)]) -> Result<Vec<f32>, FeatureError> + 'a;
+
+/// Encodes the items whose content key the cache of `target` lacks, committing a shard every
 /// `shard_items` vectors.
 fn encode_missing(
-    encoder: &Encoder,
-    kind: FeatureKind,
+    target: &CacheTarget<'_>,
     cfg: &FeaturesConfig,
     ds: &Dataset,
     store: &Store,
     telemetry: &TelemetryConfig,
+    encode: &mut EncodeBatch<'_>,
 ) -> Result<KindReport, FeatureError> {
-    let mut cache = FeatureCache::open(store, encoder.id(), encoder.dim())?;
+    let (kind, dim) = (target.kind, target.dim);
+    let mut cache = FeatureCache::open(store, target.id, dim)?;
     let mut todo: Vec<(&crate::data::Item, String)> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let (mut reused, mut without_input) = (0, 0);
@@ -278,22 +296,12 @@ fn encode_missing(
             }
         }
     }
-    let snapshot_dir = snapshot::dir(&ds.name, &ds.key);
     let mut progress = Progress::new(telemetry, &format!("{kind} features"), todo.len() as u64);
     let (mut keys, mut values) = (Vec::new(), Vec::new());
     for batch in todo.chunks(cfg.batch_size) {
-        let out = match encoder {
-            Encoder::Image(e) => {
-                let imgs = batch
-                    .iter()
-                    .map(|(item, _)| read_image(store, &snapshot_dir, item))
-                    .collect::<Result<Vec<_>, _>>()?;
-                e.encode(&imgs)?
-            }
-            Encoder::Text(e) => e.encode(&batch.iter().map(|(item, _)| text::item_text(item)).collect::<Vec<_>>())?,
-        };
+        let out = encode(batch)?;
         if let Some(pos) = out.iter().position(|v| !v.is_finite()) {
-            let item = &batch[pos / encoder.dim()].0;
+            let item = &batch[pos / dim].0;
             return Err(FeatureError::Item {
                 item: item.id.clone(),
                 reason: format!("the {kind} encoder produced {}", out[pos]),
@@ -310,13 +318,25 @@ fn encode_missing(
     progress.finish();
     Ok(KindReport {
         kind,
-        encoder: encoder.id().to_string(),
-        dim: encoder.dim(),
+        encoder: target.id.to_string(),
+        dim,
         computed: todo.len(),
         reused,
         without_input,
         seconds: 0.0,
     })
+}
+
+fn item_texts(batch: &[(&crate::data::Item, String)]) -> Vec<String> {
+    batch.iter().map(|(item, _)| text::item_text(item)).collect()
+}
+
+fn read_images(
+    store: &Store,
+    snapshot_dir: &str,
+    batch: &[(&crate::data::Item, String)],
+) -> Result<Vec<::image::DynamicImage>, FeatureError> {
+    batch.iter().map(|(item, _)| read_image(store, snapshot_dir, item)).collect()
 }
 
 fn read_image(
@@ -430,7 +450,6 @@ pub fn load(
     store: &Store,
     cf_table: &str,
 ) -> Result<ItemFeatures, FeatureError> {
-    let n = ds.num_items();
     // Imported tables are keyed by item id, whatever the kind (`import_table`).
     let imported = import_of(cfg, kind).is_some();
     let (encoder, dim, lookup): (String, usize, Lookup) = match (kind, import_of(cfg, kind)) {
@@ -452,13 +471,28 @@ pub fn load(
             (id, dim, Box::new(move |k: &str| cache.get(k).map(<[f32]>::to_vec)))
         }
     };
+    assemble(kind, encoder, dim, ds, |item| {
+        let key = if imported { Some(format!("id:{}", item.id)) } else { content_key(kind, item) };
+        key.and_then(|k| lookup(&k))
+    })
+}
+
+/// The `kind` rows of every item of `ds` as `row_of` finds them. Items without an image are allowed
+/// (they fall back to the text feature); any other gap is an error naming the items.
+fn assemble(
+    kind: FeatureKind,
+    encoder: String,
+    dim: usize,
+    ds: &Dataset,
+    row_of: impl Fn(&crate::data::Item) -> Option<Vec<f32>>,
+) -> Result<ItemFeatures, FeatureError> {
+    let n = ds.num_items();
     let mut values = vec![0f32; (n + 1) * dim];
     let mut present = vec![false; n + 1];
     let mut missing = Vec::new();
     for item in &ds.items {
         let i = item.index as usize;
-        let key = if imported { Some(format!("id:{}", item.id)) } else { content_key(kind, item) };
-        match key.and_then(|k| lookup(&k)) {
+        match row_of(item) {
             Some(v) => {
                 values[i * dim..(i + 1) * dim].copy_from_slice(&v);
                 present[i] = true;

@@ -38,6 +38,9 @@ pub fn item_text(item: &Item) -> String {
 
 pub struct TextEncoder {
     model: BertModel,
+    /// The weights and config the model was built from: `layered` builds shallower copies.
+    vb: VarBuilder<'static>,
+    cfg: Config,
     tokenizer: Tokenizer,
     dim: usize,
     max_tokens: usize,
@@ -54,7 +57,7 @@ impl TextEncoder {
         // SAFETY: mapped read-only; the file is not modified while the encoder lives.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
             .map_err(|e| load_err(&weights, e))?;
-        let model = BertModel::load(vb, &cfg).map_err(|e| load_err(&weights, e))?;
+        let model = BertModel::load(vb.clone(), &cfg).map_err(|e| load_err(&weights, e))?;
         let tok_path = dir.join("tokenizer.json");
         let mut tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| load_err(&tok_path, e))?;
         // Truncation and padding are done here; a tokenizer.json that pads to a fixed length would
@@ -63,23 +66,55 @@ impl TextEncoder {
         let id = bert_id(dir)?;
         // sentence-transformers truncates all-MiniLM-L6-v2 inputs at 256 word pieces.
         let max_tokens = cfg.max_position_embeddings.min(256);
-        Ok(Self { model, tokenizer, dim: cfg.hidden_size, max_tokens, id, device: device.clone() })
+        let dim = cfg.hidden_size;
+        Ok(Self { model, vb, cfg, tokenizer, dim, max_tokens, id, device: device.clone() })
     }
 
     pub fn tiny(cfg: &TinyBertConfig, device: &Device) -> Result<Self, FeatureError> {
         let tokenizer = crate::model::llm::tiny::tokenizer(1024).map_err(|e| FeatureError::Invalid(e.to_string()))?;
         let bert: Config = serde_json::from_value(tiny_bert_config(cfg, tokenizer.get_vocab_size(true)))?;
         let (vb, _) = super::seeded::var_builder(cfg.seed, device);
-        let model = BertModel::load(vb, &bert)?;
-        Ok(Self { model, tokenizer, dim: cfg.hidden, max_tokens: 256, id: tiny_bert_id(cfg), device: device.clone() })
+        let model = BertModel::load(vb.clone(), &bert)?;
+        let (dim, id) = (cfg.hidden, tiny_bert_id(cfg));
+        Ok(Self { model, vb, cfg: bert, tokenizer, dim, max_tokens: 256, id, device: device.clone() })
     }
 
     pub fn dim(&self) -> usize {
         self.dim
     }
 
+    /// Transformer layers (the depth `layered` chooses from).
+    pub fn depth(&self) -> usize {
+        self.cfg.num_hidden_layers
+    }
+
     /// Unit-norm features `[texts.len() * dim]`, row-major.
     pub fn encode(&self, texts: &[String]) -> Result<Vec<f32>, FeatureError> {
+        let (ids, mask) = self.tokenize(texts)?;
+        let mean = mean_pool(&self.model.forward(&ids, &ids.zeros_like()?, Some(&mask))?, &mask)?;
+        let norm = mean.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+        Ok(mean.broadcast_div(&norm)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// The encoder cut after each of `layers` (0: the embeddings' output), for `LayeredText`.
+    pub fn layered(&self, layers: &[usize]) -> Result<LayeredText<'_>, FeatureError> {
+        let models = layers
+            .iter()
+            .map(|&l| {
+                if l > self.depth() {
+                    return Err(FeatureError::Invalid(format!("layer {l} of a {}-layer encoder", self.depth())));
+                }
+                // candle's BERT keeps its layers private: a model built with the first `l` layers
+                // of the same weights returns the hidden states after layer `l`.
+                let cfg = Config { num_hidden_layers: l, ..self.cfg.clone() };
+                Ok(BertModel::load(self.vb.clone(), &cfg)?)
+            })
+            .collect::<Result<Vec<_>, FeatureError>>()?;
+        Ok(LayeredText { encoder: self, models })
+    }
+
+    /// Token ids and the real-token mask `[texts, longest]`, truncated to `max_tokens`.
+    fn tokenize(&self, texts: &[String]) -> Result<(Tensor, Tensor), FeatureError> {
         let mut rows = Vec::with_capacity(texts.len());
         for t in texts {
             let enc = self.tokenizer.encode(t.as_str(), true).map_err(|e| FeatureError::Invalid(e.to_string()))?;
@@ -95,13 +130,33 @@ impl TextEncoder {
             ids[r * len..r * len + row.len()].copy_from_slice(row);
             mask[r * len..r * len + row.len()].iter_mut().for_each(|m| *m = 1.0);
         }
-        let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
-        let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
-        let hidden = self.model.forward(&ids, &ids.zeros_like()?, Some(&mask))?;
-        let summed = hidden.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;
-        let mean = summed.broadcast_div(&mask.sum_keepdim(1)?.clamp(1.0, f64::MAX)?)?;
-        let norm = mean.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-        Ok(mean.broadcast_div(&norm)?.flatten_all()?.to_vec1::<f32>()?)
+        Ok((Tensor::from_vec(ids, (n, len), &self.device)?, Tensor::from_vec(mask, (n, len), &self.device)?))
+    }
+}
+
+/// The mean of `hidden` `[n, len, d]` over the real tokens of `mask` `[n, len]`: `[n, d]`.
+fn mean_pool(hidden: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    let summed = hidden.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;
+    summed.broadcast_div(&mask.sum_keepdim(1)?.clamp(1.0, f64::MAX)?)
+}
+
+/// A text encoder's hidden states after several layers, mean-pooled over real tokens and not
+/// normalised (IISAN's side networks read them).
+pub struct LayeredText<'e> {
+    encoder: &'e TextEncoder,
+    models: Vec<BertModel>,
+}
+
+impl LayeredText<'_> {
+    /// `[texts.len() * layers * dim]`: per text, the pooled state after each layer in order.
+    pub fn encode(&self, texts: &[String]) -> Result<Vec<f32>, FeatureError> {
+        let (ids, mask) = self.encoder.tokenize(texts)?;
+        let pooled = self
+            .models
+            .iter()
+            .map(|m| mean_pool(&m.forward(&ids, &ids.zeros_like()?, Some(&mask))?, &mask))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&pooled, 1)?.flatten_all()?.to_vec1::<f32>()?)
     }
 }
 
@@ -173,5 +228,26 @@ mod tests {
         for (a, b) in alone.iter().zip(&both[..d]) {
             assert!((a - b).abs() < 1e-5, "padding changed the short text's feature");
         }
+    }
+
+    #[test]
+    fn the_last_layer_cut_is_the_full_encoder_and_layer_zero_the_embeddings() {
+        let enc = TextEncoder::tiny(&TinyBertConfig { layers: 2, ..TinyBertConfig::default() }, &Device::Cpu).unwrap();
+        let texts = ["Title: Lamp.".to_string(), "Title: Red lamp. Brand: Kalo.".to_string()];
+        let layered = enc.layered(&[0, 1, 2]).unwrap().encode(&texts).unwrap();
+        let d = enc.dim();
+        assert_eq!(layered.len(), 2 * 3 * d);
+        // Layer 2 of 2, normalised, is the sentence feature.
+        let full = enc.encode(&texts).unwrap();
+        for t in 0..2 {
+            let last = &layered[(t * 3 + 2) * d..(t * 3 + 3) * d];
+            let norm = last.iter().map(|v| v * v).sum::<f32>().sqrt();
+            for (a, b) in last.iter().zip(&full[t * d..(t + 1) * d]) {
+                assert!((a / norm - b).abs() < 1e-5);
+            }
+        }
+        // The cuts differ from one another.
+        assert_ne!(&layered[..d], &layered[d..2 * d]);
+        assert!(enc.layered(&[3]).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! Models and what they share: the `Scorer` view evaluation uses, and the `model` job section.
 
 pub mod graph;
+pub mod iisan;
 pub mod illmrec;
 pub mod layers;
 pub mod llm;
@@ -98,6 +99,8 @@ pub struct ModelConfig {
     pub bm3: graph::bm3::Bm3Config,
     #[serde(default)]
     pub mmgcn: graph::mmgcn::MmgcnConfig,
+    #[serde(default)]
+    pub iisan: iisan::IisanConfig,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -126,6 +129,7 @@ impl ModelConfig {
         self.illmrec.validate().map_err(|e| Invalid::new(format!("illmrec.{}", e.key), e.message))?;
         self.freedom.validate().map_err(|e| Invalid::new(format!("freedom.{}", e.key), e.message))?;
         self.bm3.validate().map_err(|e| Invalid::new(format!("bm3.{}", e.key), e.message))?;
-        self.mmgcn.validate().map_err(|e| Invalid::new(format!("mmgcn.{}", e.key), e.message))
+        self.mmgcn.validate().map_err(|e| Invalid::new(format!("mmgcn.{}", e.key), e.message))?;
+        self.iisan.validate().map_err(|e| Invalid::new(format!("iisan.{}", e.key), e.message))
     }
 }

@@ -95,6 +95,8 @@ enum ItemSource {
     /// Frozen item features [N + 1, d] through a trained linear layer to the model width (MoRec):
     /// `vars[0]` is the weight [d, hidden], `vars[1]` the bias.
     Projected(Tensor),
+    /// IISAN's side networks over cached backbone states; their tensors lead `vars`.
+    Adapted(Box<super::iisan::SideAdapters>),
 }
 
 impl ItemSource {
@@ -103,6 +105,7 @@ impl ItemSource {
         match self {
             ItemSource::Table => 1,
             ItemSource::Projected(_) => 2,
+            ItemSource::Adapted(a) => a.vars().len(),
         }
     }
 }
@@ -159,6 +162,18 @@ impl SasRec {
         Self::with_items(cfg, num_items, ItemSource::Projected(features), vars, rng, device)
     }
 
+    /// IISAN: the same encoder whose item vectors come from side networks over frozen backbone
+    /// states.
+    pub fn with_side_adapters(
+        cfg: SasRecConfig,
+        adapters: super::iisan::SideAdapters,
+        rng: &mut Rng,
+        device: &Device,
+    ) -> Result<Self> {
+        let (num_items, vars) = (adapters.num_items(), adapters.vars().to_vec());
+        Self::with_items(cfg, num_items, ItemSource::Adapted(Box::new(adapters)), vars, rng, device)
+    }
+
     fn with_items(
         cfg: SasRecConfig,
         num_items: usize,
@@ -197,6 +212,7 @@ impl SasRec {
         match &self.items {
             ItemSource::Table => self.t(0).index_select(ids, 0),
             ItemSource::Projected(f) => linear(&f.index_select(ids, 0)?, self.t(0), self.t(1)),
+            ItemSource::Adapted(a) => a.item_vectors(ids),
         }
     }
 
@@ -206,6 +222,7 @@ impl SasRec {
         match &self.items {
             ItemSource::Table => Ok(self.t(0).clone()),
             ItemSource::Projected(f) => linear(f, self.t(0), self.t(1)),
+            ItemSource::Adapted(a) => a.item_vectors(&Tensor::arange(0u32, self.num_items as u32 + 1, &self.device)?),
         }
     }
 
@@ -282,6 +299,30 @@ impl SasRec {
         let pos = super::layers::bce_with_logits(&logits(positives)?, 1.0, &weight, count)?;
         let neg = super::layers::bce_with_logits(&logits(negatives)?, 0.0, &weight, count)?;
         Ok((pos + neg)?)
+    }
+
+    /// IISAN's training loss: at every non-padded position, softmax cross-entropy of the next item
+    /// against the other next items of the batch (in-batch negatives; an item counts once).
+    pub fn in_batch_loss(&self, input: &Batch, positives: &[u32], rng: &mut Rng) -> Result<Tensor> {
+        let (b, l, h) = (input.rows, self.cfg.max_len, self.cfg.hidden);
+        let states = self.forward(input, Some(rng))?.reshape((b * l, h))?;
+        let mut targets: Vec<u32> = positives.iter().copied().filter(|&p| p != 0).collect();
+        targets.sort_unstable();
+        targets.dedup();
+        let (rows, labels): (Vec<u32>, Vec<u32>) = positives
+            .iter()
+            .enumerate()
+            .filter(|(_, &p)| p != 0)
+            .map(|(r, p)| (r as u32, targets.binary_search(p).unwrap_or_default() as u32))
+            .unzip();
+        if rows.is_empty() {
+            return Err(super::ModelError::Invalid("a batch without a next item to predict".into()));
+        }
+        let n = rows.len();
+        let items = self.item_vectors(&Tensor::from_vec(targets.clone(), targets.len(), &self.device)?)?;
+        let queries = states.index_select(&Tensor::from_vec(rows, n, &self.device)?, 0)?;
+        let logits = queries.matmul(&items.t()?)?;
+        Ok(candle_nn::loss::cross_entropy(&logits, &Tensor::from_vec(labels, n, &self.device)?)?)
     }
 
     /// Host copies of every tensor, for checkpoints.
@@ -382,5 +423,31 @@ mod tests {
         let b = m.score(&[&[1, 2, 3, 4, 5]]).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.len(), 13);
+    }
+
+    #[test]
+    fn the_in_batch_loss_is_cross_entropy_over_the_batchs_next_items() {
+        // No dropout, so the loss can be recomputed from the scores: every non-padded position
+        // against the distinct next items {1, 2, 3, 5}.
+        let cfg = SasRecConfig { hidden: 8, blocks: 1, heads: 2, max_len: 3, dropout: 0.0 };
+        let m = SasRec::new(cfg, 6, &mut crate::seed::stream(1, "t", 0), &Device::Cpu).unwrap();
+        let input = Batch::from_sequences(&[&[1, 2], &[4, 1, 2]], 3);
+        let pos = Batch::from_sequences(&[&[2, 3], &[1, 2, 5]], 3).ids;
+        let loss = m.in_batch_loss(&input, &pos, &mut crate::seed::stream(1, "d", 0)).unwrap();
+        let states = m.forward(&input, None).unwrap().reshape((6, 8)).unwrap().to_vec2::<f32>().unwrap();
+        let table = m.item_embeddings().unwrap().to_vec2::<f32>().unwrap();
+        let dot = |r: usize, i: usize| -> f32 { (0..8).map(|k| states[r][k] * table[i][k]).sum() };
+        let (targets, mut sum, mut count) = ([1u32, 2, 3, 5], 0.0, 0);
+        for (r, &p) in pos.iter().enumerate() {
+            if p == 0 {
+                continue;
+            }
+            let lse = targets.iter().map(|&t| dot(r, t as usize).exp()).sum::<f32>().ln();
+            sum += lse - dot(r, p as usize);
+            count += 1;
+        }
+        let expected = sum / count as f32;
+        let got = loss.to_scalar::<f32>().unwrap();
+        assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");
     }
 }

@@ -16,6 +16,9 @@ pub struct TrainConfig {
     pub models: Vec<String>,
     #[serde(default)]
     pub sasrec: SasRecTrainConfig,
+    /// IISAN trains in SASRec's loop with its own settings.
+    #[serde(default = "d_iisan_train")]
+    pub iisan: SasRecTrainConfig,
     #[serde(default)]
     pub illmrec: IllmRecTrainConfig,
     /// Training of the graph models (FREEDOM, BM3, MMGCN).
@@ -358,6 +361,38 @@ fn d_protocol() -> Protocol {
     Protocol::Full
 }
 
+impl SasRecTrainConfig {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let s = self;
+        let bad = |k: &str, m: &str| Err(Invalid::new(k, m));
+        if s.epochs == 0 {
+            return bad("epochs", "must be at least 1");
+        }
+        if s.batch_size == 0 {
+            return bad("batch_size", "must be at least 1");
+        }
+        if !(s.lr > 0.0 && s.lr.is_finite()) {
+            return bad("lr", "must be a positive number");
+        }
+        if s.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return bad("betas", "both must be in [0, 1)");
+        }
+        if s.eval_every == 0 || s.patience == 0 {
+            return bad("eval_every", "eval_every and patience must be at least 1");
+        }
+        if s.early_stopping_protocol == Protocol::Candidates {
+            return bad("early_stopping_protocol", "fixed candidate lists are test lists: use full or sampled:N");
+        }
+        Ok(())
+    }
+}
+
+/// IISAN's training when the job has no `train.iisan`: SASRec's loop at MSRBench's IISAN settings
+/// (batch 64, lr 5e-4). Fields left out of a `train.iisan` section take `train.sasrec`'s defaults.
+fn d_iisan_train() -> SasRecTrainConfig {
+    SasRecTrainConfig { batch_size: 64, lr: 5e-4, ..SasRecTrainConfig::default() }
+}
+
 impl Default for SasRecTrainConfig {
     fn default() -> Self {
         Self {
@@ -378,6 +413,7 @@ impl Default for TrainConfig {
             seed: default_seed(),
             models: default_models(),
             sasrec: SasRecTrainConfig::default(),
+            iisan: d_iisan_train(),
             illmrec: IllmRecTrainConfig::default(),
             graph: GraphTrainConfig::default(),
         }
@@ -395,26 +431,9 @@ impl TrainConfig {
             }
         }
         self.illmrec.validate().map_err(|e| Invalid::new(format!("illmrec.{}", e.key), e.message))?;
-        let s = &self.sasrec;
-        let bad = |k: &str, m: &str| Err(Invalid::new(format!("sasrec.{k}"), m));
-        if s.epochs == 0 {
-            return bad("epochs", "must be at least 1");
-        }
-        if s.batch_size == 0 {
-            return bad("batch_size", "must be at least 1");
-        }
-        if !(s.lr > 0.0 && s.lr.is_finite()) {
-            return bad("lr", "must be a positive number");
-        }
-        if s.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
-            return bad("betas", "both must be in [0, 1)");
-        }
-        if s.eval_every == 0 || s.patience == 0 {
-            return bad("eval_every", "eval_every and patience must be at least 1");
-        }
-        if s.early_stopping_protocol == Protocol::Candidates {
-            return bad("early_stopping_protocol", "fixed candidate lists are test lists: use full or sampled:N");
-        }
+        let prefixed = |section: &str, e: Invalid| Invalid::new(format!("{section}.{}", e.key), e.message);
+        self.sasrec.validate().map_err(|e| prefixed("sasrec", e))?;
+        self.iisan.validate().map_err(|e| prefixed("iisan", e))?;
         let g = &self.graph;
         let bad = |k: &str, m: &str| Err(Invalid::new(format!("graph.{k}"), m));
         if g.epochs == 0 || g.batch_size == 0 || g.eval_every == 0 || g.patience == 0 {

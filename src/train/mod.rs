@@ -4,6 +4,7 @@
 mod config;
 pub mod early_stopping;
 pub mod graph;
+pub mod iisan;
 pub mod illmrec;
 pub mod modality;
 pub mod optim;
@@ -73,7 +74,7 @@ pub type Result<T> = std::result::Result<T, TrainError>;
 
 /// Models `--model` accepts.
 pub const MODEL_NAMES: &str = "pop, random, sasrec, morec:text, morec:image, morec:text+image, freedom, bm3, \
-     mmgcn, illmrec, illmrec:title, illmrec:description, illmrec:image+description";
+     mmgcn, iisan:text, iisan:image, iisan:text+image, illmrec, illmrec:title, illmrec:description, illmrec:image+description";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelKind {
@@ -84,6 +85,9 @@ pub enum ModelKind {
     /// MoRec: SASRec whose item vectors are frozen text and/or image features through a trained
     /// linear layer.
     Morec(Modalities),
+    /// IISAN: SASRec whose item vectors come from side adapter networks over the frozen text and/or
+    /// image encoders' per-layer states.
+    Iisan(Modalities),
     /// A graph-based multimodal recommender (FREEDOM, BM3, MMGCN) on the job's text and/or image
     /// features; trains in one process.
     Graph(GraphKind),
@@ -104,6 +108,9 @@ impl FromStr for ModelKind {
                 if let Some(Ok(m)) = s.strip_prefix("morec:").map(str::parse::<Modalities>) {
                     return Ok(ModelKind::Morec(m));
                 }
+                if let Some(Ok(m)) = s.strip_prefix("iisan:").map(str::parse::<Modalities>) {
+                    return Ok(ModelKind::Iisan(m));
+                }
                 if let Some(g) = GraphKind::parse(s) {
                     return Ok(ModelKind::Graph(g));
                 }
@@ -119,7 +126,7 @@ impl FromStr for ModelKind {
 impl ModelKind {
     /// Whether training reads item features (so `run` computes them first).
     pub fn uses_features(self) -> bool {
-        matches!(self, ModelKind::Morec(_) | ModelKind::Graph(_) | ModelKind::Illmrec(_))
+        matches!(self, ModelKind::Morec(_) | ModelKind::Iisan(_) | ModelKind::Graph(_) | ModelKind::Illmrec(_))
     }
 }
 
@@ -130,6 +137,7 @@ impl fmt::Display for ModelKind {
             ModelKind::Random => f.write_str("random"),
             ModelKind::Sasrec => f.write_str("sasrec"),
             ModelKind::Morec(m) => write!(f, "morec:{m}"),
+            ModelKind::Iisan(m) => write!(f, "iisan:{m}"),
             ModelKind::Graph(g) => f.write_str(g.name()),
             ModelKind::Illmrec(Variant::Image) => f.write_str("illmrec"),
             ModelKind::Illmrec(v) => write!(f, "illmrec:{}", v.name()),
@@ -235,9 +243,9 @@ pub fn train(
             state["seed"] = json!(job.train.seed);
             (to_bytes(Vec::new(), None), format!("random: scores drawn with seed {}", job.train.seed))
         }
-        ModelKind::Sasrec | ModelKind::Morec(_) => {
-            let model = sasrec_model(job, store, &ds, kind, &job.model.sasrec, job.train.seed)?;
-            fit_sasrec(job, store, &ds, &id, model, &kind.to_string(), kind == ModelKind::Sasrec, &mut state)?
+        ModelKind::Sasrec | ModelKind::Morec(_) | ModelKind::Iisan(_) => {
+            let model = sasrec_model(job, store, &ds, kind, &job.model.sasrec, &job.model.iisan, job.train.seed)?;
+            fit_sasrec(job, store, &ds, &id, model, &kind.to_string(), kind, &mut state)?
         }
         ModelKind::Graph(g) => {
             let mut model = graph::build(job, store, &ds, g, job.model, job.train.seed)?;
@@ -276,14 +284,15 @@ pub fn train_sasrec(
     let mut state = run_state(ModelKind::Sasrec, ds);
     state["item_init"] = json!(item_init.is_some());
     let name = if item_init.is_some() { "sasrec (item table from text)" } else { "sasrec" };
-    let (bytes, summary) = fit_sasrec(job, store, ds, id, model, name, true, &mut state)?;
+    let (bytes, summary) = fit_sasrec(job, store, ds, id, model, name, ModelKind::Sasrec, &mut state)?;
     runs::save(store, id, 1, vec![("model.safetensors", bytes)], &state, 2, false)?;
     Ok(summary)
 }
 
-/// Fits `model` (SASRec, or MoRec: SASRec on projected features) as `train.sasrec` says, under the
-/// label `name`; records its config and fit in `state` and run `id`'s `fit.json`, and with
-/// `cf_table` its item table as the CF feature. Returns the weights' bytes and the summary line.
+/// Fits `model` of `kind` (SASRec; MoRec: SASRec on projected features; IISAN: on side networks)
+/// as `train.sasrec` (IISAN: `train.iisan`) says, under the label `name`; records its config and
+/// fit in `state` and run `id`'s `fit.json`, and for SASRec its item table as the CF feature.
+/// Returns the weights' bytes and the summary line.
 #[allow(clippy::too_many_arguments)]
 fn fit_sasrec(
     job: &TrainJob<'_>,
@@ -292,14 +301,21 @@ fn fit_sasrec(
     id: &str,
     model: SasRec,
     name: &str,
-    cf_table: bool,
+    kind: ModelKind,
     state: &mut serde_json::Value,
 ) -> Result<(Vec<u8>, String)> {
-    let (model, report) = sasrec::fit(ds, model, name, &job.train.sasrec, job.train.seed, job.telemetry)?;
+    let (tcfg, objective) = match kind {
+        ModelKind::Iisan(_) => (&job.train.iisan, sasrec::Objective::InBatchSoftmax),
+        _ => (&job.train.sasrec, sasrec::Objective::SampledNegative),
+    };
+    let (model, report) = sasrec::fit(ds, model, name, tcfg, objective, job.train.seed, job.telemetry)?;
     state["config"] = serde_json::to_value(&job.model.sasrec).unwrap_or_default();
+    if let ModelKind::Iisan(_) = kind {
+        state["iisan"] = serde_json::to_value(&job.model.iisan).unwrap_or_default();
+    }
     state["fit"] = serde_json::to_value(&report).unwrap_or_default();
     runs::put_report(store, id, "fit.json", serde_json::to_vec_pretty(&report).unwrap_or_default())?;
-    if cf_table {
+    if kind == ModelKind::Sasrec {
         save_cf_table(store, id, ds, &model)?;
     }
     Ok((weights_bytes(&model.to_host()?), report.summary(name)))
@@ -310,17 +326,23 @@ fn weights_bytes(weights: &[HostTensor]) -> Vec<u8> {
     to_bytes(weights.iter().map(|t| (t.name.clone(), Array::F32(&t.values, t.shape.clone()))).collect(), None)
 }
 
-/// A freshly initialised SASRec with `cfg` for `ds`, or for `morec:*` the same encoder on the
-/// frozen features of its modalities.
+/// A freshly initialised SASRec with `cfg` for `ds`; for `morec:*` the same encoder on the frozen
+/// features of its modalities, for `iisan:*` on side networks (`iisan`) over their encoders' layers.
 fn sasrec_model(
     job: &TrainJob<'_>,
     store: &Store,
     ds: &Dataset,
     kind: ModelKind,
     cfg: &crate::model::SasRecConfig,
+    iisan: &crate::model::iisan::IisanConfig,
     seed: u64,
 ) -> Result<SasRec> {
     match kind {
+        ModelKind::Iisan(m) => {
+            let mut rng = crate::seed::stream(seed, "iisan/init", 0);
+            let adapters = iisan::side_adapters(job, store, ds, m, iisan, cfg.hidden, &mut rng)?;
+            Ok(SasRec::with_side_adapters(cfg.clone(), adapters, &mut rng, &Device::Cpu)?)
+        }
         ModelKind::Morec(m) => {
             let feats = modality::concat(&modality::load(job, store, ds, m.kinds(), &kind.to_string())?)?;
             Ok(SasRec::with_features(
@@ -380,11 +402,17 @@ pub fn load_scorer<'d>(
             }
             Ok(Box::new(Pop { counts }))
         }
-        ModelKind::Sasrec | ModelKind::Morec(_) => {
-            let cfg = serde_json::from_value(ckpt.state["config"].clone())
+        ModelKind::Sasrec | ModelKind::Morec(_) | ModelKind::Iisan(_) => {
+            let recorded = |key: &str| ckpt.state[key].clone();
+            let cfg = serde_json::from_value(recorded("config"))
                 .map_err(|e| TrainError::Invalid(format!("run {id}: state.json config: {e}")))?;
+            let iisan = match kind {
+                ModelKind::Iisan(_) => serde_json::from_value(recorded("iisan"))
+                    .map_err(|e| TrainError::Invalid(format!("run {id}: state.json iisan: {e}")))?,
+                _ => job.model.iisan.clone(),
+            };
             // The initial values are overwritten by the checkpoint's.
-            let model = sasrec_model(job, store, ds, kind, &cfg, 0)?;
+            let model = sasrec_model(job, store, ds, kind, &cfg, &iisan, 0)?;
             model.load_host(&host_tensors(&tf)?)?;
             Ok(Box::new(model))
         }
@@ -406,7 +434,7 @@ pub fn load_sasrec(job: &TrainJob<'_>, store: &Store, id: &str, ds: &Dataset, wh
     let cfg = serde_json::from_value(ckpt.state["config"].clone())
         .map_err(|e| TrainError::Invalid(format!("run {id}: state.json config: {e}")))?;
     // The initial values are overwritten by the checkpoint's.
-    let model = sasrec_model(job, store, ds, ModelKind::Sasrec, &cfg, 0)?;
+    let model = sasrec_model(job, store, ds, ModelKind::Sasrec, &cfg, &job.model.iisan, 0)?;
     model.load_host(&host_tensors(&tf)?)?;
     Ok(model)
 }

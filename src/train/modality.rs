@@ -107,7 +107,7 @@ pub fn load(
 }
 
 /// Every item present, every value finite.
-fn check(m: &ItemMatrix, present: &[bool], ds: &Dataset, model: &str) -> Result<()> {
+pub(super) fn check(m: &ItemMatrix, present: &[bool], ds: &Dataset, model: &str) -> Result<()> {
     let missing: Vec<&str> = ds.items.iter().filter(|i| !present[i.index as usize]).map(|i| i.id.as_str()).collect();
     if !missing.is_empty() {
         return Err(TrainError::Invalid(format!(

@@ -1,6 +1,7 @@
-//! Training SASRec and MoRec (SASRec on frozen item features): one sample per user and epoch (the
-//! whole training sequence, each position predicting the next item against one sampled negative),
-//! Adam, and early stopping on the valid NDCG@10; the best validated weights are kept.
+//! Training SASRec, MoRec (SASRec on frozen item features) and IISAN (SASRec on side networks): one
+//! sample per user and epoch (the whole training sequence, each position predicting the next item
+//! against one sampled negative, or for IISAN against the batch's other next items), Adam, and
+//! early stopping on the valid NDCG@10; the best validated weights are kept.
 
 use std::collections::HashSet;
 use std::time::Instant;
@@ -48,6 +49,15 @@ impl FitReport {
     }
 }
 
+/// What each position of a training sequence is scored against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objective {
+    /// BCE of the next item and one sampled item the user has not seen (SASRec, MoRec).
+    SampledNegative,
+    /// Softmax over the batch's next items (IISAN).
+    InBatchSoftmax,
+}
+
 /// A freshly initialised SASRec for `ds`.
 pub fn new_model(ds: &Dataset, mcfg: &SasRecConfig, seed: u64) -> Result<SasRec, TrainError> {
     Ok(SasRec::new(mcfg.clone(), ds.num_items(), &mut stream(seed, "sasrec/init", 0), &Device::Cpu)?)
@@ -59,11 +69,11 @@ pub fn fit(
     model: SasRec,
     name: &str,
     tcfg: &SasRecTrainConfig,
+    objective: Objective,
     seed: u64,
     telemetry: &TelemetryConfig,
 ) -> Result<(SasRec, FitReport), TrainError> {
     let started = Instant::now();
-    let n_items = ds.num_items();
     let vars: Vec<&candle_core::Var> = model.vars().iter().map(|(_, v)| v).collect();
     let mut opt = AdamW::new(super::optim::count(&vars), tcfg.betas, 0.0);
     let mut params = read_params(&vars)?;
@@ -88,21 +98,13 @@ pub fn fit(
             let nexts: Vec<&[u32]> = chunk.iter().map(|&u| &ds.train(u)[1..]).collect();
             let input = Batch::from_sequences(&inputs, l);
             let positives = Batch::from_sequences(&nexts, l).ids;
-            let mut negatives = vec![0u32; positives.len()];
-            for (r, &u) in chunk.iter().enumerate() {
-                let seen: HashSet<u32> = ds.train(u).iter().copied().collect();
-                for j in 0..l {
-                    if positives[r * l + j] != 0 {
-                        negatives[r * l + j] = loop {
-                            let c = rng.random_range(1..=n_items as u32);
-                            if !seen.contains(&c) {
-                                break c;
-                            }
-                        };
-                    }
+            let loss = match objective {
+                Objective::InBatchSoftmax => model.in_batch_loss(&input, &positives, &mut rng)?,
+                Objective::SampledNegative => {
+                    let negatives = sample_negatives(ds, chunk, &positives, l, &mut rng);
+                    model.loss(&input, &positives, &negatives, &mut rng)?
                 }
-            }
-            let loss = model.loss(&input, &positives, &negatives, &mut rng)?;
+            };
             let grads = loss.backward()?;
             opt.update(&mut params, &flatten_grads(&vars, &grads)?, tcfg.lr);
             write_params(&vars, &params)?;
@@ -140,4 +142,31 @@ pub fn fit(
         steps: opt.step,
     };
     Ok((model, report))
+}
+
+/// For every non-padded position of `positives` (`chunk.len()` rows of `l`), an item the row's user
+/// has not trained on; 0 at padding.
+fn sample_negatives(
+    ds: &Dataset,
+    chunk: &[usize],
+    positives: &[u32],
+    l: usize,
+    rng: &mut crate::seed::Rng,
+) -> Vec<u32> {
+    let n_items = ds.num_items();
+    let mut negatives = vec![0u32; positives.len()];
+    for (r, &u) in chunk.iter().enumerate() {
+        let seen: HashSet<u32> = ds.train(u).iter().copied().collect();
+        for j in 0..l {
+            if positives[r * l + j] != 0 {
+                negatives[r * l + j] = loop {
+                    let c = rng.random_range(1..=n_items as u32);
+                    if !seen.contains(&c) {
+                        break c;
+                    }
+                };
+            }
+        }
+    }
+    negatives
 }
