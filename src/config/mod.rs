@@ -115,6 +115,16 @@ impl JobConfig {
         check("eval", self.eval.validate());
         check("telemetry", self.telemetry.validate());
         check("lvlm", self.lvlm.validate());
+        // The GRU ablation backbone has no language head for L_RISA.
+        if self.model.illmrec.backbone == crate::model::illmrec::Backbone::Gru && self.train.illmrec.risa_weight > 0.0 {
+            check(
+                "train",
+                Err(Invalid::new(
+                    "illmrec.risa_weight",
+                    "must be 0 with model.illmrec.backbone: gru (no language head)",
+                )),
+            );
+        }
         out
     }
 }

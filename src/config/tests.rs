@@ -124,3 +124,17 @@ fn a_later_file_replaces_a_kind_choice_instead_of_merging_it() {
     assert_eq!(job.data.k_core, 4);
     assert!(matches!(job.data.source, crate::data::SourceConfig::Recbole { .. }));
 }
+
+#[test]
+fn the_gru_backbone_refuses_an_alignment_loss() {
+    let d = tempfile::tempdir().unwrap();
+    let job = write(d.path(), "j.yaml", &format!("name: j\n{DATA}model:\n  illmrec: {{backbone: gru}}\n"));
+    let err = JobConfig::load(&job).unwrap_err().to_string();
+    assert!(err.contains("illmrec.risa_weight") && err.contains("backbone: gru"), "{err}");
+    let ok = write(
+        d.path(),
+        "k.yaml",
+        &format!("name: k\n{DATA}model:\n  illmrec: {{backbone: gru}}\ntrain:\n  illmrec: {{risa_weight: 0}}\n"),
+    );
+    assert!(JobConfig::load(&ok).is_ok());
+}

@@ -3,6 +3,7 @@
 //! item-side projection heads per feature type, the two losses, and retrieval scores.
 
 pub mod batch;
+pub mod gru;
 pub mod scorer;
 pub mod session;
 
@@ -55,6 +56,19 @@ pub struct IllmRecConfig {
     /// The divisor of cosine scores (ignored for `dot`).
     #[serde(default = "d_temperature")]
     pub temperature: f64,
+    /// What turns a prompt into the user state: the frozen `llm` (I-LLMRec), or, to measure what
+    /// the LLM adds, a trained `gru` over the prompt's item tokens alone (no L_RISA).
+    #[serde(default)]
+    pub backbone: Backbone,
+}
+
+/// What reads a prompt and gives the user state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backbone {
+    #[default]
+    Llm,
+    Gru,
 }
 
 /// How user and item vectors make a score.
@@ -113,6 +127,7 @@ impl Default for IllmRecConfig {
             train_input_embeddings: false,
             similarity: Similarity::Dot,
             temperature: d_temperature(),
+            backbone: Backbone::Llm,
         }
     }
 }
@@ -267,6 +282,8 @@ pub struct IllmRec {
     user_heads: Vec<(FeatureKind, TwoLayer)>,
     item_heads: Vec<(FeatureKind, TwoLayer)>,
     embeddings: Option<Var>,
+    /// The ablation backbone in the LLM's place (`backbone: gru`).
+    gru: Option<gru::Gru>,
     /// Every trainable tensor with its checkpoint name, in a fixed order (the all-reduce order).
     vars: Vec<(String, Var)>,
 }
@@ -314,6 +331,20 @@ impl IllmRec {
             i.named(&format!("item_head.{k}"), &mut vars);
             item_heads.push((k, i));
         }
+        let gru = match cfg.backbone {
+            Backbone::Llm => None,
+            Backbone::Gru if !variant.has_item_token() => {
+                return Err(ModelError::Invalid(format!(
+                    "backbone gru reads item tokens; the `{}` prompts have none",
+                    variant.name()
+                )))
+            }
+            Backbone::Gru => {
+                let g = gru::Gru::new(h, rng, dtype, &device)?;
+                g.named(&mut vars);
+                Some(g)
+            }
+        };
         let embeddings = if cfg.train_input_embeddings {
             let e = Var::from_tensor(llm.model.embedding_matrix())?;
             vars.push(("input_embeddings".to_string(), e.clone()));
@@ -321,7 +352,7 @@ impl IllmRec {
         } else {
             None
         };
-        Ok(Self { cfg: cfg.clone(), variant, adaptor, fallback, rec, user_heads, item_heads, embeddings, vars })
+        Ok(Self { cfg: cfg.clone(), variant, adaptor, fallback, rec, user_heads, item_heads, embeddings, gru, vars })
     }
 
     pub fn vars(&self) -> &[(String, Var)] {
@@ -404,11 +435,55 @@ impl IllmRec {
         Ok((primary.broadcast_mul(&m)? + alt.broadcast_mul(&one_minus)?)?)
     }
 
-    /// The user states: final hidden states at the [REC] positions, `[rows, hidden]`.
+    /// The user states: final hidden states at the [REC] positions, `[rows, hidden]` (with the GRU
+    /// backbone, its last states over each row's item tokens).
     pub fn user_states(&self, llm: &Llm, b: &EncodedBatch, feats: &Features) -> Result<Tensor> {
+        if let Some(g) = &self.gru {
+            return self.gru_states(g, b, feats, llm.model.device());
+        }
         let hidden = self.hidden(llm, b, feats)?;
         let idx = Tensor::from_slice(&b.rec_pos, b.rec_pos.len(), llm.model.device())?;
         Ok(hidden.index_select(&idx, 0)?)
+    }
+
+    /// The GRU's last state over each [REC] row's item tokens in prompt order, `[rows, hidden]`.
+    fn gru_states(&self, g: &gru::Gru, b: &EncodedBatch, feats: &Features, device: &Device) -> Result<Tensor> {
+        // Row r of the packed batch holds positions [ends[r - 1], ends[r]).
+        let mut ends = Vec::with_capacity(b.lens.len());
+        let mut end = 0u32;
+        for &l in &b.lens {
+            end += l as u32;
+            ends.push(end);
+        }
+        let row_of = |p: u32| ends.partition_point(|&e| e <= p);
+        let mut slots_of: Vec<Vec<u32>> = vec![Vec::new(); b.lens.len()];
+        for (s, &p) in b.slot_pos.iter().enumerate() {
+            slots_of[row_of(p)].push(s as u32);
+        }
+        let rows: Vec<usize> = b.rec_pos.iter().map(|&p| row_of(p)).collect();
+        let steps = rows.iter().map(|&r| slots_of[r].len()).max().unwrap_or(0).max(1);
+        let w = g.width();
+        let mut tokens = Vec::new();
+        if !b.slot_items.is_empty() {
+            tokens.push(self.item_tokens(&b.slot_items, feats, device)?);
+        }
+        let dtype = self.rec.dtype();
+        // Padding steps read an extra zero row.
+        let pad = b.slot_items.len() as u32;
+        tokens.push(Tensor::zeros((1, w), dtype, device)?);
+        let tokens = Tensor::cat(&tokens, 0)?;
+        let (mut idx, mut keep) = (vec![pad; rows.len() * steps], vec![0f32; rows.len() * steps]);
+        for (i, &r) in rows.iter().enumerate() {
+            let start = i * steps + steps - slots_of[r].len();
+            for (j, &s) in slots_of[r].iter().enumerate() {
+                idx[start + j] = s;
+                keep[start + j] = 1.0;
+            }
+        }
+        let n = rows.len();
+        let xs = tokens.index_select(&Tensor::from_vec(idx, n * steps, device)?, 0)?.reshape((n, steps, w))?;
+        let keep = Tensor::from_vec(keep, (n, steps), device)?.to_dtype(dtype)?;
+        Ok(g.last_states(&xs, &keep)?)
     }
 
     /// Scores of user vectors `u [rows, d]` against item vectors `v [rows, n, d]`: `[rows, n]`.
@@ -480,6 +555,11 @@ impl IllmRec {
     /// L_RISA: causal-LM cross-entropy on the answer tokens (and EOS), a mean over rows of per-row
     /// means. The LM head is applied only at the supervised positions.
     pub fn alignment_loss(&self, llm: &Llm, b: &EncodedBatch, feats: &Features) -> Result<Tensor> {
+        if self.gru.is_some() {
+            return Err(ModelError::Invalid(
+                "backbone gru has no language head for L_RISA: set train.illmrec.risa_weight: 0".into(),
+            ));
+        }
         let device = llm.model.device();
         let hidden = self.hidden(llm, b, feats)?;
         let n = b.label_pos.len();

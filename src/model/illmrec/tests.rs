@@ -214,3 +214,25 @@ fn scores_average_over_the_feature_types_an_item_has() {
         assert!((scores[row][4] - both).abs() < 1e-5);
     }
 }
+
+#[test]
+fn the_gru_backbone_reads_each_users_item_tokens_in_order_and_trains_without_risa() {
+    let s = setup(DType::F32, IllmRecConfig { backbone: Backbone::Gru, ..cfg() });
+    let h = s.model.user_states(&s.llm, &s.retrieval, &s.feats).unwrap();
+    assert_eq!(h.dims(), &[2, s.llm.hidden_size()]);
+    // User 0's state is the GRU over its two item tokens alone: the same as a batch of that user.
+    let gru = s.model.gru.as_ref().unwrap();
+    let tokens = s.model.item_tokens(&[1, 3], &s.feats, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let alone = gru.last_states(&tokens, &Tensor::ones((1, 2), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let diff = (h.narrow(0, 0, 1).unwrap() - alone).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+    let reri = s.model.retrieval_loss(&h, &[6, 5], &[1, 3], 1, RetrievalLoss::Bce, &s.feats).unwrap();
+    let grads = reri.backward().unwrap();
+    for name in ["gru.w_x", "gru.w_h", "adaptor.w1"] {
+        let v = &s.model.vars().iter().find(|(n, _)| n == name).unwrap().1;
+        let g: Vec<f32> = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(g.iter().any(|&x| x != 0.0), "{name} learns");
+    }
+    let err = s.model.alignment_loss(&s.llm, &s.alignment, &s.feats).unwrap_err().to_string();
+    assert!(err.contains("risa_weight: 0"), "{err}");
+}
