@@ -2,9 +2,11 @@
 """The README's recipe-ablation table from the runs scripts/ablate.sh trained.
 
     python3 scripts/ablation-table.py jobs/ablations/ml100k [--store illmrec-data]
+        [--arms a0-paper,a2-softmax,...] [--steps 39,78,117]
 
-One row per arm (every job file of the folder but base*.yaml, in name order): validation Hit@5 and
-NDCG@10 after each validation (equal samples seen, same users), the largest and the mean L_RERI of the
+One row per arm (every job file of the folder but base*.yaml in name order, or those of --arms):
+validation Hit@5 and NDCG@10 after each validation step (all the arms' steps, or --steps; equal samples
+seen, same users), the best validation NDCG@10 and its step, the largest and the mean L_RERI of the
 first 40 steps (the conditioning the issue is about), and the test metrics of the BEST checkpoint when
 `eval` has run. Arms that have not started are listed with dashes.
 """
@@ -49,8 +51,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("folder")
     ap.add_argument("--store", default="illmrec-data", help="the storage root folder of the arms' job")
+    ap.add_argument("--arms", help="comma-separated arm names (default: every arm of the folder)")
+    ap.add_argument("--steps", help="comma-separated validation steps to show (default: all)")
     args = ap.parse_args()
-    arms = sorted(f for f in os.listdir(args.folder) if f.endswith(".yaml") and not f.startswith("base"))
+    if args.arms:
+        arms = [f"{a}.yaml" for a in args.arms.split(",")]
+    else:
+        arms = sorted(f for f in os.listdir(args.folder) if f.endswith(".yaml") and not f.startswith("base"))
     steps = set()
     rows = []
     for arm in arms:
@@ -69,9 +76,9 @@ def main():
                 for r in json.load(f):
                     test[r["protocol"]] = r["metrics"]
         rows.append((arm[:-5], first_comment(path), valid, early, test, len(train)))
-    steps = sorted(steps)
+    steps = [int(s) for s in args.steps.split(",")] if args.steps else sorted(steps)
     head = ["arm", "steps run"] + [f"valid H@5 / N@10 @{s}" for s in steps]
-    head += ["max / mean L_RERI (steps 1-40)", "test H@5 1+100", "test N@10 1+100", "test H@10 full"]
+    head += ["best valid N@10 (step)", "max / mean L_RERI (steps 1-40)", "test H@5 1+100", "test N@10 1+100", "test H@10 full"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for arm, _, valid, early, test, ran in rows:
@@ -79,6 +86,8 @@ def main():
         for s in steps:
             m = valid.get(s)
             cells.append(f"{fmt(m['hit@5'])} / {fmt(m['ndcg@10'])}" if m else "-")
+        best = max(valid.items(), key=lambda kv: kv[1]["ndcg@10"], default=None)
+        cells.append(f"{fmt(best[1]['ndcg@10'])} ({best[0]})" if best else "-")
         cells.append(f"{max(early):.1f} / {sum(early) / len(early):.2f}" if early else "-")
         sampled, full = test.get("sampled:100", {}), test.get("full", {})
         cells += [fmt(sampled.get("hit@5")), fmt(sampled.get("ndcg@10")), fmt(full.get("hit@10"))]
