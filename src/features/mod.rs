@@ -258,14 +258,14 @@ fn build_encoder(cfg: &FeaturesConfig, kind: FeatureKind, device: &Device) -> Re
 }
 
 /// The cache a batch encoder fills: the encoder's id, the width of its rows, the feature type.
-pub(crate) struct CacheTarget<'a> {
-    pub id: &'a str,
-    pub dim: usize,
-    pub kind: FeatureKind,
+struct CacheTarget<'a> {
+    id: &'a str,
+    dim: usize,
+    kind: FeatureKind,
 }
 
 /// A batch of items with their content keys, encoded to `[batch * dim]` values.
-pub(crate) type EncodeBatch<'a> = dyn FnMut(&[(&crate::data::Item, String)]) -> Result<Vec<f32>, FeatureError> + 'a;
+type EncodeBatch<'a> = dyn FnMut(&[(&crate::data::Item, String)]) -> Result<Vec<f32>, FeatureError> + 'a;
 
 /// Encodes the items whose content key the cache of `target` lacks, committing a shard every
 /// `shard_items` vectors.
