@@ -55,9 +55,9 @@ enum Command {
         job: PathBuf,
         /// pop, random, sasrec, morec:text, morec:image, morec:text+image, freedom, bm3, mmgcn,
         /// iisan:text, iisan:image, iisan:text+image, illmrec, illmrec:title, illmrec:description,
-        /// illmrec:image+description. Only the LLM recommenders train data-parallel under
-        /// mpirun/srun; the others (MoRec, IISAN and the graph models FREEDOM, BM3, MMGCN
-        /// included) train in one process, on one rank.
+        /// illmrec:image+description. The LLM recommenders, SASRec, MoRec and IISAN train
+        /// data-parallel under mpirun/srun; Pop, Random and the graph models (FREEDOM, BM3,
+        /// MMGCN) train in one process, on one rank.
         #[arg(long)]
         model: ModelKind,
         /// Continue the run from its LATEST checkpoint.

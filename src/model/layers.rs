@@ -36,6 +36,27 @@ pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut Rng>) -> candle_core::Result
     x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
 }
 
+/// Inverted dropout where row r of `x` (its first dimension) draws its mask from `rngs[r]`: a row
+/// gets the same mask whichever other rows share its batch, so a batch split over ranks drops what
+/// the whole batch would. Identity when `rngs` is None (evaluation).
+pub fn dropout_rows(x: &Tensor, p: f64, rngs: Option<&mut [Rng]>) -> candle_core::Result<Tensor> {
+    let Some(rngs) = rngs else { return Ok(x.clone()) };
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let rows = x.dim(0)?;
+    if rows != rngs.len() {
+        candle_core::bail!("{} row streams for {rows} rows", rngs.len());
+    }
+    let per_row = x.elem_count() / rows.max(1);
+    let keep = 1.0 / (1.0 - p) as f32;
+    let mut mask = Vec::with_capacity(x.elem_count());
+    for rng in rngs.iter_mut() {
+        mask.extend((0..per_row).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }));
+    }
+    x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
+}
+
 /// Mean binary cross-entropy with logits over the positions where `weight` is 1:
 /// sum(w * (relu(x) - x*y + log(1 + exp(-|x|)))) / sum(w), numerically stable for any x.
 pub fn bce_with_logits(logits: &Tensor, target: f64, weight: &Tensor, weight_sum: f64) -> candle_core::Result<Tensor> {

@@ -8,7 +8,7 @@
 use candle_core::{Device, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
-use super::layers::{const_var, dropout, layer_norm, linear, xavier_var};
+use super::layers::{const_var, dropout_rows, layer_norm, linear, xavier_var};
 use super::{HostTensor, Result, Scorer};
 use crate::invalid::Invalid;
 use crate::seed::Rng;
@@ -244,8 +244,9 @@ impl SasRec {
         Ok(self.vars[0].1.set(&Tensor::from_slice(values, shape, &self.device)?)?)
     }
 
-    /// Hidden states [rows, max_len, hidden]; dropout is applied when `rng` is given (training).
-    pub fn forward(&self, batch: &Batch, mut rng: Option<&mut Rng>) -> Result<Tensor> {
+    /// Hidden states [rows, max_len, hidden]; dropout is applied when `rngs` (one stream per row) is
+    /// given (training).
+    pub fn forward(&self, batch: &Batch, mut rngs: Option<&mut [Rng]>) -> Result<Tensor> {
         let (l, h, heads) = (self.cfg.max_len, self.cfg.hidden, self.cfg.heads);
         let b = batch.rows;
         let p = self.cfg.dropout;
@@ -255,7 +256,7 @@ impl SasRec {
         let body = self.items.var_count();
         let mut x = self.item_vectors(&ids)?.reshape((b, l, h))?.affine((h as f64).sqrt(), 0.0)?;
         x = x.broadcast_add(self.t(body))?;
-        x = dropout(&x, p, rng.as_deref_mut())?.broadcast_mul(&timeline)?;
+        x = dropout_rows(&x, p, rngs.as_deref_mut())?.broadcast_mul(&timeline)?;
         let causal = causal_mask(l, &self.device)?;
         let d = h / heads;
         for blk in 0..self.cfg.blocks {
@@ -271,12 +272,12 @@ impl SasRec {
                 .matmul(&k.transpose(2, 3)?.contiguous()?)?
                 .affine(1.0 / (d as f64).sqrt(), 0.0)?
                 .broadcast_add(&causal)?;
-            let attn = dropout(&candle_nn::ops::softmax(&scores, D::Minus1)?, p, rng.as_deref_mut())?;
+            let attn = dropout_rows(&candle_nn::ops::softmax(&scores, D::Minus1)?, p, rngs.as_deref_mut())?;
             let ctx = attn.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, l, h))?;
             x = (q_in + linear(&ctx, self.t(o + 8), self.t(o + 9))?)?;
             x = layer_norm(&x, self.t(o + 10), self.t(o + 11), LN_EPS)?;
-            let inner = dropout(&linear(&x, self.t(o + 12), self.t(o + 13))?, p, rng.as_deref_mut())?.relu()?;
-            let ffn = dropout(&linear(&inner, self.t(o + 14), self.t(o + 15))?, p, rng.as_deref_mut())?;
+            let inner = dropout_rows(&linear(&x, self.t(o + 12), self.t(o + 13))?, p, rngs.as_deref_mut())?.relu()?;
+            let ffn = dropout_rows(&linear(&inner, self.t(o + 14), self.t(o + 15))?, p, rngs.as_deref_mut())?;
             x = (x + ffn)?.broadcast_mul(&timeline)?;
         }
         let n = self.vars.len();
@@ -284,45 +285,58 @@ impl SasRec {
     }
 
     /// The training loss for one batch: BCE of the next item (positive) and one sampled negative at
-    /// every non-padded position.
-    pub fn loss(&self, input: &Batch, positives: &[u32], negatives: &[u32], rng: &mut Rng) -> Result<Tensor> {
+    /// every non-padded position, summed and divided by `total` (the non-padded positions of the
+    /// global batch this batch is a share of). `rngs`: one dropout stream per row.
+    pub fn loss(
+        &self,
+        input: &Batch,
+        positives: &[u32],
+        negatives: &[u32],
+        rngs: &mut [Rng],
+        total: f64,
+    ) -> Result<Tensor> {
         let (b, l, h) = (input.rows, self.cfg.max_len, self.cfg.hidden);
-        let states = self.forward(input, Some(rng))?;
+        let states = self.forward(input, Some(rngs))?;
         let logits = |items: &[u32]| -> candle_core::Result<Tensor> {
             let ids = Tensor::from_vec(items.to_vec(), b * l, &self.device)?;
             let emb = self.item_vectors(&ids)?.reshape((b, l, h))?;
             (&states * emb)?.sum(D::Minus1)
         };
         let weight: Vec<f32> = positives.iter().map(|&p| if p == 0 { 0.0 } else { 1.0 }).collect();
-        let count = weight.iter().sum::<f32>() as f64;
         let weight = Tensor::from_vec(weight, (b, l), &self.device)?;
-        let pos = super::layers::bce_with_logits(&logits(positives)?, 1.0, &weight, count)?;
-        let neg = super::layers::bce_with_logits(&logits(negatives)?, 0.0, &weight, count)?;
+        let pos = super::layers::bce_with_logits(&logits(positives)?, 1.0, &weight, total)?;
+        let neg = super::layers::bce_with_logits(&logits(negatives)?, 0.0, &weight, total)?;
         Ok((pos + neg)?)
     }
 
     /// IISAN's training loss: at every non-padded position, softmax cross-entropy of the next item
-    /// against the other next items of the batch (in-batch negatives; an item counts once).
-    pub fn in_batch_loss(&self, input: &Batch, positives: &[u32], rng: &mut Rng) -> Result<Tensor> {
+    /// against `candidates` (the global batch's distinct next items, sorted: in-batch negatives),
+    /// summed and divided by `total` (the global batch's non-padded positions).
+    pub fn in_batch_loss(
+        &self,
+        input: &Batch,
+        positives: &[u32],
+        candidates: &[u32],
+        rngs: &mut [Rng],
+        total: f64,
+    ) -> Result<Tensor> {
         let (b, l, h) = (input.rows, self.cfg.max_len, self.cfg.hidden);
-        let states = self.forward(input, Some(rng))?.reshape((b * l, h))?;
-        let mut targets: Vec<u32> = positives.iter().copied().filter(|&p| p != 0).collect();
-        targets.sort_unstable();
-        targets.dedup();
-        let (rows, labels): (Vec<u32>, Vec<u32>) = positives
-            .iter()
-            .enumerate()
-            .filter(|(_, &p)| p != 0)
-            .map(|(r, p)| (r as u32, targets.binary_search(p).unwrap_or_default() as u32))
-            .unzip();
-        if rows.is_empty() {
-            return Err(super::ModelError::Invalid("a batch without a next item to predict".into()));
+        let states = self.forward(input, Some(rngs))?.reshape((b * l, h))?;
+        let mut rows = Vec::new();
+        let mut labels = Vec::new();
+        for (r, p) in positives.iter().enumerate().filter(|(_, &p)| p != 0) {
+            let col = candidates.binary_search(p).map_err(|_| {
+                super::ModelError::Invalid(format!("next item {p} is not among the batch's candidates"))
+            })?;
+            rows.push(r as u32);
+            labels.push(col as u32);
         }
         let n = rows.len();
-        let items = self.item_vectors(&Tensor::from_vec(targets.clone(), targets.len(), &self.device)?)?;
+        let items = self.item_vectors(&Tensor::from_slice(candidates, candidates.len(), &self.device)?)?;
         let queries = states.index_select(&Tensor::from_vec(rows, n, &self.device)?, 0)?;
-        let logits = queries.matmul(&items.t()?)?;
-        Ok(candle_nn::loss::cross_entropy(&logits, &Tensor::from_vec(labels, n, &self.device)?)?)
+        let log_p = candle_nn::ops::log_softmax(&queries.matmul(&items.t()?)?, D::Minus1)?;
+        let picked = log_p.gather(&Tensor::from_vec(labels, (n, 1), &self.device)?, 1)?;
+        Ok(picked.sum_all()?.affine(-1.0 / total.max(1.0), 0.0)?)
     }
 
     /// Host copies of every tensor, for checkpoints.
@@ -356,6 +370,10 @@ impl Scorer for SasRec {
 mod tests {
     use super::*;
 
+    fn rngs(n: u64) -> Vec<Rng> {
+        (0..n).map(|r| crate::seed::stream(1, "d", r)).collect()
+    }
+
     fn tiny() -> SasRec {
         let cfg = SasRecConfig { hidden: 8, blocks: 2, heads: 2, max_len: 5, dropout: 0.2 };
         SasRec::new(cfg, 12, &mut crate::seed::stream(1, "t", 0), &Device::Cpu).unwrap()
@@ -373,7 +391,8 @@ mod tests {
         let input = Batch::from_sequences(&[&[1, 2, 3], &[4, 5, 6, 7, 8]], 5);
         let pos = Batch::from_sequences(&[&[2, 3, 9], &[5, 6, 7, 8, 10]], 5).ids;
         let neg = vec![11u32; pos.len()];
-        let loss = m.loss(&input, &pos, &neg, &mut crate::seed::stream(1, "d", 0)).unwrap();
+        let total = pos.iter().filter(|&&p| p != 0).count() as f64;
+        let loss = m.loss(&input, &pos, &neg, &mut rngs(2), total).unwrap();
         let grads = loss.backward().unwrap();
         for (name, v) in m.vars() {
             let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
@@ -408,7 +427,7 @@ mod tests {
         assert_eq!(s[4], s[5]);
         let input = Batch::from_sequences(&[&[1, 2, 3]], 4);
         let pos = Batch::from_sequences(&[&[2, 3, 6]], 4).ids;
-        let loss = m.loss(&input, &pos, &[0, 9, 9, 9], &mut crate::seed::stream(1, "d", 0)).unwrap();
+        let loss = m.loss(&input, &pos, &[0, 9, 9, 9], &mut rngs(1), 3.0).unwrap();
         let grads = loss.backward().unwrap();
         let g = grads.get(m.vars()[0].1.as_tensor()).expect("the projection learns");
         assert_eq!(g.dims(), &[5, 8]);
@@ -433,7 +452,7 @@ mod tests {
         let m = SasRec::new(cfg, 6, &mut crate::seed::stream(1, "t", 0), &Device::Cpu).unwrap();
         let input = Batch::from_sequences(&[&[1, 2], &[4, 1, 2]], 3);
         let pos = Batch::from_sequences(&[&[2, 3], &[1, 2, 5]], 3).ids;
-        let loss = m.in_batch_loss(&input, &pos, &mut crate::seed::stream(1, "d", 0)).unwrap();
+        let loss = m.in_batch_loss(&input, &pos, &[1, 2, 3, 5], &mut rngs(2), 5.0).unwrap();
         let states = m.forward(&input, None).unwrap().reshape((6, 8)).unwrap().to_vec2::<f32>().unwrap();
         let table = m.item_embeddings().unwrap().to_vec2::<f32>().unwrap();
         let dot = |r: usize, i: usize| -> f32 { (0..8).map(|k| states[r][k] * table[i][k]).sum() };
@@ -449,5 +468,23 @@ mod tests {
         let expected = sum / count as f32;
         let got = loss.to_scalar::<f32>().unwrap();
         assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");
+    }
+
+    #[test]
+    fn a_batch_split_in_two_sums_to_the_whole_batchs_loss_dropout_included() {
+        // What data-parallel training relies on: each row's dropout comes from its own stream and
+        // each share divides by the whole batch's positions.
+        let m = tiny();
+        let seqs: [&[u32]; 3] = [&[1, 2, 3], &[4, 5, 6, 7, 8], &[9, 1]];
+        let nexts: [&[u32]; 3] = [&[2, 3, 9], &[5, 6, 7, 8, 10], &[1, 4]];
+        let pos = Batch::from_sequences(&nexts, 5).ids;
+        let neg: Vec<u32> = pos.iter().map(|&p| if p == 0 { 0 } else { 11 }).collect();
+        let total = pos.iter().filter(|&&p| p != 0).count() as f64;
+        let all = rngs(3);
+        let whole = m.loss(&Batch::from_sequences(&seqs, 5), &pos, &neg, &mut all.clone(), total).unwrap();
+        let first = m.loss(&Batch::from_sequences(&seqs[..1], 5), &pos[..5], &neg[..5], &mut all[..1].to_vec(), total);
+        let rest = m.loss(&Batch::from_sequences(&seqs[1..], 5), &pos[5..], &neg[5..], &mut all[1..].to_vec(), total);
+        let split = first.unwrap().to_scalar::<f32>().unwrap() + rest.unwrap().to_scalar::<f32>().unwrap();
+        assert!((whole.to_scalar::<f32>().unwrap() - split).abs() < 1e-5);
     }
 }

@@ -227,7 +227,8 @@ pub fn train(
         );
         return Ok(TrainReport { run_id: id, summary, preempted: r.preempted });
     }
-    if coll.world() > 1 {
+    let sequential = matches!(kind, ModelKind::Sasrec | ModelKind::Morec(_) | ModelKind::Iisan(_));
+    if coll.world() > 1 && !sequential {
         return Err(TrainError::Invalid(format!("{kind} trains in one process; start it without mpirun/srun")));
     }
     let ds = crate::data::snapshot::load(store, job.dataset)?;
@@ -244,8 +245,10 @@ pub fn train(
             (to_bytes(Vec::new(), None), format!("random: scores drawn with seed {}", job.train.seed))
         }
         ModelKind::Sasrec | ModelKind::Morec(_) | ModelKind::Iisan(_) => {
-            let model = sasrec_model(job, store, &ds, kind, &job.model.sasrec, &job.model.iisan, job.train.seed)?;
-            fit_sasrec(job, store, &ds, &id, model, &kind.to_string(), kind, &mut state)?
+            let model = rank0_first(coll, || {
+                sasrec_model(job, store, &ds, kind, &job.model.sasrec, &job.model.iisan, job.train.seed)
+            })?;
+            fit_sasrec(job, store, &ds, &id, model, &kind.to_string(), kind, &mut state, coll)?
         }
         ModelKind::Graph(g) => {
             let mut model = graph::build(job, store, &ds, g, job.model, job.train.seed)?;
@@ -258,8 +261,24 @@ pub fn train(
         }
         ModelKind::Illmrec(_) => unreachable!("handled above"),
     };
-    runs::save(store, &id, 1, vec![("model.safetensors", tensors)], &state, 2, false)?;
+    if coll.rank() == 0 {
+        runs::save(store, &id, 1, vec![("model.safetensors", tensors)], &state, 2, false)?;
+    }
     Ok(TrainReport { run_id: id, summary, preempted: false })
+}
+
+/// Runs `build` on rank 0 first and on the other ranks after it, so they find the caches it filled
+/// (IISAN's per-layer states) instead of computing them again; it must end within
+/// `dist.startup_timeout_secs`.
+fn rank0_first<T>(coll: &dyn Collective, build: impl FnOnce() -> Result<T>) -> Result<T> {
+    if coll.rank() != 0 {
+        coll.barrier()?;
+    }
+    let out = build();
+    if coll.rank() == 0 {
+        coll.barrier()?;
+    }
+    out
 }
 
 /// What a baseline run's state.json records of its model and data.
@@ -284,15 +303,16 @@ pub fn train_sasrec(
     let mut state = run_state(ModelKind::Sasrec, ds);
     state["item_init"] = json!(item_init.is_some());
     let name = if item_init.is_some() { "sasrec (item table from text)" } else { "sasrec" };
-    let (bytes, summary) = fit_sasrec(job, store, ds, id, model, name, ModelKind::Sasrec, &mut state)?;
+    let single = crate::distributed::Single;
+    let (bytes, summary) = fit_sasrec(job, store, ds, id, model, name, ModelKind::Sasrec, &mut state, &single)?;
     runs::save(store, id, 1, vec![("model.safetensors", bytes)], &state, 2, false)?;
     Ok(summary)
 }
 
 /// Fits `model` of `kind` (SASRec; MoRec: SASRec on projected features; IISAN: on side networks)
-/// as `train.sasrec` (IISAN: `train.iisan`) says, under the label `name`; records its config and
-/// fit in `state` and run `id`'s `fit.json`, and for SASRec its item table as the CF feature.
-/// Returns the weights' bytes and the summary line.
+/// as `train.sasrec` (IISAN: `train.iisan`) says, under the label `name`, data-parallel over the
+/// ranks of `coll`; records its config and fit in `state`, and rank 0 writes run `id`'s `fit.json`
+/// and for SASRec its item table as the CF feature. Returns the weights' bytes and the summary line.
 #[allow(clippy::too_many_arguments)]
 fn fit_sasrec(
     job: &TrainJob<'_>,
@@ -303,20 +323,23 @@ fn fit_sasrec(
     name: &str,
     kind: ModelKind,
     state: &mut serde_json::Value,
+    coll: &dyn Collective,
 ) -> Result<(Vec<u8>, String)> {
     let (tcfg, objective) = match kind {
         ModelKind::Iisan(_) => (&job.train.iisan, sasrec::Objective::InBatchSoftmax),
         _ => (&job.train.sasrec, sasrec::Objective::SampledNegative),
     };
-    let (model, report) = sasrec::fit(ds, model, name, tcfg, objective, job.train.seed, job.telemetry)?;
+    let (model, report) = sasrec::fit(ds, model, name, tcfg, objective, job.train.seed, job.telemetry, coll)?;
     state["config"] = serde_json::to_value(&job.model.sasrec).unwrap_or_default();
     if let ModelKind::Iisan(_) = kind {
         state["iisan"] = serde_json::to_value(&job.model.iisan).unwrap_or_default();
     }
     state["fit"] = serde_json::to_value(&report).unwrap_or_default();
-    runs::put_report(store, id, "fit.json", serde_json::to_vec_pretty(&report).unwrap_or_default())?;
-    if kind == ModelKind::Sasrec {
-        save_cf_table(store, id, ds, &model)?;
+    if coll.rank() == 0 {
+        runs::put_report(store, id, "fit.json", serde_json::to_vec_pretty(&report).unwrap_or_default())?;
+        if kind == ModelKind::Sasrec {
+            save_cf_table(store, id, ds, &model)?;
+        }
     }
     Ok((weights_bytes(&model.to_host()?), report.summary(name)))
 }

@@ -2,6 +2,11 @@
 //! sample per user and epoch (the whole training sequence, each position predicting the next item
 //! against one sampled negative, or for IISAN against the batch's other next items), Adam, and
 //! early stopping on the valid NDCG@10; the best validated weights are kept.
+//!
+//! Under a launcher the ranks split every global batch: each takes a contiguous share of its users,
+//! whose negatives and dropout masks come from per-user streams keyed by the step, divides its loss by
+//! the global batch's positions, and one all-reduce sums the gradients. Every rank then holds the
+//! gradient of the whole batch and applies the same update: N ranks train what one rank trains.
 
 use std::collections::HashSet;
 use std::time::Instant;
@@ -15,6 +20,7 @@ use super::early_stopping::{valid_ndcg10, BestWeights};
 use super::optim::{flatten_grads, read_params, write_params, AdamW};
 use super::TrainError;
 use crate::data::Dataset;
+use crate::distributed::{check_same, Collective};
 use crate::model::sasrec::Batch;
 use crate::model::{SasRec, SasRecConfig};
 use crate::seed::stream;
@@ -63,7 +69,9 @@ pub fn new_model(ds: &Dataset, mcfg: &SasRecConfig, seed: u64) -> Result<SasRec,
     Ok(SasRec::new(mcfg.clone(), ds.num_items(), &mut stream(seed, "sasrec/init", 0), &Device::Cpu)?)
 }
 
-/// Trains `model` (`name` labels its progress and logs) and leaves the best validated weights in it.
+/// Trains `model` (`name` labels its progress and logs) and leaves the best validated weights in it;
+/// the ranks of `coll` share every batch.
+#[allow(clippy::too_many_arguments)]
 pub fn fit(
     ds: &Dataset,
     model: SasRec,
@@ -72,6 +80,7 @@ pub fn fit(
     objective: Objective,
     seed: u64,
     telemetry: &TelemetryConfig,
+    coll: &dyn Collective,
 ) -> Result<(SasRec, FitReport), TrainError> {
     let started = Instant::now();
     let vars: Vec<&candle_core::Var> = model.vars().iter().map(|(_, v)| v).collect();
@@ -79,9 +88,8 @@ pub fn fit(
     let mut params = read_params(&vars)?;
     // Users whose training part has at least one (input, next item) pair.
     let users: Vec<usize> = (0..ds.num_users()).filter(|&u| ds.train(u).len() >= 2).collect();
-    let l = model.cfg.max_len;
     let steps_per_epoch = users.len().div_ceil(tcfg.batch_size) as u64;
-    let mut progress = Progress::new(telemetry, name, steps_per_epoch * tcfg.epochs as u64);
+    let mut progress = (coll.rank() == 0).then(|| Progress::new(telemetry, name, steps_per_epoch * tcfg.epochs as u64));
     let mut train_seconds = 0.0;
     let mut best = BestWeights::new(tcfg.patience);
     let mut last_loss = f64::NAN;
@@ -93,30 +101,26 @@ pub fn fit(
         order.shuffle(&mut stream(seed, "sasrec/epoch", epoch as u64));
         let mut loss_sum = 0.0;
         for chunk in order.chunks(tcfg.batch_size) {
-            let mut rng = stream(seed, "sasrec/step", opt.step);
-            let inputs: Vec<&[u32]> = chunk.iter().map(|&u| &ds.train(u)[..ds.train(u).len() - 1]).collect();
-            let nexts: Vec<&[u32]> = chunk.iter().map(|&u| &ds.train(u)[1..]).collect();
-            let input = Batch::from_sequences(&inputs, l);
-            let positives = Batch::from_sequences(&nexts, l).ids;
-            let loss = match objective {
-                Objective::InBatchSoftmax => model.in_batch_loss(&input, &positives, &mut rng)?,
-                Objective::SampledNegative => {
-                    let negatives = sample_negatives(ds, chunk, &positives, l, &mut rng);
-                    model.loss(&input, &positives, &negatives, &mut rng)?
-                }
-            };
-            let grads = loss.backward()?;
-            opt.update(&mut params, &flatten_grads(&vars, &grads)?, tcfg.lr);
+            let step = Step { ds, model: &model, objective, seed, index: opt.step };
+            let (mut grads, loss) = step.gradients(chunk, coll.rank(), coll.world())?;
+            grads.push(loss);
+            coll.all_reduce_sum(&mut grads)?;
+            let loss = grads.pop().unwrap_or_default();
+            opt.update(&mut params, &grads, tcfg.lr);
             write_params(&vars, &params)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            progress.inc(1);
+            loss_sum += loss as f64;
+            if let Some(p) = progress.as_mut() {
+                p.inc(1);
+            }
         }
         train_seconds += epoch_started.elapsed().as_secs_f64();
         last_loss = loss_sum / steps_per_epoch as f64;
         if !last_loss.is_finite() {
             return Err(TrainError::Invalid(format!("{name} loss became {last_loss} at epoch {epoch}")));
         }
-        progress.set_message(format!("epoch {epoch} loss {last_loss:.4}"));
+        if let Some(p) = progress.as_mut() {
+            p.set_message(format!("epoch {epoch} loss {last_loss:.4}"));
+        }
         if epoch % tcfg.eval_every == 0 || epoch == tcfg.epochs {
             let ndcg = valid_ndcg10(&model, ds, tcfg.early_stopping_protocol)?;
             tracing::info!(
@@ -129,7 +133,15 @@ pub fn fit(
             }
         }
     }
-    progress.finish();
+    if let Some(p) = progress {
+        p.finish();
+    }
+    // Same data, same updates: a rank that differs now has a bug or a bad machine.
+    check_same(
+        coll,
+        &format!("{name}'s parameters after training"),
+        &super::illmrec::checkpoint::state_digest(&params, opt.step),
+    )?;
     let (best_epoch, best_ndcg, weights) = best.finish(name)?;
     model.load_host(&weights)?;
     let report = FitReport {
@@ -144,18 +156,70 @@ pub fn fit(
     Ok((model, report))
 }
 
-/// For every non-padded position of `positives` (`chunk.len()` rows of `l`), an item the row's user
-/// has not trained on; 0 at padding.
+/// One global step's data: the share of a batch a rank computes, with the streams that make it
+/// independent of how the batch is split.
+struct Step<'a> {
+    ds: &'a Dataset,
+    model: &'a SasRec,
+    objective: Objective,
+    seed: u64,
+    /// The global step (0-based).
+    index: u64,
+}
+
+impl Step<'_> {
+    /// This rank's gradient of the global batch `chunk`'s loss (flat, in the model's variable order)
+    /// and its part of the loss; summed over ranks they are the whole batch's.
+    fn gradients(&self, chunk: &[usize], rank: usize, world: usize) -> Result<(Vec<f32>, f32), TrainError> {
+        let (ds, l) = (self.ds, self.model.cfg.max_len);
+        let vars: Vec<&candle_core::Var> = self.model.vars().iter().map(|(_, v)| v).collect();
+        let nexts = |users: &[usize]| {
+            let seqs: Vec<&[u32]> = users.iter().map(|&u| &ds.train(u)[1..]).collect();
+            Batch::from_sequences(&seqs, l).ids
+        };
+        let all_next = nexts(chunk);
+        let total = all_next.iter().filter(|&&p| p != 0).count() as f64;
+        let mine = &chunk[chunk.len() * rank / world..chunk.len() * (rank + 1) / world];
+        if mine.is_empty() {
+            return Ok((vec![0.0; super::optim::count(&vars)], 0.0));
+        }
+        // Each user's negatives and dropout masks from its own stream for this step.
+        let mut rngs: Vec<crate::seed::Rng> = mine
+            .iter()
+            .map(|&u| stream(self.seed, "sasrec/sample", self.index * ds.num_users() as u64 + u as u64))
+            .collect();
+        let inputs: Vec<&[u32]> = mine.iter().map(|&u| &ds.train(u)[..ds.train(u).len() - 1]).collect();
+        let input = Batch::from_sequences(&inputs, l);
+        let positives = nexts(mine);
+        let loss = match self.objective {
+            Objective::InBatchSoftmax => {
+                let mut candidates: Vec<u32> = all_next.iter().copied().filter(|&p| p != 0).collect();
+                candidates.sort_unstable();
+                candidates.dedup();
+                self.model.in_batch_loss(&input, &positives, &candidates, &mut rngs, total)?
+            }
+            Objective::SampledNegative => {
+                let negatives = sample_negatives(ds, mine, &positives, l, &mut rngs);
+                self.model.loss(&input, &positives, &negatives, &mut rngs, total)?
+            }
+        };
+        let grads = loss.backward()?;
+        Ok((flatten_grads(&vars, &grads)?, loss.to_scalar::<f32>()?))
+    }
+}
+
+/// For every non-padded position of `positives` (`users.len()` rows of `l`), an item the row's user
+/// has not trained on, drawn from the row's stream; 0 at padding.
 fn sample_negatives(
     ds: &Dataset,
-    chunk: &[usize],
+    users: &[usize],
     positives: &[u32],
     l: usize,
-    rng: &mut crate::seed::Rng,
+    rngs: &mut [crate::seed::Rng],
 ) -> Vec<u32> {
     let n_items = ds.num_items();
     let mut negatives = vec![0u32; positives.len()];
-    for (r, &u) in chunk.iter().enumerate() {
+    for (r, (&u, rng)) in users.iter().zip(rngs.iter_mut()).enumerate() {
         let seen: HashSet<u32> = ds.train(u).iter().copied().collect();
         for j in 0..l {
             if positives[r * l + j] != 0 {
