@@ -66,18 +66,10 @@ pub fn layered(
     // The cut encoders are built on the first batch that needs them: a fully cached run loads none.
     let (mut text, mut image) = (None, None);
     let mut encode = |batch: &[(&Item, String)]| match &encoder {
-        Encoder::Text(e) => {
-            if text.is_none() {
-                text = Some(e.layered(&layers)?);
-            }
-            text.as_ref().map_or(Ok(Vec::new()), |t| t.encode(&item_texts(batch)))
-        }
+        Encoder::Text(e) => built(&mut text, || e.layered(&layers))?.encode(&item_texts(batch)),
         Encoder::Image(e) => {
-            if image.is_none() {
-                image = Some(e.layered(&layers)?);
-            }
             let imgs = read_images(store, &snapshot_dir, batch)?;
-            image.as_ref().map_or(Ok(Vec::new()), |l| l.encode(&imgs))
+            built(&mut image, || e.layered(&layers))?.encode(&imgs)
         }
     };
     let target = CacheTarget { id: &id, dim, kind };
@@ -87,6 +79,14 @@ pub fn layered(
         super::content_key(kind, item).and_then(|k| cache.get(&k).map(<[f32]>::to_vec))
     })?;
     Ok((LayeredFeatures { layers, width, features }, report))
+}
+
+/// The value in `slot`, built by `make` the first time.
+fn built<T>(slot: &mut Option<T>, make: impl FnOnce() -> Result<T, FeatureError>) -> Result<&T, FeatureError> {
+    if slot.is_none() {
+        *slot = Some(make()?);
+    }
+    slot.as_ref().ok_or_else(|| FeatureError::Invalid("an encoder cut was not built".into()))
 }
 
 #[cfg(test)]
