@@ -85,19 +85,10 @@ impl ImageEncoder {
 
     /// The tower cut after each of `layers` (0: the patch embeddings), for `LayeredImage`.
     pub fn layered(&self, layers: &[usize]) -> Result<LayeredImage<'_>, FeatureError> {
-        let models = layers
-            .iter()
-            .map(|&l| {
-                if l > self.depth() {
-                    return Err(FeatureError::Invalid(format!("layer {l} of a {}-layer encoder", self.depth())));
-                }
-                // candle's SigLIP keeps its layers private: a tower built with the first `l` layers
-                // of the same weights (and no pooling head) returns the states after layer `l`,
-                // through the final layer norm.
-                let cfg = VisionConfig { num_hidden_layers: l, ..self.cfg.clone() };
-                Ok(VisionModel::new(&cfg, false, self.vb.clone())?)
-            })
-            .collect::<Result<Vec<_>, FeatureError>>()?;
+        // No pooling head: the states after layer `l`, through the final layer norm.
+        let models = super::cut_at_layers(layers, self.depth(), |l| {
+            VisionModel::new(&VisionConfig { num_hidden_layers: l, ..self.cfg.clone() }, false, self.vb.clone())
+        })?;
         Ok(LayeredImage { encoder: self, models })
     }
 

@@ -88,6 +88,23 @@ pub(crate) fn hash_dir_files(dir: &Path, names: &[&str]) -> Result<String, Featu
     Ok(hex::encode(&h.finalize()[..8]))
 }
 
+/// One model per entry of `layers`, each cut after that layer by `build` (candle's encoders keep
+/// their layers private: a model built with the first `l` layers of the same weights returns the
+/// states after layer `l`). A layer beyond `depth` is an error.
+fn cut_at_layers<M>(
+    layers: &[usize],
+    depth: usize,
+    build: impl Fn(usize) -> candle_core::Result<M>,
+) -> Result<Vec<M>, FeatureError> {
+    layers
+        .iter()
+        .map(|&l| match l <= depth {
+            true => Ok(build(l)?),
+            false => Err(FeatureError::Invalid(format!("layer {l} of a {depth}-layer encoder"))),
+        })
+        .collect()
+}
+
 /// Where a trained SASRec run keeps its item table (the CF feature). The pipeline hands this key to
 /// `compute` and `load`; this module never guesses which run it is.
 pub fn cf_table_key(sasrec_run: &str) -> String {

@@ -98,18 +98,9 @@ impl TextEncoder {
 
     /// The encoder cut after each of `layers` (0: the embeddings' output), for `LayeredText`.
     pub fn layered(&self, layers: &[usize]) -> Result<LayeredText<'_>, FeatureError> {
-        let models = layers
-            .iter()
-            .map(|&l| {
-                if l > self.depth() {
-                    return Err(FeatureError::Invalid(format!("layer {l} of a {}-layer encoder", self.depth())));
-                }
-                // candle's BERT keeps its layers private: a model built with the first `l` layers
-                // of the same weights returns the hidden states after layer `l`.
-                let cfg = Config { num_hidden_layers: l, ..self.cfg.clone() };
-                Ok(BertModel::load(self.vb.clone(), &cfg)?)
-            })
-            .collect::<Result<Vec<_>, FeatureError>>()?;
+        let models = super::cut_at_layers(layers, self.depth(), |l| {
+            BertModel::load(self.vb.clone(), &Config { num_hidden_layers: l, ..self.cfg.clone() })
+        })?;
         Ok(LayeredText { encoder: self, models })
     }
 
