@@ -57,8 +57,9 @@ pub struct IllmRecConfig {
     #[serde(default = "d_temperature")]
     pub temperature: f64,
     /// What turns a prompt into the user state: the frozen `llm` (I-LLMRec), or, to measure what
-    /// the LLM adds, a trained `gru` over the prompt's item tokens alone (no L_RISA).
-    #[serde(default)]
+    /// the LLM adds, a trained `gru` over the prompt's item tokens alone (no L_RISA). Left out of
+    /// the serialized config when it is the LLM, so runs trained before the option resume.
+    #[serde(default, skip_serializing_if = "Backbone::is_llm")]
     pub backbone: Backbone,
 }
 
@@ -69,6 +70,12 @@ pub enum Backbone {
     #[default]
     Llm,
     Gru,
+}
+
+impl Backbone {
+    fn is_llm(&self) -> bool {
+        *self == Backbone::Llm
+    }
 }
 
 /// How user and item vectors make a score.

@@ -236,3 +236,12 @@ fn the_gru_backbone_reads_each_users_item_tokens_in_order_and_trains_without_ris
     let err = s.model.alignment_loss(&s.llm, &s.alignment, &s.feats).unwrap_err().to_string();
     assert!(err.contains("risa_weight: 0"), "{err}");
 }
+
+#[test]
+fn the_default_backbone_leaves_the_recorded_config_as_it_was() {
+    // Resumes compare the recorded config: runs trained before `backbone` existed must still match.
+    let llm = serde_json::to_value(cfg()).unwrap();
+    assert!(llm.get("backbone").is_none(), "{llm}");
+    let gru = serde_json::to_value(IllmRecConfig { backbone: Backbone::Gru, ..cfg() }).unwrap();
+    assert_eq!(gru["backbone"], "gru");
+}
