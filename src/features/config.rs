@@ -16,8 +16,9 @@ pub struct FeaturesConfig {
     pub text: Option<TextSource>,
     #[serde(default)]
     pub cf: Option<CfSource>,
-    /// Captions of the item pictures (MSRBench's item enhancer): a captioning model or a file.
-    #[serde(default)]
+    /// Captions of the item pictures (MSRBench's item enhancer): a captioning model or a file. Left
+    /// out of the serialized config when unset, so runs recorded before it existed still resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub captions: Option<super::captions::CaptionSource>,
     /// Items per encoder call.
     #[serde(default = "d_batch")]
