@@ -17,7 +17,7 @@
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::layers::{const_var, layer_norm, linear, xavier_var};
+use super::layers::{const_var, layer_norm, linear, sigmoid, xavier_var};
 use super::{ModelError, Result};
 use crate::invalid::Invalid;
 use crate::seed::Rng;
@@ -157,11 +157,6 @@ impl SideNetwork {
         }
         Ok(s)
     }
-}
-
-/// σ(x) from differentiable primitives.
-fn sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
-    (x.neg()?.exp()? + 1.0)?.recip()
 }
 
 /// IISAN's item tower: intra-modal side networks per modality, an inter-modal one when there are

@@ -25,6 +25,11 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor>
     x.reshape((rows, inner))?.matmul(w)?.broadcast_add(b)?.reshape(out_dims)
 }
 
+/// σ(x) from differentiable primitives (the side networks' and the GRU's gates).
+pub fn sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
+}
+
 /// Inverted dropout with a mask drawn from `rng`; identity when `rng` is None (evaluation).
 pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut Rng>) -> candle_core::Result<Tensor> {
     let Some(rng) = rng else { return Ok(x.clone()) };

@@ -306,6 +306,7 @@ pub fn run(job: &JobConfig, store: &Store) -> anyhow::Result<()> {
     print!("{}", eval::markdown_table(&results));
     let cost_table = eval::cost::markdown_table(&costs);
     println!("\ncost:\n{cost_table}");
+    // An output of this stage, not a document: docs/architecture.md lists the report files.
     store.put(&store::key(&[&report_dir, "cost.md"]), cost_table.into_bytes())?;
     println!("report: {}/{report_dir}/ (results.md, cost.md, metrics.json, metrics.png, loss.png)", store.url());
     println!("done in {:.1}s; everything is under {}", started.elapsed().as_secs_f64(), store.url());

@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::uniform;
-use crate::model::layers::linear;
+use crate::model::layers::{linear, sigmoid};
 use crate::model::Result;
 use crate::seed::Rng;
 
@@ -64,10 +64,6 @@ impl Gru {
     pub fn width(&self) -> usize {
         self.width
     }
-}
-
-fn sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
-    (x.neg()?.exp()? + 1.0)?.recip()
 }
 
 #[cfg(test)]
