@@ -54,7 +54,7 @@ fi
 scripts/slurm-local.sh install
 
 # Python packages of the tests' real components: moto's S3-compatible server (tests/s3.rs), the
-# Kubernetes schemas (tests/launch.rs), the OTLP protocol for the trace receiver (tests/telemetry.rs).
+# Kubernetes schemas (tests/launch.rs), the OTLP protocol for the trace receiver (tests/distributed.rs).
 python3 -c "import moto.server, flask_cors, kubernetes_validate, opentelemetry.proto" >/dev/null 2>&1 || {
   echo "setup: installing moto[server] kubernetes-validate opentelemetry-proto"
   python3 -m pip install -q 'moto[server]>=5.0' 'kubernetes-validate>=1.33' 'opentelemetry-proto>=1.30'

@@ -97,8 +97,7 @@ pub fn run(
         let synth = crate::data::SynthConfig { items, users, ..synth.clone() };
         job.data.synth = Some(synth.clone());
         crate::data::synth::generate(&synth, &job.telemetry)?;
-        let prepared = crate::data::prepare::prepare(&dataset, &job.data, store, &job.telemetry)?;
-        let ds = crate::data::snapshot::load(store, &dataset)?;
+        let (prepared, ds) = crate::pipeline::prepare(&job, store)?;
 
         let t = Instant::now();
         let feats = crate::pipeline::features(&job, store, &ds)?;

@@ -12,6 +12,8 @@ pub struct Launcher {
     pub world: usize,
     /// Ranks on this machine.
     pub local: usize,
+    /// This rank's index among them (which GPU it takes).
+    pub local_rank: usize,
 }
 
 fn var(name: &str) -> Option<usize> {
@@ -32,19 +34,24 @@ impl Launcher {
         let num = |k: &str| get(k).and_then(|v| v.trim().parse::<usize>().ok());
         if let Some(world) = num("OMPI_COMM_WORLD_SIZE") {
             let rank = num("OMPI_COMM_WORLD_RANK").unwrap_or(0);
-            return Self { name: "mpirun", rank, world, local: num("OMPI_COMM_WORLD_LOCAL_SIZE").unwrap_or(1) };
+            let local = num("OMPI_COMM_WORLD_LOCAL_SIZE").unwrap_or(1);
+            let local_rank = num("OMPI_COMM_WORLD_LOCAL_RANK").unwrap_or(0);
+            return Self { name: "mpirun", rank, world, local, local_rank };
         }
         if let Some(rank) = num("SLURM_PROCID") {
             if let Some(world) = num("SLURM_NTASKS") {
                 let local = get("SLURM_TASKS_PER_NODE").as_deref().and_then(slurm_tasks_per_node).unwrap_or(1);
-                return Self { name: "srun", rank, world, local };
+                let local_rank = num("SLURM_LOCALID").unwrap_or(0);
+                return Self { name: "srun", rank, world, local, local_rank };
             }
         }
         if let Some(world) = num("PMI_SIZE") {
             let rank = num("PMI_RANK").unwrap_or(0);
-            return Self { name: "hydra", rank, world, local: num("MPI_LOCALNRANKS").unwrap_or(1) };
+            let local = num("MPI_LOCALNRANKS").unwrap_or(1);
+            let local_rank = num("MPI_LOCALRANKID").unwrap_or(0);
+            return Self { name: "hydra", rank, world, local, local_rank };
         }
-        Self { name: "none", rank: 0, world: 1, local: 1 }
+        Self { name: "none", rank: 0, world: 1, local: 1, local_rank: 0 }
     }
 }
 
@@ -75,20 +82,30 @@ mod tests {
 
     #[test]
     fn reads_mpirun_srun_and_hydra() {
-        assert_eq!(env(&[]), Launcher { name: "none", rank: 0, world: 1, local: 1 });
+        assert_eq!(env(&[]), Launcher { name: "none", rank: 0, world: 1, local: 1, local_rank: 0 });
         assert_eq!(
-            env(&[("OMPI_COMM_WORLD_SIZE", "4"), ("OMPI_COMM_WORLD_RANK", "3"), ("OMPI_COMM_WORLD_LOCAL_SIZE", "2")]),
-            Launcher { name: "mpirun", rank: 3, world: 4, local: 2 }
+            env(&[
+                ("OMPI_COMM_WORLD_SIZE", "4"),
+                ("OMPI_COMM_WORLD_RANK", "3"),
+                ("OMPI_COMM_WORLD_LOCAL_SIZE", "2"),
+                ("OMPI_COMM_WORLD_LOCAL_RANK", "1")
+            ]),
+            Launcher { name: "mpirun", rank: 3, world: 4, local: 2, local_rank: 1 }
         );
         assert_eq!(
-            env(&[("SLURM_PROCID", "1"), ("SLURM_NTASKS", "6"), ("SLURM_TASKS_PER_NODE", "2(x3)")]),
-            Launcher { name: "srun", rank: 1, world: 6, local: 2 }
+            env(&[
+                ("SLURM_PROCID", "1"),
+                ("SLURM_NTASKS", "6"),
+                ("SLURM_TASKS_PER_NODE", "2(x3)"),
+                ("SLURM_LOCALID", "1")
+            ]),
+            Launcher { name: "srun", rank: 1, world: 6, local: 2, local_rank: 1 }
         );
         // An sbatch script's environment (no SLURM_PROCID) is not a rank's.
         assert_eq!(env(&[("SLURM_NTASKS", "6")]).world, 1);
         assert_eq!(
             env(&[("PMI_SIZE", "3"), ("PMI_RANK", "2")]),
-            Launcher { name: "hydra", rank: 2, world: 3, local: 1 }
+            Launcher { name: "hydra", rank: 2, world: 3, local: 1, local_rank: 0 }
         );
     }
 }

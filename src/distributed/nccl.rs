@@ -57,17 +57,13 @@ impl Nccl {
         if gpus == 0 {
             return Err(DistError::Setup("no GPU is visible (CUDA_VISIBLE_DEVICES, driver)".into()));
         }
-        let local_rank = ["OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID"]
-            .iter()
-            .find_map(|k| std::env::var(k).ok()?.parse::<usize>().ok())
-            .unwrap_or(0);
         if launcher.local > gpus {
             return Err(DistError::Setup(format!(
                 "{} ranks share this machine but it has {gpus} GPUs",
                 launcher.local
             )));
         }
-        let ctx = CudaContext::new(local_rank % gpus).map_err(setup("open the GPU"))?;
+        let ctx = CudaContext::new(launcher.local_rank % gpus).map_err(setup("open the GPU"))?;
         let stream = ctx.default_stream();
         let mut id_bytes = if mpi.rank() == 0 {
             Id::new().map_err(setup("create the unique id"))?.internal().iter().map(|&c| c as u8).collect()

@@ -16,6 +16,7 @@ use std::time::Instant;
 use candle_core::Device;
 
 use crate::config::JobConfig;
+use crate::data::prepare::PrepareReport;
 use crate::data::{self, Dataset, Split};
 use crate::distributed::Collective;
 use crate::eval::cost::Cost;
@@ -52,7 +53,7 @@ pub fn train_job(job: &JobConfig) -> TrainJob<'_> {
 /// One stage of `run`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
-    Synth,
+    /// The synthetic catalog when the job describes one, then the dataset snapshot.
     Prepare,
     Train(ModelKind),
     Features,
@@ -72,11 +73,7 @@ pub fn plan(job: &JobConfig) -> Result<Vec<Stage>> {
         .iter()
         .map(|m| m.parse::<ModelKind>().map_err(TrainError::Invalid))
         .collect::<Result<Vec<_>>>()?;
-    let mut stages = Vec::new();
-    if job.data.synth.is_some() {
-        stages.push(Stage::Synth);
-    }
-    stages.push(Stage::Prepare);
+    let mut stages = vec![Stage::Prepare];
     // Only this job's own SASRec has to be trained first; a named run is an input.
     let needs_cf = matches!(job.features.cf, Some(features::CfSource::Sasrec));
     let mut trained = Vec::new();
@@ -231,6 +228,13 @@ fn cost_of(store: &Store, run_id: &str) -> Result<Option<Cost>> {
     Ok(store.get_opt(&key)?.and_then(|b| serde_json::from_slice(&b).ok()))
 }
 
+/// Ingests, filters and splits the job's data into a new snapshot version and loads it for the stages
+/// after.
+pub fn prepare(job: &JobConfig, store: &Store) -> Result<(PrepareReport, Dataset)> {
+    let report = data::prepare::prepare(job.dataset(), &job.data, store, &job.telemetry)?;
+    Ok((report, data::snapshot::load(store, job.dataset())?))
+}
+
 /// Writes the synthetic catalog the job's `data.synth` section describes.
 pub fn synth(job: &JobConfig) -> anyhow::Result<()> {
     use anyhow::Context as _;
@@ -264,10 +268,13 @@ pub fn run(job: &JobConfig, store: &Store) -> anyhow::Result<()> {
     let mut curves = Vec::new();
     for stage in plan(job)? {
         match stage {
-            Stage::Synth => synth(job)?,
             Stage::Prepare => {
-                println!("{}", data::prepare::prepare(job.dataset(), &job.data, store, &job.telemetry)?);
-                ds = Some(data::snapshot::load(store, job.dataset())?);
+                if job.data.synth.is_some() {
+                    synth(job)?;
+                }
+                let (report, snapshot) = prepare(job, store)?;
+                println!("{report}");
+                ds = Some(snapshot);
             }
             Stage::Features => {
                 let ds = ds.as_ref().ok_or_else(|| anyhow::anyhow!("features before prepare"))?;
