@@ -42,6 +42,12 @@ pub struct OpenAiConfig {
     /// Ask for a JSON object (`response_format: {"type": "json_object"}`), where the server supports it.
     #[serde(default)]
     pub json_mode: bool,
+    /// Ask for the answer's own schema (`{"recommendations": [N, ...]}`: integers 1..=candidates, as many
+    /// as the list asks) in the form llama.cpp's and llama-cpp-python's servers turn into a grammar
+    /// (`response_format: {"type": "json_object", "schema": ...}`), so every answer parses and stops
+    /// when the list is complete. Implies `json_mode`.
+    #[serde(default)]
+    pub json_schema: bool,
 }
 
 fn d_concurrency() -> usize {
@@ -101,6 +107,22 @@ pub struct OpenAi {
     url: String,
 }
 
+/// The JSON schema of an answer to `req`: a list of `list_length` candidate numbers.
+fn answer_schema(req: &Request) -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "recommendations": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 1, "maximum": req.labels},
+                "minItems": req.list_length,
+                "maxItems": req.list_length,
+            }
+        },
+        "required": ["recommendations"],
+    })
+}
+
 /// What one attempt came to.
 enum Attempt {
     Done(Reply),
@@ -146,7 +168,9 @@ impl OpenAi {
             "temperature": 0,
             "max_tokens": req.max_tokens,
         });
-        if self.cfg.json_mode {
+        if self.cfg.json_schema {
+            body["response_format"] = json!({"type": "json_object", "schema": answer_schema(req)});
+        } else if self.cfg.json_mode {
             body["response_format"] = json!({"type": "json_object"});
         }
         body
@@ -273,7 +297,10 @@ fn without_url(e: &reqwest::Error) -> String {
 
 impl Backend for OpenAi {
     fn identity(&self) -> String {
-        format!("openai model={} temperature=0 json_mode={}", self.cfg.model, self.cfg.json_mode)
+        format!(
+            "openai model={} temperature=0 json_mode={} json_schema={}",
+            self.cfg.model, self.cfg.json_mode, self.cfg.json_schema
+        )
     }
 
     fn sees_images(&self) -> bool {
@@ -343,6 +370,21 @@ mod tests {
         let b = backend.body(&req);
         assert_eq!(b["messages"][0]["content"][0]["text"], "rank");
         assert_eq!(b["messages"][0]["content"][1]["image_url"]["url"], "data:image/png;base64,iVBORw==");
+    }
+
+    #[test]
+    fn json_modes_ask_for_an_object_or_for_the_answers_schema() {
+        let req = Request { prompt: "rank".into(), images: vec![], labels: 30, list_length: 5, max_tokens: 9 };
+        let mut c = cfg();
+        c.json_mode = true;
+        assert_eq!(OpenAi::new(&c).unwrap().body(&req)["response_format"], json!({"type": "json_object"}));
+        c.json_schema = true;
+        let format = OpenAi::new(&c).unwrap().body(&req)["response_format"].clone();
+        assert_eq!(format["type"], "json_object");
+        let list = &format["schema"]["properties"]["recommendations"];
+        assert_eq!((list["minItems"].as_u64(), list["maxItems"].as_u64()), (Some(5), Some(5)));
+        assert_eq!((list["items"]["minimum"].as_u64(), list["items"]["maximum"].as_u64()), (Some(1), Some(30)));
+        assert_ne!(OpenAi::new(&c).unwrap().identity(), OpenAi::new(&cfg()).unwrap().identity(), "cache keys differ");
     }
 
     #[test]
