@@ -45,7 +45,8 @@ pub struct OpenAiConfig {
     /// Ask for the answer's own schema (`{"recommendations": [N, ...]}`: integers 1..=candidates, as many
     /// as the list asks) in the form llama.cpp's and llama-cpp-python's servers turn into a grammar
     /// (`response_format: {"type": "json_object", "schema": ...}`), so every answer parses and stops
-    /// when the list is complete. Implies `json_mode`.
+    /// when the list is complete. Implies `json_mode`. (llama-cpp-python 0.3 keeps the shape but not
+    /// the range: a number past the candidates counts as a hallucination.)
     #[serde(default)]
     pub json_schema: bool,
 }
