@@ -193,6 +193,9 @@ enum BenchCommand {
         strategy: crate::lvlm::Strategy,
         #[arg(long)]
         backbone: Option<String>,
+        /// f32 or bf16 products of an in-process backbone (default: the job's lvlm.local.matmul).
+        #[arg(long)]
+        matmul: Option<crate::model::LlmMatmul>,
     },
     /// Forward + backward + optimizer time per step and per sample, phases, tokens, peak memory.
     Step {
@@ -483,8 +486,11 @@ impl JobSpan {
 fn bench(what: BenchCommand) -> Result<()> {
     configure_threads();
     match what {
-        BenchCommand::Lvlm { job, strategy, backbone } => {
-            let job = load(&job)?;
+        BenchCommand::Lvlm { job, strategy, backbone, matmul } => {
+            let mut job = load(&job)?;
+            if let Some(m) = matmul {
+                job.lvlm.local.matmul = m;
+            }
             let store = open_store(&job)?;
             let ds = data::snapshot::load(&store, job.dataset())?;
             let out = pipeline::lvlm::lvlm(&job, &store, &ds, strategy, backbone.as_deref(), true)?;

@@ -10,12 +10,13 @@
 use std::cell::RefCell;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::{Backend, BackendError, Reply, Request};
 use crate::lvlm::config::LocalConfig;
 use crate::lvlm::grammar::{self, ListGrammar, EXPLANATION_OPENING, OPENING};
 use crate::model::llm::{KvCache, Llm, LlmSource, VocabSubset};
+use crate::model::LlmMatmul;
 
 /// How a prompt is wrapped for the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +62,7 @@ fn fatal(e: impl std::fmt::Display) -> BackendError {
 
 impl LocalText {
     pub fn load(source: &LlmSource, opts: &LocalConfig) -> Result<Self, BackendError> {
-        let llm = Llm::load(source, DType::F32, &Device::Cpu).map_err(fatal)?;
+        let llm = Llm::load_for(source, opts.matmul, &Device::Cpu).map_err(fatal)?;
         let chat = match (llm.tokenizer.token_to_id("<|im_start|>"), llm.tokenizer.token_to_id("<|im_end|>")) {
             (Some(_), Some(_)) => ChatFormat::ChatMl,
             _ => ChatFormat::Plain,
@@ -78,8 +79,14 @@ impl LocalText {
             LlmSource::Gguf { file } => std::fs::metadata(file).map(|m| m.len()).unwrap_or(0),
             _ => 0,
         };
+        // bf16 products can change an answer, so they are part of the cache key (f32 keeps the key
+        // it always had).
+        let precision = match llm.matmul() {
+            LlmMatmul::F32 => "",
+            LlmMatmul::Bf16 => " matmul=bf16",
+        };
         let identity = format!(
-            "local {} ({weights} bytes, {}) greedy list-constrained explanation_tokens={}",
+            "local {} ({weights} bytes, {}) greedy list-constrained explanation_tokens={}{precision}",
             llm.name,
             crate::features::hash_json(source),
             opts.explanation_tokens
@@ -348,12 +355,13 @@ mod tests {
         let requests: Vec<Request> = (0..5)
             .map(|u| Request { prompt: prompt(u), images: vec![], labels: 12, list_length: 4, max_tokens: 64 })
             .collect();
-        let run = |batch: usize, explanation_tokens: usize| {
-            let b = LocalText::load(&source, &LocalConfig { batch, explanation_tokens }).unwrap();
+        let run_at = |batch: usize, explanation_tokens: usize, matmul: LlmMatmul| {
+            let b = LocalText::load(&source, &LocalConfig { batch, explanation_tokens, matmul }).unwrap();
             let mut out = vec![None; requests.len()];
             b.answer(&requests, &mut |i, r| out[i] = Some(r.unwrap())).unwrap();
             out.into_iter().map(Option::unwrap).collect::<Vec<Reply>>()
         };
+        let run = |batch, explanation_tokens| run_at(batch, explanation_tokens, LlmMatmul::F32);
         let batched = run(3, 0);
         let alone = run(1, 0);
         for (a, b) in batched.iter().zip(&alone) {
@@ -368,5 +376,19 @@ mod tests {
             assert_eq!(p.ranking, answer::parse(&b.text, &titles).unwrap().ranking, "{}", a.text);
             assert!(a.text.contains("\"explanation\": \""), "{}", a.text);
         }
+        // bf16 products: a row's answer does not depend on the batch around it either, and it parses.
+        for (a, b) in run_at(3, 0, LlmMatmul::Bf16).iter().zip(&run_at(1, 0, LlmMatmul::Bf16)) {
+            assert_eq!(a.text, b.text);
+            assert_eq!(answer::parse(&a.text, &titles).unwrap().ranking.len(), 4, "{}", a.text);
+        }
+    }
+
+    #[test]
+    fn bf16_products_are_part_of_the_answer_cache_key_where_they_run() {
+        let source = LlmSource::Tiny(TinyLlmConfig::default());
+        let load = |matmul| LocalText::load(&source, &LocalConfig { matmul, ..LocalConfig::default() }).unwrap();
+        let (f32, bf16) = (load(LlmMatmul::F32), load(LlmMatmul::Bf16));
+        assert!(!f32.identity().contains("matmul"), "{}", f32.identity());
+        assert_eq!(bf16.identity() != f32.identity(), bf16.llm.matmul() == LlmMatmul::Bf16);
     }
 }

@@ -91,6 +91,8 @@ pub struct Llm {
     pub eos: u32,
     /// A short description for reports ("gguf SmolLM2-135M-Instruct.Q4_1.gguf", "tiny seed 1").
     pub name: String,
+    /// The precision the frozen products run at (bf16 only where `load_for` could pack the weights).
+    matmul: super::LlmMatmul,
     /// Prompt prefixes computed so far, by their token ids (`prefix`).
     prefixes: std::sync::Mutex<std::collections::HashMap<Vec<u32>, std::sync::Arc<PrefixCache>>>,
 }
@@ -108,14 +110,23 @@ impl Llm {
     /// Loads it and puts its products on the precision `matmul` asks for (see `ModelConfig`).
     pub fn load_for(source: &LlmSource, matmul: super::LlmMatmul, device: &Device) -> Result<Self, LlmError> {
         let mut llm = Self::load(source, DType::F32, device)?;
-        if matmul == super::LlmMatmul::Bf16 && !llm.model.use_bf16_matmuls()? {
-            tracing::warn!("model.llm_matmul: bf16 needs an x86-64 CPU with AVX-512 BF16; the products stay f32");
+        if matmul == super::LlmMatmul::Bf16 {
+            if llm.model.use_bf16_matmuls()? {
+                llm.matmul = super::LlmMatmul::Bf16;
+            } else {
+                tracing::warn!("bf16 products need an x86-64 CPU with AVX-512 BF16; the products stay f32");
+            }
         }
         Ok(llm)
     }
 
     pub(crate) fn new(model: Llama, tokenizer: Tokenizer, bos: Option<u32>, eos: u32, name: String) -> Self {
-        Self { model, tokenizer, bos, eos, name, prefixes: Default::default() }
+        Self { model, tokenizer, bos, eos, name, matmul: super::LlmMatmul::F32, prefixes: Default::default() }
+    }
+
+    /// The precision the frozen products run at.
+    pub fn matmul(&self) -> super::LlmMatmul {
+        self.matmul
     }
 
     pub fn hidden_size(&self) -> usize {
