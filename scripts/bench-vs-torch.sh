@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# The frozen LLM's forward + input-gradient backward (SmolLM2-135M-Instruct, random input embeddings,
-# loss = sum(hidden * fixed random)), illmrec against PyTorch, back to back on this machine, and the
-# ratio table the README shows:
+# illmrec against PyTorch on this machine, both sides back to back, and the ratio tables the README shows:
 #   scripts/bench-vs-torch.sh [THREADS ...]          (default: 1 2)
-# illmrec: `bench llm` with f32 products and with bf16 products; PyTorch: scripts/reference/torch_step.py
-# (sdpa attention, f32; python3 -m pip install -r scripts/reference/requirements-torch.txt).
-# ILLMREC_BIN (default target/release/illmrec), SHAPES (default 4x128,1x512,2x537) and REPS (PyTorch
-# timed steps, default 2) can be set. Run it on an otherwise idle machine.
+# 1. The frozen LLM's forward + input-gradient backward (SmolLM2-135M-Instruct, random input embeddings,
+#    loss = sum(hidden * fixed random)): illmrec `bench llm` with f32 and with bf16 products against
+#    scripts/reference/torch_step.py (sdpa attention, f32), at each thread count.
+# 2. A whole I-LLMRec training step (jobs/ml100k-smollm2.yaml: L_RERI + L_RISA prompts as the job builds
+#    them, batch 8, AdamW): `bench step --export` writes the steps' inputs, and
+#    scripts/reference/torch_illmrec_step.py first recomputes illmrec's losses from them (f32: they must
+#    agree), then times the same steps; 1 rank x 2 threads and 2 ranks x 1 thread (mpirun / gloo).
+# python3 -m pip install -r scripts/reference/requirements-torch.txt; part 2 needs the job's snapshot and
+# features (`illmrec train --job jobs/ml100k-smollm2.yaml --model sasrec` prepares them).
+# ILLMREC_BIN (default target/release/illmrec), SHAPES (default 4x128,1x512,2x537), REPS (PyTorch
+# timed repetitions in part 1, default 2), STEPS (timed steps in part 2, default 3) and PARTS (default
+# "llm step") can be set. Run it on an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin="${ILLMREC_BIN:-target/release/illmrec}"
 shapes="${SHAPES:-4x128,1x512,2x537}"
 job=jobs/ml100k-smollm2.yaml
+parts="${PARTS:-llm step}"
 out="$(mktemp)"
+if [[ " $parts " == *" llm "* ]]; then
 for threads in "${@:-1 2}"; do
   for threads1 in $threads; do
     for matmul in f32 bf16; do
@@ -41,4 +49,41 @@ for (b, t, th), s in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][0] * kv[
     print(f"| {b} x {t} | {th} | {ms(f):.2f} | {ms(h):.2f} | {ms(p):.2f} | {ratio(f):.2f}x | {ratio(h):.2f}x | "
           f"{rss(f, 'step_peak_rss_mib')} / {rss(h, 'step_peak_rss_mib')} / {rss(p, 'step_peak_rss_mb')} GiB |")
 PY
+fi
 rm -f "$out"
+
+[[ " $parts " == *" step "* ]] || exit 0
+steps="${STEPS:-3}"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+echo
+echo "Whole I-LLMRec step, $job (1 untimed + $steps timed steps):"
+RAYON_NUM_THREADS=2 "$bin" bench step --job "$job" --steps "$steps" --warmup 1 --matmul f32 --json \
+  --export "$work/export" 2>/dev/null | sed 's/^{/{"side":"illmrec-f32","ranks":1,/' >> "$work/rows"
+python3 scripts/reference/torch_illmrec_step.py "$work/export" --check --threads 2 2>/dev/null
+RAYON_NUM_THREADS=2 "$bin" bench step --job "$job" --steps "$steps" --warmup 1 --matmul bf16 --json 2>/dev/null |
+  sed 's/^{/{"side":"illmrec-bf16","ranks":1,/' >> "$work/rows"
+# Open MPI refuses to start as root (containers) without these.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+for matmul in f32 bf16; do
+  mpirun --oversubscribe -np 2 -x RAYON_NUM_THREADS=1 "$bin" bench step --job "$job" --steps "$steps" --warmup 1 \
+    --matmul "$matmul" --json 2>/dev/null | grep '^{' | sed "s/^{/{\"side\":\"illmrec-$matmul\",\"ranks\":2,/" >> "$work/rows"
+done
+python3 scripts/reference/torch_illmrec_step.py "$work/export" --time --threads 2 --ranks 1 2>/dev/null >> "$work/rows"
+python3 scripts/reference/torch_illmrec_step.py "$work/export" --time --threads 1 --ranks 2 2>/dev/null >> "$work/rows"
+python3 - "$work/rows" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+by = {}
+for r in rows:
+    by.setdefault(r["ranks"], {})[r["side"]] = r
+print("| ranks x threads | illmrec f32 samples/s | illmrec bf16 samples/s | PyTorch samples/s | f32 vs PyTorch | bf16 vs PyTorch | illmrec collective share (f32 / bf16) |")
+print("|---|---:|---:|---:|---:|---:|---|")
+for ranks, s in sorted(by.items()):
+    f, h, p = s.get("illmrec-f32"), s.get("illmrec-bf16"), s.get("torch")
+    sps = lambda r: r["samples_per_second"] if r else float("nan")
+    ratio = lambda r: sps(r) / sps(p) if r and p else float("nan")
+    share = lambda r: f"{100 * r['collective_share']:.1f}%" if r else "-"
+    print(f"| {ranks} x {2 // ranks} | {sps(f):.3f} | {sps(h):.3f} | {sps(p):.3f} | {ratio(f):.2f}x | {ratio(h):.2f}x | "
+          f"{share(f)} / {share(h)} |")
+PY

@@ -109,6 +109,36 @@ fn resumed_training_equals_uninterrupted_training_bit_for_bit() {
 }
 
 #[test]
+fn bench_step_exports_the_inputs_and_losses_of_the_steps_training_takes() {
+    let (dir, job, store) = setup();
+    let trained = fit(&train_job(&job), &store, Variant::Image, TrainOptions::default(), &mut single()).unwrap();
+    let out = dir.path().join("export");
+    illmrec::bench::step(&job, &store, Variant::Image, 2, 1, &mut single(), Some(&out)).unwrap();
+    let read = |f: &str| -> serde_json::Value { serde_json::from_slice(&std::fs::read(out.join(f)).unwrap()).unwrap() };
+    let config = read("config.json");
+    let bytes = std::fs::read(out.join("tensors.safetensors")).unwrap();
+    let tensors = illmrec::tensorfile::TensorFile::parse(&bytes, "export").unwrap();
+    let vars: Vec<&str> = config["vars"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(vars.contains(&"rec") && vars.contains(&"adaptor.w1"), "{vars:?}");
+    for name in vars.iter().copied().chain(["feature.image", "present.image", "feature.text"]) {
+        assert!(tensors.f32(name).is_ok(), "{name} missing from the export");
+    }
+    // The three steps are the first three steps of training: same prompts, same losses, bit for bit.
+    for i in 0..3 {
+        let step = read(&format!("step-{i}.json"));
+        let logged = &step["logged"];
+        assert_eq!(logged["step"], i + 1);
+        assert_eq!(logged["loss"].as_f64().unwrap().to_bits(), trained.log[i].losses.loss.to_bits(), "step {i}");
+        let b = &step["retrieval"];
+        let lens: u64 = b["lens"].as_array().unwrap().iter().map(|l| l.as_u64().unwrap()).sum();
+        assert_eq!(lens as usize, b["ids"].as_array().unwrap().len(), "packed rows without padding");
+        assert_eq!(b["rec_pos"].as_array().unwrap().len(), 4, "one [REC] per row of the batch of 4");
+        assert_eq!(step["negatives"].as_array().unwrap().len(), 4);
+        assert!(!step["alignment"]["label_ids"].as_array().unwrap().is_empty(), "RISA's answers");
+    }
+}
+
+#[test]
 fn every_variant_trains_and_scores_all_protocols() {
     let (_dir, job, store) = setup();
     let ds = snapshot::load(&store, "tiny").unwrap();

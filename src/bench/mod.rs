@@ -1,6 +1,7 @@
 //! Benchmarks that print figures (JSON), never asserted in tests: where a training step's time goes.
 
 pub mod growth;
+pub mod reference;
 
 use std::time::Instant;
 
@@ -64,7 +65,8 @@ pub struct StepBench {
 
 /// Times `steps` full training steps (after `warmup` untimed ones) of `variant` on the job's
 /// snapshot, as one rank of `coll` (run it under mpirun for several ranks: each takes its share of
-/// the global batch and the all-reduce is part of the step).
+/// the global batch and the all-reduce is part of the step). With `export`, every step's inputs
+/// are written there for the PyTorch reference (`reference.rs`; one rank only).
 pub fn step(
     job: &JobConfig,
     store: &Store,
@@ -72,19 +74,42 @@ pub fn step(
     steps: usize,
     warmup: usize,
     coll: &mut Guarded,
+    export: Option<&std::path::Path>,
 ) -> Result<StepBench, TrainError> {
     let ds = crate::data::snapshot::load(store, job.dataset())?;
     let tj = crate::pipeline::train_job(job);
     let sess = session::open(&tj, store, &ds, variant)?;
     let mut stepper = Stepper::new(&tj, &sess, &ds, coll.rank(), coll.world())?;
     coll.set_timeout(std::time::Duration::from_secs(job.dist.startup_timeout_secs));
+    let export = match export {
+        Some(_) if coll.world() > 1 => {
+            return Err(TrainError::Invalid("--export writes the whole batch: run it as one rank".into()))
+        }
+        Some(dir) => {
+            Some(reference::Export::start(dir, &sess, &job.train.illmrec, &matmul_name(job.model.llm_matmul))?)
+        }
+        None => None,
+    };
     let mut sum = Timings::default();
     let (mut optimizer, mut collective, mut wall) = (0.0, 0.0, 0.0);
     for i in 0..warmup + steps {
+        let at = i as u64 % stepper.plan.total_steps;
+        let inputs = match &export {
+            Some(_) => {
+                let samples = stepper.samples(coll, at)?;
+                let risa = job.train.illmrec.risa_weight > 0.0;
+                Some((crate::train::illmrec::step::prompt_batches(&sess, &ds, &samples, risa)?, samples))
+            }
+            None => None,
+        };
         let started = Instant::now();
-        let out = stepper.step(coll, i as u64 % stepper.plan.total_steps, false)?;
+        let out = stepper.step(coll, at, false)?;
+        let elapsed = started.elapsed().as_secs_f64();
+        if let (Some(export), Some((batches, samples))) = (&export, &inputs) {
+            export.step(i, batches, samples, stepper.rates(at), &out.log)?;
+        }
         if i >= warmup {
-            wall += started.elapsed().as_secs_f64();
+            wall += elapsed;
             optimizer += out.optimizer_seconds;
             collective += out.collective_seconds;
             sum.prompts += out.timings.prompts;

@@ -210,6 +210,13 @@ enum BenchCommand {
         /// Print JSON only.
         #[arg(long)]
         json: bool,
+        /// f32 or bf16 frozen products (default: the job's model.llm_matmul).
+        #[arg(long)]
+        matmul: Option<crate::model::LlmMatmul>,
+        /// Also write every step's inputs and logged losses into this folder, for
+        /// scripts/reference/torch_illmrec_step.py (one rank).
+        #[arg(long)]
+        export: Option<PathBuf>,
     },
     /// Forward + backward of the job's frozen LLM alone on random inputs of the given shapes (the
     /// measurement scripts/reference/torch_step.py makes in PyTorch).
@@ -513,15 +520,15 @@ fn bench(what: BenchCommand) -> Result<()> {
             }
             Ok(())
         }
-        BenchCommand::Step { job, model, steps, warmup, json } => {
-            let (step, coll) = bench_step(&job, model, steps, warmup)?;
+        BenchCommand::Step { job, model, steps, warmup, json, matmul, export } => {
+            let (step, coll) = bench_step(&job, model, steps, warmup, matmul, export.as_deref())?;
             if coll.rank() == 0 {
                 print_bench(&step, &serde_json::to_value(&step)?, json);
             }
             Ok(())
         }
         BenchCommand::Scaling { job, model, steps, floats, iters, json } => {
-            let (step, coll) = bench_step(&job, model, steps, 1)?;
+            let (step, coll) = bench_step(&job, model, steps, 1, None, None)?;
             let r = crate::bench::scaling(step, &coll, floats, iters)?;
             if coll.rank() == 0 {
                 print_bench(&r, &serde_json::to_value(&r)?, json);
@@ -628,11 +635,16 @@ fn bench_step(
     model: ModelKind,
     steps: usize,
     warmup: usize,
+    matmul: Option<crate::model::LlmMatmul>,
+    export: Option<&Path>,
 ) -> Result<(crate::bench::StepBench, crate::distributed::Guarded)> {
-    let job = load(job)?;
+    let mut job = load(job)?;
+    if let Some(m) = matmul {
+        job.model.llm_matmul = m;
+    }
     let variant = illmrec_variant(model)?;
     let mut coll = crate::distributed::init(&job.dist)?;
-    let step = crate::bench::step(&job, &open_store(&job)?, variant, steps, warmup, &mut coll)?;
+    let step = crate::bench::step(&job, &open_store(&job)?, variant, steps, warmup, &mut coll, export)?;
     Ok((step, coll))
 }
 

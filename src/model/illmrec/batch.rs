@@ -56,7 +56,7 @@ pub fn encode(llm: &Llm, prompt: &Prompt) -> Result<EncodedPrompt, LlmError> {
 /// (`Llama::forward_packed`). When every prompt opens with the same constant prefix and the caller
 /// allows it, the prefix is taken off the rows and kept once in `prefix`: the LLM's cached keys and
 /// values stand in for it. Positions are flat indices into `ids`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct EncodedBatch {
     /// The shared prefix's tokens (empty when the rows carry their whole prompts).
     pub prefix: Vec<u32>,

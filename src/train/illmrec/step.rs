@@ -15,6 +15,7 @@ use crate::data::windows::{trainable_users, training_sample, SampleKey, Training
 use crate::data::Dataset;
 use crate::distributed::plan::ShardPlan;
 use crate::distributed::{check_same, Collective, Guarded};
+use crate::model::illmrec::batch::EncodedBatch;
 use crate::model::illmrec::session::Session;
 use crate::model::illmrec::RetrievalLoss;
 
@@ -62,6 +63,29 @@ fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
+/// The RERI prompts of a batch of samples and, with `alignment`, their RISA prompts, each packed.
+pub fn prompt_batches(
+    sess: &Session,
+    ds: &Dataset,
+    samples: &[TrainingSample],
+    alignment: bool,
+) -> Result<(EncodedBatch, Option<EncodedBatch>)> {
+    let histories: Vec<Vec<&crate::data::Item>> =
+        samples.iter().map(|s| s.history.iter().map(|&i| ds.item(i)).collect()).collect();
+    let retrieval = sess.encode_all(histories.iter().map(|h| sess.builder.retrieval(h)).collect())?;
+    let alignment = if alignment {
+        let prompts = histories
+            .iter()
+            .zip(samples)
+            .map(|(h, s)| sess.builder.alignment(h, ds.item(s.target), s.property, s.paraphrase))
+            .collect();
+        Some(sess.encode_all(prompts)?)
+    } else {
+        None
+    };
+    Ok((retrieval, alignment))
+}
+
 /// Forward and backward of one batch of samples: the flat gradient (in the model's variable order),
 /// the losses, and where the time went.
 pub fn gradients(
@@ -72,19 +96,7 @@ pub fn gradients(
     reri_loss: RetrievalLoss,
 ) -> Result<(Vec<f32>, Losses, Timings)> {
     let t0 = Instant::now();
-    let histories: Vec<Vec<&crate::data::Item>> =
-        samples.iter().map(|s| s.history.iter().map(|&i| ds.item(i)).collect()).collect();
-    let retrieval = sess.encode_all(histories.iter().map(|h| sess.builder.retrieval(h)).collect())?;
-    let alignment = if risa_weight > 0.0 {
-        let prompts = histories
-            .iter()
-            .zip(samples)
-            .map(|(h, s)| sess.builder.alignment(h, ds.item(s.target), s.property, s.paraphrase))
-            .collect();
-        Some(sess.encode_all(prompts)?)
-    } else {
-        None
-    };
+    let (retrieval, alignment) = prompt_batches(sess, ds, samples, risa_weight > 0.0)?;
     let t1 = Instant::now();
     let h = sess.model.user_states(&sess.llm, &retrieval, &sess.feats)?;
     let targets: Vec<u32> = samples.iter().map(|s| s.target).collect();
@@ -170,18 +182,24 @@ impl<'a> Stepper<'a> {
         (at(c.lr), at(c.head_lr.unwrap_or(c.lr)))
     }
 
-    /// The training samples this rank takes at `step` of `epoch`, given the epoch's order.
-    fn samples(&self, order: &[usize], step: u64, epoch: u64) -> Vec<TrainingSample> {
+    /// The training samples this rank takes at global step `step` (0-based): what `step` computes on.
+    pub fn samples(&mut self, coll: &Guarded, step: u64) -> Result<Vec<TrainingSample>> {
+        let epoch = self.plan.epoch_of(step);
+        if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            self.order = Some((epoch, self.plan.agreed_order(coll, epoch)?));
+        }
+        let order = self.order.as_ref().map(|(_, o)| &o[..]).unwrap_or_default();
         let w = self.cfg.windows_per_user;
         let max_history = self.sess.model.cfg.max_history;
-        self.plan
+        Ok(self
+            .plan
             .rank_users(order, step)
             .iter()
             .map(|&id| {
                 let key = SampleKey { user: id / w, window: id % w };
                 training_sample(self.ds, key, epoch, self.seed, max_history, self.cfg.negatives)
             })
-            .collect()
+            .collect())
     }
 
     /// Global step `step` (0-based): this rank's share of the users, one all-reduce that averages
@@ -189,11 +207,7 @@ impl<'a> Stepper<'a> {
     /// rank applies alike. A stop asked on any rank is seen by all after the same step.
     pub fn step(&mut self, coll: &Guarded, step: u64, stop: bool) -> Result<StepOutcome> {
         let epoch = self.plan.epoch_of(step);
-        if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            self.order = Some((epoch, self.plan.agreed_order(coll, epoch)?));
-        }
-        let order = self.order.as_ref().map(|(_, o)| &o[..]).unwrap_or_default();
-        let samples = self.samples(order, step, epoch);
+        let samples = self.samples(coll, step)?;
         let computing = Instant::now();
         let (mut grads, local, timings) =
             gradients(self.sess, self.ds, &samples, self.cfg.risa_weight, self.cfg.reri_loss)?;
