@@ -14,7 +14,8 @@
 # above 1e-3 when illmrec ran f32 products (measured: 1e-6 at step 1, 6e-4 by step 4). --time runs
 # the same steps and prints one JSON line with seconds per step and samples per second (after
 # --warmup untimed steps). With --ranks 2 each of two processes (torch.distributed, gloo on 127.0.0.1)
-# takes half of every batch's rows and the gradients are all-reduced, as illmrec does under mpirun.
+# takes half of every batch's rows (the same token-balanced split as illmrec's) and the gradients are
+# all-reduced, as illmrec does under mpirun.
 #
 # What PyTorch is given that illmrec computes inside its timed step: the prompts come tokenized (illmrec
 # builds and tokenizes them in the step: `prompts_seconds` in its bench output). The constant prompt
@@ -65,6 +66,18 @@ def rows_of(b):
         })
         start = end
     return rows
+
+
+def balanced_share(costs, world, rank):
+    """illmrec's split of a batch over ranks (src/distributed/plan.rs): equal sizes, even token counts."""
+    room, totals, mine = len(costs) // world, [[0, 0] for _ in range(world)], []
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        share = min((r for r in range(world) if totals[r][1] < room), key=lambda r: (totals[r][0], r))
+        totals[share][0] += costs[i]
+        totals[share][1] += 1
+        if share == rank:
+            mine.append(i)
+    return sorted(mine)
 
 
 class Step:
@@ -186,7 +199,8 @@ class Step:
         """One optimizer step on this rank's share of step `s`'s rows; the losses, averaged over ranks."""
         t = self.cfg["train"]
         retrieval, alignment = rows_of(s["retrieval"]), s["alignment"] and rows_of(s["alignment"])
-        mine = range(rank, len(retrieval), world)
+        costs = [len(r["ids"]) + (len(alignment[i]["ids"]) if alignment else 0) for i, r in enumerate(retrieval)]
+        mine = balanced_share(costs, world, rank)
         reri = self.reri([retrieval[i] for i in mine], s["retrieval"]["prefix"], [s["targets"][i] for i in mine],
                          [s["negatives"][i] for i in mine])
         risa = self.risa([alignment[i] for i in mine], s["alignment"]["prefix"]) if alignment else torch.zeros(())

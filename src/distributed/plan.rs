@@ -1,7 +1,8 @@
 //! The coordinator's shard plan: which users each rank trains on at each step.
 //!
 //! An epoch is a seeded permutation of the training users, cut into global batches of
-//! `global_batch` users; rank r takes the r-th equal slice of each. Every rank takes the same number
+//! `global_batch` users; each rank takes an equal share of each (`balanced_share`: shares of even
+//! cost, so no rank waits long for another at the all-reduce). Every rank takes the same number
 //! of steps, and the global step alone says what comes next, so a run resumed on another number of
 //! ranks (with the same global batch) sees the same users in the same steps. Rank 0 broadcasts each
 //! epoch's permutation and every rank checks it against its own (a rank on another dataset snapshot
@@ -71,11 +72,15 @@ impl ShardPlan {
         order
     }
 
-    /// This rank's users at global step `step` (0-based), given the step's epoch order.
-    pub fn rank_users(&self, order: &[usize], step: u64) -> Vec<usize> {
-        let pos = (step % self.steps_per_epoch) as usize;
-        let start = pos * self.global_batch + self.rank * self.per_rank;
-        order[start..start + self.per_rank].to_vec()
+    /// The users of global step `step` (0-based) over all ranks, given the step's epoch order.
+    pub fn step_users<'o>(&self, order: &'o [usize], step: u64) -> &'o [usize] {
+        let start = (step % self.steps_per_epoch) as usize * self.global_batch;
+        &order[start..start + self.global_batch]
+    }
+
+    /// This rank's share of a global batch whose items cost `costs` (e.g. tokens): `balanced_share`.
+    pub fn rank_share(&self, costs: &[usize]) -> Vec<usize> {
+        balanced_share(costs, self.world, self.rank)
     }
 
     /// The epoch's order, after rank 0's copy and every rank's own agree.
@@ -85,6 +90,29 @@ impl ShardPlan {
         check_same(coll, &format!("the shard plan of epoch {epoch}"), &bytes)?;
         Ok(order)
     }
+}
+
+/// Splits items of the given costs into `world` shares of equal size whose cost totals are as even
+/// as one greedy pass makes them (the costliest item first, each to the cheapest share with room;
+/// ties go to the lower rank and the earlier item), and returns share `rank`'s item indices in
+/// ascending order. Every rank computes the same split from the same costs.
+pub fn balanced_share(costs: &[usize], world: usize, rank: usize) -> Vec<usize> {
+    let room = costs.len() / world.max(1);
+    let mut by_cost: Vec<usize> = (0..costs.len()).collect();
+    by_cost.sort_by_key(|&i| (std::cmp::Reverse(costs[i]), i));
+    let mut totals = vec![(0usize, 0usize); world.max(1)];
+    let mut mine = Vec::with_capacity(room);
+    for i in by_cost {
+        let Some(share) = (0..totals.len()).filter(|&r| totals[r].1 < room).min_by_key(|&r| (totals[r].0, r)) else {
+            break;
+        };
+        totals[share] = (totals[share].0 + costs[i], totals[share].1 + 1);
+        if share == rank {
+            mine.push(i);
+        }
+    }
+    mine.sort_unstable();
+    mine
 }
 
 #[cfg(test)]
@@ -98,13 +126,31 @@ mod tests {
         let r0 = ShardPlan::new(users.clone(), 3, 8, 0, 2, 2, None).unwrap();
         let r1 = ShardPlan::new(users.clone(), 3, 8, 1, 2, 2, None).unwrap();
         assert_eq!((one.steps_per_epoch, one.total_steps, r0.per_rank), (2, 4, 4));
+        let costs = [5, 9, 1, 7, 3, 3, 8, 2];
         for step in 0..4 {
             let order = one.epoch_order(one.epoch_of(step));
-            let mut both = r0.rank_users(&order, step);
-            both.extend(r1.rank_users(&order, step));
-            assert_eq!(both, one.rank_users(&order, step));
+            let batch = one.step_users(&order, step);
+            assert_eq!(batch, r1.step_users(&order, step), "every rank sees the same global batch");
+            assert_eq!(one.rank_share(&costs), (0..8).collect::<Vec<_>>());
+            let mut both = r0.rank_share(&costs);
+            both.extend(r1.rank_share(&costs));
+            both.sort_unstable();
+            assert_eq!(both, (0..8).collect::<Vec<_>>(), "the shares cover the batch exactly once");
         }
         assert_ne!(one.epoch_order(0), one.epoch_order(1));
+    }
+
+    #[test]
+    fn shares_are_equal_in_size_and_even_in_cost() {
+        // Costs 9, 8, 7, 5, 3, 3, 2, 1 (total 38): greedy gives 9+5+3+2 = 19 and 8+7+3+1 = 19.
+        let costs = [5, 9, 1, 7, 3, 3, 8, 2];
+        let (a, b) = (balanced_share(&costs, 2, 0), balanced_share(&costs, 2, 1));
+        assert_eq!((a.len(), b.len()), (4, 4));
+        let total = |s: &[usize]| s.iter().map(|&i| costs[i]).sum::<usize>();
+        assert_eq!((total(&a), total(&b)), (19, 19));
+        // Equal costs: the earlier items go to the lower ranks in turn.
+        assert_eq!(balanced_share(&[4; 6], 3, 0), vec![0, 3]);
+        assert_eq!(balanced_share(&[4; 6], 3, 2), vec![2, 5]);
     }
 
     #[test]

@@ -183,6 +183,8 @@ impl<'a> Stepper<'a> {
     }
 
     /// The training samples this rank takes at global step `step` (0-based): what `step` computes on.
+    /// Under several ranks, each takes an equal share of the global batch with about the same number
+    /// of prompt tokens (`balanced_share`), so that none waits long for the others at the all-reduce.
     pub fn samples(&mut self, coll: &Guarded, step: u64) -> Result<Vec<TrainingSample>> {
         let epoch = self.plan.epoch_of(step);
         if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
@@ -191,15 +193,25 @@ impl<'a> Stepper<'a> {
         let order = self.order.as_ref().map(|(_, o)| &o[..]).unwrap_or_default();
         let w = self.cfg.windows_per_user;
         let max_history = self.sess.model.cfg.max_history;
-        Ok(self
+        let mut all: Vec<Option<TrainingSample>> = self
             .plan
-            .rank_users(order, step)
+            .step_users(order, step)
             .iter()
             .map(|&id| {
                 let key = SampleKey { user: id / w, window: id % w };
-                training_sample(self.ds, key, epoch, self.seed, max_history, self.cfg.negatives)
+                Some(training_sample(self.ds, key, epoch, self.seed, max_history, self.cfg.negatives))
             })
-            .collect())
+            .collect();
+        if self.plan.world == 1 {
+            return Ok(all.into_iter().flatten().collect());
+        }
+        let risa = self.cfg.risa_weight > 0.0;
+        let mut costs = Vec::with_capacity(all.len());
+        for sample in all.iter().flatten() {
+            let (retrieval, alignment) = prompt_batches(self.sess, self.ds, std::slice::from_ref(sample), risa)?;
+            costs.push(retrieval.tokens() + alignment.map_or(0, |a| a.tokens()));
+        }
+        Ok(self.plan.rank_share(&costs).into_iter().filter_map(|i| all[i].take()).collect())
     }
 
     /// Global step `step` (0-based): this rank's share of the users, one all-reduce that averages
