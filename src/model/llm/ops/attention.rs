@@ -97,7 +97,7 @@ struct Attention {
 /// # Safety
 /// Every pointer must address an `m × k`, `k × n`, `m × n` matrix under its strides.
 #[allow(clippy::too_many_arguments)]
-unsafe fn mul<T: 'static + num_one::One>(
+unsafe fn mul<T: 'static + float::Float>(
     (m, n, k): (usize, usize, usize),
     dst: *mut T,
     dst_rs: usize,
@@ -128,20 +128,81 @@ unsafe fn mul<T: 'static + num_one::One>(
     );
 }
 
-/// One and zero of the float types the op runs in.
-mod num_one {
-    pub trait One: Copy {
+/// What the op needs of the float types it runs in: one (for `gemm`), and a row's softmax.
+mod float {
+    pub trait Float: Copy {
         fn one() -> Self;
+        /// `row[..keep]` := softmax(scale · row[..keep]); `row[keep..]` := 0 (the causal mask).
+        fn masked_softmax(row: &mut [Self], keep: usize, scale: f64);
     }
-    impl One for f32 {
+
+    /// f64, the tests' type: every step in f64 with the library's `exp`.
+    impl Float for f64 {
         fn one() -> Self {
             1.0
         }
+        fn masked_softmax(row: &mut [f64], keep: usize, scale: f64) {
+            let (head, tail) = row.split_at_mut(keep);
+            let m = head.iter().fold(f64::NEG_INFINITY, |m, x| m.max(x * scale));
+            let mut sum = 0.0;
+            for x in head.iter_mut() {
+                *x = (*x * scale - m).exp();
+                sum += *x;
+            }
+            head.iter_mut().for_each(|x| *x /= sum);
+            tail.fill(0.0);
+        }
     }
-    impl One for f64 {
+
+    /// f32, the model's type: a branch-free `exp` the compiler vectorizes, and sums over 8 lanes.
+    /// The library's scalar `exp` over every score was a large share of attention's time.
+    impl Float for f32 {
         fn one() -> Self {
             1.0
         }
+        fn masked_softmax(row: &mut [f32], keep: usize, scale: f64) {
+            let scale = scale as f32;
+            let (head, tail) = row.split_at_mut(keep);
+            // scale > 0, so the largest scaled score is the largest score, scaled.
+            let m = head.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m }) * scale;
+            let mut lanes = [0f32; 8];
+            let mut chunks = head.chunks_exact_mut(8);
+            for c in &mut chunks {
+                for (x, acc) in c.iter_mut().zip(&mut lanes) {
+                    *x = exp(*x * scale - m);
+                    *acc += *x;
+                }
+            }
+            for (x, acc) in chunks.into_remainder().iter_mut().zip(&mut lanes) {
+                *x = exp(*x * scale - m);
+                *acc += *x;
+            }
+            let inv = 1.0 / lanes.iter().sum::<f32>();
+            head.iter_mut().for_each(|x| *x *= inv);
+            tail.fill(0.0);
+        }
+    }
+
+    /// e^x for x <= 0 (softmax's shifted scores) to within 2 ulp: x = n ln 2 + r with |r| <= ln 2 / 2,
+    /// e^r by its Taylor series to r^7 (truncation below 1e-8 relative), 2^n from the exponent bits.
+    /// Below -87 the result is e^-87 (~1.6e-38: zero beside the row's largest term, which is 1); a NaN
+    /// stays NaN.
+    #[inline(always)]
+    pub fn exp(x: f32) -> f32 {
+        const LOG2E: f32 = std::f32::consts::LOG2_E;
+        // ln 2 in two parts, so that n · LN2_HI is exact for the n that occur here.
+        const LN2_HI: f32 = 0.693_145_75;
+        const LN2_LO: f32 = 1.428_606_8e-6;
+        // Adding and removing 1.5 · 2^23 rounds to the nearest integer (the FPU's default mode).
+        const ROUND: f32 = 12_582_912.0;
+        let x = if x < -87.0 { -87.0 } else { x };
+        let n = (x * LOG2E + ROUND) - ROUND;
+        let r = x - n * LN2_HI - n * LN2_LO;
+        let p = 1.0
+            + r * (1.0
+                + r * (1.0 / 2.0
+                    + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+        p * f32::from_bits(((n as i32 + 127) << 23) as u32)
     }
 }
 
@@ -156,35 +217,28 @@ struct Views<'a, T> {
     d: usize,
 }
 
-impl<T: WithDType + num_one::One> Views<'_, T> {
+impl<T: WithDType + float::Float> Views<'_, T> {
     /// Scaled, masked softmax probabilities of head `h` (key head `g`) for the row at `start` of
     /// `len` tokens: `len × (p + len)`, row-major.
     fn probabilities(&self, h: usize, g: usize, start: usize, len: usize, scale: f64) -> Vec<T> {
         let (p, d, w) = (self.p, self.d, self.p + len);
         let mut s = vec![T::zero(); len * w];
         let q = self.q[(h * self.tokens + start) * d..].as_ptr();
+        let kr = self.k[(g * self.tokens + start) * d..].as_ptr();
         // SAFETY: q holds `len` rows of d from its pointer; the prefix keys p rows, the row's keys
-        // len rows; s is len × w and the two products fill its left p and right len columns.
+        // len rows; s is len × w and the products fill its left p columns and, for the queries
+        // i0..i1, the row's first i1 columns (the rest stay zero and are masked).
         unsafe {
             if p > 0 {
                 mul((len, p, d), s.as_mut_ptr(), w, false, (q, d, 1), (self.pk[g * p * d..].as_ptr(), 1, d));
             }
-            let kr = self.k[(g * self.tokens + start) * d..].as_ptr();
-            mul((len, len, d), s.as_mut_ptr().add(p), w, false, (q, d, 1), (kr, 1, d));
+            for (i0, i1) in causal_blocks(len) {
+                let (qb, sb) = (q.add(i0 * d), s.as_mut_ptr().add(i0 * w + p));
+                mul((i1 - i0, i1, d), sb, w, false, (qb, d, 1), (kr, 1, d));
+            }
         }
         for (i, row) in s.chunks_exact_mut(w).enumerate() {
-            let keep = p + i + 1;
-            let m = row[..keep].iter().fold(f64::NEG_INFINITY, |m, x| m.max(x.to_f64() * scale));
-            let mut sum = 0.0;
-            for x in &mut row[..keep] {
-                let e = (x.to_f64() * scale - m).exp();
-                sum += e;
-                *x = T::from_f64(e);
-            }
-            for x in &mut row[..keep] {
-                *x = T::from_f64(x.to_f64() / sum);
-            }
-            row[keep..].iter_mut().for_each(|x| *x = T::zero());
+            T::masked_softmax(row, p + i + 1, scale);
         }
         s
     }
@@ -215,48 +269,50 @@ impl Attention {
         f(&k, &v)
     }
 
-    /// (first token, tokens, key head) of every unit of work: a row and the heads of one key head.
-    /// Units write disjoint parts of the outputs, so they may run at once.
-    fn units(&self) -> Vec<(usize, usize, usize)> {
+    /// (first token, tokens, head) of every unit of work: a row through `per` heads (one for the
+    /// forward, whose heads write apart; a key head's group for the backward, whose heads add into
+    /// the same dK and dV). Units write disjoint parts of the outputs, so they may run at once.
+    fn units(&self, per: usize) -> Vec<(usize, usize, usize)> {
         let mut out = Vec::new();
         let mut start = 0;
         for &len in &self.lens {
-            out.extend((0..self.kv_heads).map(|g| (start, len, g)));
+            out.extend((0..self.heads).step_by(per).map(|h| (start, len, h)));
             start += len;
         }
         out
     }
 
-    fn forward<T: WithDType + num_one::One>(&self, q: &[T], k: &[T], v: &[T]) -> candle_core::Result<Vec<T>> {
+    fn forward<T: WithDType + float::Float>(&self, q: &[T], k: &[T], v: &[T]) -> candle_core::Result<Vec<T>> {
         let (d, rep, tokens) = (self.d, self.heads / self.kv_heads, q.len() / (self.heads * self.d));
         let p = self.p();
         self.with_prefix(|pk: &[T], pv: &[T]| {
             let views = Views { q, k, pk, tokens, p, d };
             let mut out = vec![T::zero(); q.len()];
             let dst = Shared(out.as_mut_ptr());
-            let unit = |(start, len, g): (usize, usize, usize)| {
-                let w = p + len;
-                for h in g * rep..(g + 1) * rep {
-                    let probs = views.probabilities(h, g, start, len, self.scale);
-                    // SAFETY: probs is len × w; the prefix values p × d, the row's values len × d;
-                    // the destination, len rows of d of head h, belongs to this unit alone.
-                    unsafe {
-                        let dst = dst.at((h * tokens + start) * d);
-                        if p > 0 {
-                            mul((len, d, p), dst, d, false, (probs.as_ptr(), w, 1), (pv[g * p * d..].as_ptr(), d, 1));
-                        }
-                        let vr = v[(g * tokens + start) * d..].as_ptr();
-                        mul((len, d, len), dst, d, p > 0, (probs.as_ptr().add(p), w, 1), (vr, d, 1));
+            let unit = |(start, len, h): (usize, usize, usize)| {
+                let (w, g) = (p + len, h / rep);
+                let probs = views.probabilities(h, g, start, len, self.scale);
+                // SAFETY: probs is len × w; the prefix values p × d, the row's values len × d;
+                // the destination, len rows of d of head h, belongs to this unit alone.
+                unsafe {
+                    let dst = dst.at((h * tokens + start) * d);
+                    if p > 0 {
+                        mul((len, d, p), dst, d, false, (probs.as_ptr(), w, 1), (pv[g * p * d..].as_ptr(), d, 1));
+                    }
+                    let vr = v[(g * tokens + start) * d..].as_ptr();
+                    for (i0, i1) in causal_blocks(len) {
+                        let pb = (probs.as_ptr().add(i0 * w + p), w, 1);
+                        mul((i1 - i0, d, i1), dst.add(i0 * d), d, p > 0, pb, (vr, d, 1));
                     }
                 }
             };
-            for_each_unit(self.units(), unit);
+            for_each_unit(self.units(1), unit);
             Ok(out)
         })
     }
 
     /// Gradients of q, k and v, concatenated, from the upstream gradient `go` of the output.
-    fn backward<T: WithDType + num_one::One>(
+    fn backward<T: WithDType + float::Float>(
         &self,
         q: &[T],
         k: &[T],
@@ -269,8 +325,8 @@ impl Attention {
             let views = Views { q, k, pk, tokens, p, d };
             let mut grads = vec![T::zero(); q.len() + k.len() + v.len()];
             let (dq, dk, dv) = (Shared(grads.as_mut_ptr()), q.len(), q.len() + k.len());
-            let unit = |(start, len, g): (usize, usize, usize)| {
-                let w = p + len;
+            let unit = |(start, len, first): (usize, usize, usize)| {
+                let (w, g) = (p + len, first / rep);
                 let at = |x: usize| (x * tokens + start) * d;
                 for h in g * rep..(g + 1) * rep {
                     let probs = views.probabilities(h, g, start, len, self.scale);
@@ -285,7 +341,10 @@ impl Attention {
                         if p > 0 {
                             mul((len, p, d), dp.as_mut_ptr(), w, false, go_h, (pv[g * p * d..].as_ptr(), 1, d));
                         }
-                        mul((len, len, d), dp.as_mut_ptr().add(p), w, false, go_h, (v[at(g)..].as_ptr(), 1, d));
+                        for (i0, i1) in causal_blocks(len) {
+                            let (gb, db) = ((go_h.0.add(i0 * d), d, 1), dp.as_mut_ptr().add(i0 * w + p));
+                            mul((i1 - i0, i1, d), db, w, false, gb, (v[at(g)..].as_ptr(), 1, d));
+                        }
                     }
                     // dS = scale · P ⊙ (dP − Σ_j dP_j P_j), in place in dp.
                     for (prow, drow) in probs.chunks_exact(w).zip(dp.chunks_exact_mut(w)) {
@@ -300,18 +359,33 @@ impl Attention {
                         if p > 0 {
                             mul((len, d, p), dqh, d, false, (dp.as_ptr(), w, 1), (pk[g * p * d..].as_ptr(), d, 1));
                         }
-                        mul((len, d, len), dqh, d, p > 0, (dp.as_ptr().add(p), w, 1), (k[at(g)..].as_ptr(), d, 1));
-                        // dK (row part) += dSᵀ · Q; dV (row part) += Pᵀ · dO: the group's heads add up.
+                        // dK (row part) += dSᵀ · Q; dV (row part) += Pᵀ · dO: the group's heads and
+                        // the query blocks add up (query block i0..i1 reaches keys 0..i1 only).
                         let (dkg, dvg) = (dq.at(dk + at(g)), dq.at(dv + at(g)));
-                        mul((len, d, len), dkg, d, true, (dp.as_ptr().add(p), 1, w), (q[at(h)..].as_ptr(), d, 1));
-                        mul((len, d, len), dvg, d, true, (probs.as_ptr().add(p), 1, w), (go[at(h)..].as_ptr(), d, 1));
+                        for (i0, i1) in causal_blocks(len) {
+                            let (ds, pb) = (dp.as_ptr().add(i0 * w + p), probs.as_ptr().add(i0 * w + p));
+                            let (qb, gb) = (q[at(h) + i0 * d..].as_ptr(), go[at(h) + i0 * d..].as_ptr());
+                            mul((i1 - i0, d, i1), dqh.add(i0 * d), d, p > 0, (ds, w, 1), (k[at(g)..].as_ptr(), d, 1));
+                            mul((i1, d, i1 - i0), dkg, d, true, (ds, 1, w), (qb, d, 1));
+                            mul((i1, d, i1 - i0), dvg, d, true, (pb, 1, w), (gb, d, 1));
+                        }
                     }
                 }
             };
-            for_each_unit(self.units(), unit);
+            for_each_unit(self.units(rep), unit);
             Ok(grads)
         })
     }
+}
+
+/// Query rows per block of the causal products: block i0..i1 of a row's queries sees the row's keys
+/// 0..i1 only, so the products skip the masked upper triangle but for one block's width (about half
+/// the work of the full square on rows of 500 tokens).
+const QUERY_BLOCK: usize = 64;
+
+/// The (first, end) query rows of each block of a row of `len` tokens.
+fn causal_blocks(len: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..len).step_by(QUERY_BLOCK).map(move |i0| (i0, (i0 + QUERY_BLOCK).min(len)))
 }
 
 /// Runs the units of work, over the thread pool when it has more than one thread.
@@ -458,10 +532,51 @@ mod tests {
     }
 
     #[test]
+    fn the_f32_exp_is_within_2_ulp_of_the_exact_one_and_keeps_nan() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -90.0 * i as f32 / 200_000.0;
+            let (got, want) = (float::exp(x) as f64, (x as f64).exp());
+            if x >= -87.0 {
+                worst = worst.max((got - want).abs() / want);
+            } else {
+                assert!(got > 0.0 && got < 2e-38, "exp({x}) = {got}");
+            }
+        }
+        assert!(worst < 2.0 * f32::EPSILON as f64, "worst relative error {worst}");
+        assert!(float::exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn f32_rows_long_enough_for_the_vector_lanes_and_query_blocks_match_the_primitive_ops() {
+        let f32s = |t: Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+        let (lens, p, d) = ([150usize, 20], 11, 8);
+        let t = lens.iter().sum::<usize>();
+        let q = Var::from_tensor(&f32s(random_f64(&[6, t, d], 7))).unwrap();
+        let k = Var::from_tensor(&f32s(random_f64(&[2, t, d], 8))).unwrap();
+        let v = Var::from_tensor(&f32s(random_f64(&[2, t, d], 9))).unwrap();
+        let (pk, pv) = (f32s(random_f64(&[2, p, d], 10)), f32s(random_f64(&[2, p, d], 11)));
+        let up = f32s(random_f64(&[6, t, d], 12));
+        let args = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let fused = packed_attention(args.0, args.1, args.2, &lens, Some((&pk, &pv)), 0.7).unwrap();
+        let plain = primitive(args.0, args.1, args.2, &lens, Some((&pk, &pv)), 0.7).unwrap();
+        let f64s = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+        assert!(max_abs_diff(&f64s(&fused), &f64s(&plain)) < 1e-5);
+        let g1 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (plain * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let diff = max_abs_diff(&f64s(g1.get(x.as_tensor()).unwrap()), &f64s(g2.get(x.as_tensor()).unwrap()));
+            assert!(diff < 1e-4, "d{name}: {diff}");
+        }
+    }
+
+    #[test]
     fn matches_the_primitive_ops_with_and_without_a_prefix() {
         check(2, 2, &[5], 0);
         check(6, 2, &[3, 1, 4], 0);
         check(6, 3, &[2, 5], 3);
         check(4, 1, &[1, 1, 6], 2);
+        // Rows over one and over two query blocks.
+        check(6, 2, &[QUERY_BLOCK + 1, 2 * QUERY_BLOCK + 5, 3], 4);
     }
 }
