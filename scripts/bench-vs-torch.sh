@@ -10,8 +10,8 @@
 #    agree), then times the same steps; 1 rank x 2 threads and 2 ranks x 1 thread (mpirun / gloo).
 # python3 -m pip install -r scripts/reference/requirements-torch.txt; part 2 needs the job's snapshot and
 # features (`illmrec train --job jobs/ml100k-smollm2.yaml --model sasrec` prepares them).
-# ILLMREC_BIN (default target/release/illmrec), SHAPES (default 4x128,1x512,2x537), REPS (PyTorch
-# timed repetitions in part 1, default 2), STEPS (timed steps in part 2, default 3) and PARTS (default
+# ILLMREC_BIN (default target/release/illmrec), SHAPES (default 4x128,1x512,2x537), REPS (timed
+# repetitions of each side in part 1, medians reported, default 2), STEPS (timed steps in part 2, default 3) and PARTS (default
 # "llm step") can be set. Run it on an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,7 @@ if [[ " $parts " == *" llm "* ]]; then
 for threads in "${@:-1 2}"; do
   for threads1 in $threads; do
     for matmul in f32 bf16; do
-      RAYON_NUM_THREADS=$threads1 "$bin" bench llm --job "$job" --shapes "$shapes" --matmul "$matmul" 2>/dev/null |
+      RAYON_NUM_THREADS=$threads1 "$bin" bench llm --job "$job" --shapes "$shapes" --matmul "$matmul" --reps "${REPS:-2}" 2>/dev/null |
         sed "s/^{/{\"side\":\"illmrec-$matmul\",/" >> "$out"
     done
     python3 scripts/reference/torch_step.py --shapes "$shapes" --threads "$threads1" --reps "${REPS:-2}" 2>/dev/null |

@@ -9,7 +9,8 @@
 # Install: python3 -m pip install -r scripts/reference/requirements-torch.txt
 # Check:   python3 scripts/reference/torch_step.py --check      (greedy answer must contain "Paris")
 # Time:    python3 scripts/reference/torch_step.py [GGUF] [--shapes 2x537,1x512,4x128] [--attn sdpa,eager]
-#          [--threads 2] [--reps 1]. With several configs each runs in its own subprocess.
+#          [--threads 2] [--reps 1] [--device cuda]. With several configs each runs in its own subprocess.
+#          On a GPU the clocks read after torch.cuda.synchronize() and the memory columns are the host's.
 # Memory: rss_after_imports_mb = VmRSS after importing torch/transformers (before weights);
 # rss_before_step_mb = VmRSS with the model loaded and inputs built; step_peak_rss_mb = VmHWM and
 # peak_rss_mb = ru_maxrss at the end; both are reset through /proc/self/clear_refs just before the
@@ -114,18 +115,20 @@ def reset_peak_rss():  # Linux >= 4.0: resets VmHWM to the current RSS
         return False
 
 
-def time_step(path, b, t, attn, threads, reps):
+def time_step(path, b, t, attn, threads, reps, device):
     torch.set_num_threads(threads)
     rss_imports = proc_status_mb("VmRSS")
     model, reader = load(path, attn)
     del reader
+    model.to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     llm = model.model
     assert llm.config._attn_implementation == attn, llm.config._attn_implementation
     assert not any(p.requires_grad for p in model.parameters())
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (b, t), generator=g)
-    x = llm.embed_tokens(ids).detach().clone().requires_grad_(True)  # [b, t, 576] leaf
-    target = torch.randn(b, t, HIDDEN, generator=g)
+    x = llm.embed_tokens(ids.to(device)).detach().clone().requires_grad_(True)  # [b, t, 576] leaf
+    target = torch.randn(b, t, HIDDEN, generator=g).to(device)
     gc.collect()
     try:  # hand freed load-time heap back to the OS so VmRSS reflects the model, not the loader
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -136,18 +139,22 @@ def time_step(path, b, t, attn, threads, reps):
     fw, fc, bw, bc = [], [], [], []
     for i in range(reps + 1):
         x.grad = None
+        sync()
         w0, c0 = time.perf_counter(), time.process_time()
         h = llm(inputs_embeds=x, use_cache=False).last_hidden_state
         loss = (h * target).sum()
+        sync()
         w1, c1 = time.perf_counter(), time.process_time()
         loss.backward()
+        sync()
         w2, c2 = time.perf_counter(), time.process_time()
         assert x.grad is not None and torch.isfinite(x.grad).all()
         if i > 0:  # i == 0 is the warm-up
             fw.append(w1 - w0); fc.append(c1 - c0); bw.append(w2 - w1); bc.append(c2 - c1)
     med = statistics.median
     fwd, bwd = med(fw), med(bw)
-    return {"impl": "torch", "torch": torch.__version__, "attn": attn, "threads": threads, "batch": b, "T": t,
+    return {"impl": "torch", "torch": torch.__version__, "device": device, "attn": attn, "threads": threads,
+            "batch": b, "T": t,
             "reps": reps, "fwd_wall_s": round(fwd, 4), "bwd_wall_s": round(bwd, 4),
             "fwd_cpu_s": round(med(fc), 4), "bwd_cpu_s": round(med(bc), 4),
             "ms_per_token": round(1000 * (fwd + bwd) / (b * t), 4),
@@ -166,6 +173,7 @@ def main():
     ap.add_argument("--attn", default="sdpa", help="comma-separated: sdpa, eager")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=1, help="timed steps after the warm-up (median reported)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (f32 on either)")
     a = ap.parse_args()
     if a.check:
         sys.exit(0 if check(a.gguf) else 1)
@@ -174,11 +182,12 @@ def main():
         rc = 0
         for s, m in configs:
             rc |= subprocess.run([sys.executable, os.path.abspath(__file__), a.gguf, "--shapes", s, "--attn", m,
-                                  "--threads", str(a.threads), "--reps", str(a.reps)]).returncode
+                                  "--threads", str(a.threads), "--reps", str(a.reps),
+                                  "--device", a.device]).returncode
         sys.exit(rc)
     (s, m), = configs
     b, t = map(int, s.lower().split("x"))
-    print(json.dumps(time_step(a.gguf, b, t, m, a.threads, a.reps)), flush=True)
+    print(json.dumps(time_step(a.gguf, b, t, m, a.threads, a.reps, a.device)), flush=True)
 
 
 if __name__ == "__main__":

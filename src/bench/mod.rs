@@ -85,9 +85,7 @@ pub fn step(
         Some(_) if coll.world() > 1 => {
             return Err(TrainError::Invalid("--export writes the whole batch: run it as one rank".into()))
         }
-        Some(dir) => {
-            Some(reference::Export::start(dir, &sess, &job.train.illmrec, &matmul_name(job.model.llm_matmul))?)
-        }
+        Some(dir) => Some(reference::Export::start(dir, &sess, &job.train.illmrec, &matmul_name(&sess.llm))?),
         None => None,
     };
     let mut sum = Timings::default();
@@ -127,7 +125,7 @@ pub fn step(
         backend: coll.name(),
         world_size: coll.world(),
         threads: candle_core::utils::get_num_threads(),
-        matmul: matmul_name(job.model.llm_matmul),
+        matmul: matmul_name(&sess.llm),
         batch_size: batch,
         steps,
         trainable_parameters: sess.model.num_parameters(),
@@ -320,8 +318,12 @@ impl std::fmt::Display for ScalingBench {
 }
 
 /// What computes the frozen products, for the reports.
-fn matmul_name(m: crate::model::LlmMatmul) -> String {
-    match m {
+/// What computes the frozen products of `llm` as loaded (a bf16 request may have fallen back).
+fn matmul_name(llm: &crate::model::llm::Llm) -> String {
+    if !llm.model.device().is_cpu() {
+        return format!("{:?} on {:?}", llm.model.dtype(), llm.model.device().location());
+    }
+    match llm.matmul() {
         crate::model::LlmMatmul::Bf16 => "bf16 (AVX-512 BF16, f32 sums)".into(),
         crate::model::LlmMatmul::F32 => crate::model::llm::cpu_matmul_backend(),
     }
@@ -356,21 +358,24 @@ pub struct LlmBench {
     pub step_peak_rss_mib: f64,
 }
 
-/// `matmul` overrides the job's `model.llm_matmul`.
+/// `matmul` overrides the job's `model.llm_matmul`. Each shape runs one untimed step, then `reps`
+/// timed ones; the figures are the medians (forward and backward each), as torch_step.py reports.
 pub fn llm(
     job: &JobConfig,
     shapes: &[(usize, usize)],
     matmul: Option<crate::model::LlmMatmul>,
+    reps: usize,
 ) -> Result<Vec<LlmBench>, TrainError> {
-    use candle_core::{Device, Var};
+    use candle_core::Var;
     let matmul = matmul.unwrap_or(job.model.llm_matmul);
-    let llm = crate::model::llm::Llm::load_for(&job.model.llm, matmul, &Device::Cpu)?;
+    let device = job.model.device.open(crate::distributed::Launcher::detect().local_rank)?;
+    let llm = crate::model::llm::Llm::load_for(&job.model.llm, matmul, &device)?;
     let h = llm.hidden_size();
     let mut out = Vec::new();
     for &(b, t) in shapes {
         let mut rng = crate::seed::stream(1, "bench/llm", (b * 100_000 + t) as u64);
-        let x = Var::from_tensor(&crate::model::layers::normal_tensor((b, t, h), 0.02, &mut rng, &Device::Cpu)?)?;
-        let probe = crate::model::layers::normal_tensor((b, t, h), 1.0, &mut rng, &Device::Cpu)?;
+        let x = Var::from_tensor(&crate::model::layers::normal_tensor((b, t, h), 0.02, &mut rng, &device)?)?;
+        let probe = crate::model::layers::normal_tensor((b, t, h), 1.0, &mut rng, &device)?;
         let once = || -> Result<(f64, f64, f64, f64), TrainError> {
             let (w0, c0) = (Instant::now(), cpu_seconds());
             let hidden = llm.model.forward_embeds(x.as_tensor())?;
@@ -384,11 +389,17 @@ pub fn llm(
         once()?; // warm-up
                  // Peak memory of the timed step alone: reset the high-water mark (Linux).
         let _ = std::fs::write("/proc/self/clear_refs", "5");
-        let (f, bw, fc, bc) = once()?;
+        let runs = (0..reps.max(1)).map(|_| once()).collect::<Result<Vec<_>, _>>()?;
+        let median = |pick: fn(&(f64, f64, f64, f64)) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(pick).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (f, bw, fc, bc) = (median(|r| r.0), median(|r| r.1), median(|r| r.2), median(|r| r.3));
         out.push(LlmBench {
             llm: llm.name.clone(),
             threads: candle_core::utils::get_num_threads(),
-            matmul: matmul_name(matmul),
+            matmul: matmul_name(&llm),
             batch: b,
             tokens: t,
             forward_seconds: f,

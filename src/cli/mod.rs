@@ -213,6 +213,9 @@ enum BenchCommand {
         /// f32 or bf16 frozen products (default: the job's model.llm_matmul).
         #[arg(long)]
         matmul: Option<crate::model::LlmMatmul>,
+        /// cpu, cuda or cuda:N (default: the job's model.device).
+        #[arg(long)]
+        device: Option<crate::model::device::ComputeDevice>,
         /// Also write every step's inputs and logged losses into this folder, for
         /// scripts/reference/torch_illmrec_step.py (one rank).
         #[arg(long)]
@@ -229,6 +232,12 @@ enum BenchCommand {
         /// f32 or bf16 frozen products (default: the job's model.llm_matmul).
         #[arg(long)]
         matmul: Option<crate::model::LlmMatmul>,
+        /// cpu, cuda or cuda:N (default: the job's model.device).
+        #[arg(long)]
+        device: Option<crate::model::device::ComputeDevice>,
+        /// Timed steps per shape after the untimed one; the medians are reported.
+        #[arg(long, default_value_t = 1)]
+        reps: usize,
     },
     /// Under mpirun -np 2+: the step at this world size, the all-reduce of a trainable set of
     /// `--floats` values, and the projected weak scaling to 8, 32 and 128 ranks.
@@ -506,7 +515,7 @@ fn bench(what: BenchCommand) -> Result<()> {
             println!("{}", serde_json::json!({"result": out.result.to_json(), "cost": cost}));
             Ok(())
         }
-        BenchCommand::Llm { job, shapes, matmul } => {
+        BenchCommand::Llm { job, shapes, matmul, device, reps } => {
             let shapes = shapes
                 .split(',')
                 .map(|s| {
@@ -515,20 +524,24 @@ fn bench(what: BenchCommand) -> Result<()> {
                     Ok((b.parse()?, t.parse()?))
                 })
                 .collect::<Result<Vec<(usize, usize)>>>()?;
-            for r in crate::bench::llm(&load(&job)?, &shapes, matmul)? {
+            let mut job = load(&job)?;
+            if let Some(d) = device {
+                job.model.device = d;
+            }
+            for r in crate::bench::llm(&job, &shapes, matmul, reps)? {
                 println!("{}", serde_json::to_string(&r)?);
             }
             Ok(())
         }
-        BenchCommand::Step { job, model, steps, warmup, json, matmul, export } => {
-            let (step, coll) = bench_step(&job, model, steps, warmup, matmul, export.as_deref())?;
+        BenchCommand::Step { job, model, steps, warmup, json, matmul, device, export } => {
+            let (step, coll) = bench_step(&job, model, steps, warmup, (matmul, device), export.as_deref())?;
             if coll.rank() == 0 {
                 print_bench(&step, &serde_json::to_value(&step)?, json);
             }
             Ok(())
         }
         BenchCommand::Scaling { job, model, steps, floats, iters, json } => {
-            let (step, coll) = bench_step(&job, model, steps, 1, None, None)?;
+            let (step, coll) = bench_step(&job, model, steps, 1, (None, None), None)?;
             let r = crate::bench::scaling(step, &coll, floats, iters)?;
             if coll.rank() == 0 {
                 print_bench(&r, &serde_json::to_value(&r)?, json);
@@ -635,12 +648,15 @@ fn bench_step(
     model: ModelKind,
     steps: usize,
     warmup: usize,
-    matmul: Option<crate::model::LlmMatmul>,
+    (matmul, device): (Option<crate::model::LlmMatmul>, Option<crate::model::device::ComputeDevice>),
     export: Option<&Path>,
 ) -> Result<(crate::bench::StepBench, crate::distributed::Guarded)> {
     let mut job = load(job)?;
     if let Some(m) = matmul {
         job.model.llm_matmul = m;
+    }
+    if let Some(d) = device {
+        job.model.device = d;
     }
     let variant = illmrec_variant(model)?;
     let mut coll = crate::distributed::init(&job.dist)?;

@@ -1,5 +1,6 @@
 //! Models and what they share: the `Scorer` view evaluation uses, and the `model` job section.
 
+pub mod device;
 pub mod graph;
 pub mod iisan;
 pub mod illmrec;
@@ -93,6 +94,10 @@ pub struct ModelConfig {
     /// sums: twice the f32 rate on CPUs with AVX-512 BF16; f32 with a warning on other CPUs).
     #[serde(default)]
     pub llm_matmul: LlmMatmul,
+    /// Where the LLM recommenders compute: `cpu`, `cuda` (each rank takes the GPU of its local
+    /// index) or `cuda:N` (`device.rs`). The other models train on the CPU.
+    #[serde(default)]
+    pub device: device::ComputeDevice,
     #[serde(default)]
     pub freedom: graph::freedom::FreedomConfig,
     #[serde(default)]

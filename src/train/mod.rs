@@ -54,6 +54,8 @@ pub enum TrainError {
     Dist(#[from] crate::distributed::DistError),
     #[error(transparent)]
     Llm(#[from] crate::model::llm::LlmError),
+    #[error(transparent)]
+    Device(#[from] crate::model::device::DeviceError),
     #[error("{0}")]
     Invalid(String),
 }

@@ -113,8 +113,10 @@ impl Llm {
         if matmul == super::LlmMatmul::Bf16 {
             if llm.model.use_bf16_matmuls()? {
                 llm.matmul = super::LlmMatmul::Bf16;
-            } else {
+            } else if device.is_cpu() {
                 tracing::warn!("bf16 products need an x86-64 CPU with AVX-512 BF16; the products stay f32");
+            } else {
+                tracing::warn!("bf16 panels are a CPU path: on the GPU the products stay f32");
             }
         }
         Ok(llm)

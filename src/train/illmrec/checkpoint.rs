@@ -17,7 +17,8 @@ use crate::model::HostTensor;
 use crate::store::Store;
 use crate::tensorfile::{to_bytes, Array, TensorFile};
 
-/// What must match for a checkpoint to be resumed: everything that changes the numbers.
+/// What must match for a checkpoint to be resumed: everything that changes the numbers beyond
+/// rounding. The device and the world size are left out: a run may move between them.
 pub fn fingerprint(job: &TrainJob<'_>, variant: Variant, ds: &Dataset) -> serde_json::Value {
     let t = &job.train.illmrec;
     json!({

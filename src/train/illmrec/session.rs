@@ -1,8 +1,6 @@
 //! Opens an I-LLMRec session for training or scoring: the job's LLM, its item features from the
 //! store, and a freshly initialised trainable set (a checkpoint may overwrite it).
 
-use candle_core::Device;
-
 use super::super::{Result, TrainError, TrainJob};
 use crate::data::prompt::{PromptBuilder, Variant};
 use crate::data::Dataset;
@@ -14,7 +12,7 @@ use crate::store::Store;
 
 /// Loads the job's LLM and features and builds a freshly initialised model for `variant`.
 pub fn open(job: &TrainJob<'_>, store: &Store, ds: &Dataset, variant: Variant) -> Result<Session> {
-    let device = Device::Cpu;
+    let device = job.model.device.open(crate::distributed::Launcher::detect().local_rank)?;
     let llm = Llm::load_for(&job.model.llm, job.model.llm_matmul, &device)?;
     let cfg = &job.model.illmrec;
     let mut feats = Features::new();
