@@ -9,6 +9,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Storage, Tensor, WithDType};
 
+use super::exp_f32;
+
 /// Attention of `q [heads, tokens, d]` over `k`, `v` `[kv_heads, tokens, d]` for rows of `lens`
 /// tokens each (summing to `tokens`), after the optional constant `prefix` keys and values
 /// `[kv_heads, p, d]`; scores are scaled by `scale`. Returns `[heads, tokens, d]`, differentiable in
@@ -154,7 +156,8 @@ mod float {
         }
     }
 
-    /// f32, the model's type: a branch-free `exp` the compiler vectorizes, and sums over 8 lanes.
+    /// f32, the model's type: the branch-free `exp` of `ops` (the compiler vectorizes it), and sums
+    /// over 8 lanes.
     /// The library's scalar `exp` over every score was a large share of attention's time.
     impl Float for f32 {
         fn one() -> Self {
@@ -169,40 +172,18 @@ mod float {
             let mut chunks = head.chunks_exact_mut(8);
             for c in &mut chunks {
                 for (x, acc) in c.iter_mut().zip(&mut lanes) {
-                    *x = exp(*x * scale - m);
+                    *x = super::exp_f32(*x * scale - m);
                     *acc += *x;
                 }
             }
             for (x, acc) in chunks.into_remainder().iter_mut().zip(&mut lanes) {
-                *x = exp(*x * scale - m);
+                *x = super::exp_f32(*x * scale - m);
                 *acc += *x;
             }
             let inv = 1.0 / lanes.iter().sum::<f32>();
             head.iter_mut().for_each(|x| *x *= inv);
             tail.fill(0.0);
         }
-    }
-
-    /// e^x for x <= 0 (softmax's shifted scores) to within 2 ulp: x = n ln 2 + r with |r| <= ln 2 / 2,
-    /// e^r by its Taylor series to r^7 (truncation below 1e-8 relative), 2^n from the exponent bits.
-    /// Below -87 the result is e^-87 (~1.6e-38: zero beside the row's largest term, which is 1); a NaN
-    /// stays NaN.
-    #[inline(always)]
-    pub fn exp(x: f32) -> f32 {
-        const LOG2E: f32 = std::f32::consts::LOG2_E;
-        // ln 2 in two parts, so that n · LN2_HI is exact for the n that occur here.
-        const LN2_HI: f32 = 0.693_145_75;
-        const LN2_LO: f32 = 1.428_606_8e-6;
-        // Adding and removing 1.5 · 2^23 rounds to the nearest integer (the FPU's default mode).
-        const ROUND: f32 = 12_582_912.0;
-        let x = if x < -87.0 { -87.0 } else { x };
-        let n = (x * LOG2E + ROUND) - ROUND;
-        let r = x - n * LN2_HI - n * LN2_LO;
-        let p = 1.0
-            + r * (1.0
-                + r * (1.0 / 2.0
-                    + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-        p * f32::from_bits(((n as i32 + 127) << 23) as u32)
     }
 }
 
@@ -529,22 +510,6 @@ mod tests {
             let diff = max_abs_diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
             assert!(diff < 1e-12, "d{name}: {diff}, lens {lens:?}, prefix {p}");
         }
-    }
-
-    #[test]
-    fn the_f32_exp_is_within_2_ulp_of_the_exact_one_and_keeps_nan() {
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -90.0 * i as f32 / 200_000.0;
-            let (got, want) = (float::exp(x) as f64, (x as f64).exp());
-            if x >= -87.0 {
-                worst = worst.max((got - want).abs() / want);
-            } else {
-                assert!(got > 0.0 && got < 2e-38, "exp({x}) = {got}");
-            }
-        }
-        assert!(worst < 2.0 * f32::EPSILON as f64, "worst relative error {worst}");
-        assert!(float::exp(f32::NAN).is_nan());
     }
 
     #[test]

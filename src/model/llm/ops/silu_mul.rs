@@ -5,7 +5,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
 
-use super::{fused, map_rows, run2, Kernel2};
+use super::{fused, map_rows, run2, sigmoid, Kernel2};
 
 /// Elements per unit of work on the thread pool (the op is elementwise; a chunk is a "row").
 const CHUNK: usize = 4096;
@@ -28,7 +28,7 @@ impl Kernel2 for SiluMul {
         map_rows(g, Some(u), CHUNK, |_, g, u, out| {
             for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
                 let g = g.to_f64();
-                *o = T::from_f64(g / (1.0 + (-g).exp()) * u.to_f64());
+                *o = T::from_f64(g * sigmoid::<T>(g) * u.to_f64());
             }
         })
     }
@@ -81,7 +81,7 @@ impl super::Kernel for SiluMulGrad {
         let chunk = |((dg, du), ((g, u), dy)): Chunk<'_, T>| {
             for i in 0..g.len() {
                 let (gi, yi) = (g[i].to_f64(), dy[i].to_f64());
-                let s = 1.0 / (1.0 + (-gi).exp());
+                let s = sigmoid::<T>(gi);
                 dg[i] = T::from_f64(yi * u[i].to_f64() * s * (1.0 + gi * (1.0 - s)));
                 du[i] = T::from_f64(yi * gi * s);
             }
@@ -129,6 +129,28 @@ mod tests {
         let g2 = (plain * &up).unwrap().sum_all().unwrap().backward().unwrap();
         for x in [&g, &u] {
             assert!(max_abs_diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap()) < 1e-12);
+        }
+    }
+
+    #[test]
+    fn f32_matches_the_primitive_ops_within_rounding_over_a_wide_range() {
+        let f32s = |t: Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+        let f64s = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+        let mut gate = random_f64(&[5, 40], 4).flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        gate.iter_mut().enumerate().for_each(|(i, x)| *x *= [1.0, 10.0, 120.0][i % 3]);
+        let g = Var::from_tensor(&f32s(Tensor::from_vec(gate, (5, 40), &candle_core::Device::Cpu).unwrap())).unwrap();
+        let u = Var::from_tensor(&f32s(random_f64(&[5, 40], 5))).unwrap();
+        let up = f32s(random_f64(&[5, 40], 6));
+        let fused = silu_mul(g.as_tensor(), u.as_tensor()).unwrap();
+        let plain = (candle_nn::ops::silu(g.as_tensor()).unwrap() * u.as_tensor()).unwrap();
+        let rel = |a: &Tensor, b: &Tensor| {
+            max_abs_diff(&f64s(a), &f64s(b)) / f64s(b).abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+        };
+        assert!(rel(&fused, &plain) < 1e-6);
+        let g1 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (plain * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for x in [&g, &u] {
+            assert!(rel(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap()) < 1e-6);
         }
     }
 }
