@@ -89,7 +89,7 @@ fn map_rows<T: WithDType>(
 }
 
 /// e^x in f32 to within 2 ulp for -87 <= x <= 88, inlined so loops over it vectorize (the library's
-/// scalar `exp`, in f64, was a quarter of attention's forward): x = n ln 2 + r with |r| <= ln 2 / 2,
+/// scalar `exp`, in f64, was a quarter of the forward on 1 x 512): x = n ln 2 + r with |r| <= ln 2 / 2,
 /// e^r by its Taylor series to r^7 (truncation below 1e-8 relative), 2^n from the exponent bits.
 /// Outside, the bound's value: e^-87 (~1.6e-38) and e^88 (~1.7e38); a NaN stays NaN.
 #[inline(always)]
