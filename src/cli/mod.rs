@@ -388,7 +388,6 @@ pub fn main() -> Result<i32> {
             Ok(())
         }),
         Command::Lvlm { job, strategy, backbone, fresh, json } => with_job(&job, "lvlm", |job| {
-            configure_threads();
             let store = open_store(&job)?;
             let ds = data::snapshot::load(&store, job.dataset())?;
             let out = pipeline::lvlm::lvlm(&job, &store, &ds, strategy, backbone.as_deref(), fresh)?;
@@ -420,6 +419,7 @@ pub fn main() -> Result<i32> {
             Ok(())
         }
         Command::Run { job, root } => {
+            configure_threads();
             let mut job = match job {
                 Some(path) => load(&path)?,
                 None => {
@@ -441,9 +441,10 @@ pub fn main() -> Result<i32> {
     done.map(|()| 0)
 }
 
-/// Loads the job file (which starts logging and trace export) and runs `f` on it inside the job's
-/// root span.
+/// Sizes the thread pools, loads the job file (which starts logging and trace export) and runs `f`
+/// on it inside the job's root span.
 fn with_job<T>(path: &Path, command: &'static str, f: impl FnOnce(JobConfig) -> Result<T>) -> Result<T> {
+    configure_threads();
     let job = load(path)?;
     JobSpan::new(&job.name, command).run(|| f(job))
 }
@@ -678,7 +679,7 @@ fn load(path: &Path) -> Result<JobConfig> {
     Ok(job)
 }
 
-/// One share of this machine's cores per local rank, for candle's pool and the BLAS alike.
+/// One share of this machine's cores per local rank, for rayon's pool and the BLAS alike.
 fn configure_threads() {
     let n = crate::distributed::configure_threads(&Launcher::detect());
     crate::model::llm::set_cpu_threads(n);

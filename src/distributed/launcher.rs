@@ -57,15 +57,19 @@ impl Launcher {
 
 /// Each of the `local` ranks on this machine gets its share of the cores for its math threads
 /// (unless RAYON_NUM_THREADS is set already): oversubscribed spinning thread pools are slower than one
-/// thread each (docs/candle.md). Sets candle's pool size through the environment, so call it before
-/// any tensor work; returns the count for the other libraries that need telling (the BLAS).
+/// thread each (docs/candle.md). candle's own pool for element-wise ops is kept to the calling thread
+/// (unless CANDLE_NUM_THREADS is set): the heavy work runs on rayon's pool, and a second pool's
+/// spinning workers took cores from it. Sets both through the environment, so call it before any
+/// tensor work; returns the count for the other libraries that need telling (the BLAS).
 pub fn configure_threads(launcher: &Launcher) -> usize {
+    // Single-threaded here (called before any pool exists), as set_var requires.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     var("RAYON_NUM_THREADS").unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let n = (cores / launcher.local.max(1)).max(1);
-        // Single-threaded here (called before any pool exists), as set_var requires.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
         n
     })
 }
