@@ -9,6 +9,8 @@
 
 use std::arch::x86_64::*;
 
+use super::shared::SharedOut;
+
 /// Output columns per panel: two 16-lane registers.
 const NR: usize = 32;
 /// Rows per micro-kernel call: 12 rows x 2 registers of accumulators, with room for the operands.
@@ -116,7 +118,7 @@ pub fn matmul(x: &[f32], m: usize, b: &Panels, threads: usize) -> Vec<f32> {
         a.chunks_mut(k2 * MR).enumerate().for_each(pack);
     }
     let panels = n.div_ceil(NR);
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    let out_ptr = SharedOut::new(&mut out);
     let run = |p: usize| {
         let cols = NR.min(n - p * NR);
         let bp = b.data[p * k2 * NR * 2..].as_ptr();
@@ -126,7 +128,7 @@ pub fn matmul(x: &[f32], m: usize, b: &Panels, threads: usize) -> Vec<f32> {
             // writes rows x cols values of `out` at (blk * MR, p * NR) with row stride n, a region no
             // other panel touches.
             unsafe {
-                let c = out_ptr.get().add(blk * MR * n + p * NR);
+                let c = out_ptr.at(blk * MR * n + p * NR);
                 kernel(k2, a[blk * k2 * MR..].as_ptr(), bp, c, n, rows, cols);
             }
         }
@@ -138,19 +140,6 @@ pub fn matmul(x: &[f32], m: usize, b: &Panels, threads: usize) -> Vec<f32> {
         (0..panels).for_each(run);
     }
     out
-}
-
-/// A raw pointer the panel loop shares between threads that write disjoint columns.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: every thread writes its own panel's columns only.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// `c[rows, cols] = A · B` for one block of MR packed rows and one panel, over k2 pairs.

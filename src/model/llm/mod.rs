@@ -10,6 +10,7 @@ mod frozen;
 mod llama;
 mod load;
 mod ops;
+mod shared;
 pub mod tiny;
 
 use std::path::PathBuf;

@@ -9,6 +9,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Storage, Tensor, WithDType};
 
+use super::super::shared::SharedOut;
 use super::exp_f32;
 
 /// Attention of `q [heads, tokens, d]` over `k`, `v` `[kv_heads, tokens, d]` for rows of `lens`
@@ -269,7 +270,7 @@ impl Attention {
         self.with_prefix(|pk: &[T], pv: &[T]| {
             let views = Views { q, k, pk, tokens, p, d };
             let mut out = vec![T::zero(); q.len()];
-            let dst = Shared(out.as_mut_ptr());
+            let dst = SharedOut::new(&mut out);
             let unit = |(start, len, h): (usize, usize, usize)| {
                 let (w, g) = (p + len, h / rep);
                 let probs = views.probabilities(h, g, start, len, self.scale);
@@ -305,7 +306,7 @@ impl Attention {
         self.with_prefix(|pk: &[T], pv: &[T]| {
             let views = Views { q, k, pk, tokens, p, d };
             let mut grads = vec![T::zero(); q.len() + k.len() + v.len()];
-            let (dq, dk, dv) = (Shared(grads.as_mut_ptr()), q.len(), q.len() + k.len());
+            let (dq, dk, dv) = (SharedOut::new(&mut grads), q.len(), q.len() + k.len());
             let unit = |(start, len, first): (usize, usize, usize)| {
                 let (w, g) = (p + len, first / rep);
                 let at = |x: usize| (x * tokens + start) * d;
@@ -376,23 +377,6 @@ fn for_each_unit(units: Vec<(usize, usize, usize)>, f: impl Fn((usize, usize, us
         units.into_par_iter().for_each(f);
     } else {
         units.into_iter().for_each(f);
-    }
-}
-
-/// An output buffer the units share; each writes only its own part of it.
-#[derive(Clone, Copy)]
-struct Shared<T>(*mut T);
-// SAFETY: units write disjoint regions (see `Attention::units`).
-unsafe impl<T> Send for Shared<T> {}
-unsafe impl<T> Sync for Shared<T> {}
-
-impl<T> Shared<T> {
-    /// The pointer `offset` values in.
-    ///
-    /// # Safety
-    /// `offset` must lie within the buffer.
-    unsafe fn at(self, offset: usize) -> *mut T {
-        self.0.add(offset)
     }
 }
 
