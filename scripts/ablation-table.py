@@ -2,9 +2,10 @@
 """The README's recipe-ablation table from the runs scripts/ablate.sh trained.
 
     python3 scripts/ablation-table.py jobs/ablations/ml100k [--store illmrec-data]
-        [--arms a0-paper,a2-softmax,...] [--steps 39,78,117]
+        [--arms a0-paper,a2-softmax,...] [--steps 39,78,117] [--models illmrec,illmrec:title]
 
-One row per arm (every job file of the folder but base*.yaml in name order, or those of --arms):
+One row per arm and model (every job file of the folder but base*.yaml in name order, or those of
+--arms; each of --models, default illmrec, as scripts/ablate.sh's MODELS trained them):
 validation Hit@5 and NDCG@10 after each validation step (all the arms' steps, or --steps; equal samples
 seen, same users), the best validation NDCG@10 and its step, the largest and the mean L_RERI of the
 first 40 steps (the conditioning the issue is about), and the test metrics of the BEST checkpoint when
@@ -53,6 +54,7 @@ def main():
     ap.add_argument("--store", default="illmrec-data", help="the storage root folder of the arms' job")
     ap.add_argument("--arms", help="comma-separated arm names (default: every arm of the folder)")
     ap.add_argument("--steps", help="comma-separated validation steps to show (default: all)")
+    ap.add_argument("--models", default="illmrec", help="comma-separated models of each arm (default: illmrec)")
     args = ap.parse_args()
     if args.arms:
         arms = [f"{a}.yaml" for a in args.arms.split(",")]
@@ -60,9 +62,12 @@ def main():
         arms = sorted(f for f in os.listdir(args.folder) if f.endswith(".yaml") and not f.startswith("base"))
     steps = set()
     rows = []
-    for arm in arms:
+    models = args.models.split(",")
+    for arm, model in [(a, m) for a in arms for m in models]:
         path = os.path.join(args.folder, arm)
-        report = os.path.join(args.store, "runs", f"{job_name(path)}-illmrec", "report")
+        # The run folder spells the model's `:` and `+` as `-` (train::run_id).
+        run = f"{job_name(path)}-{re.sub('[:+]', '-', model)}"
+        report = os.path.join(args.store, "runs", run, "report")
         valid = {}
         for v in read_lines(os.path.join(report, "valid-log.jsonl")):
             valid[v["step"]] = dict(v["metrics"])
@@ -75,7 +80,8 @@ def main():
             with open(eval_path) as f:
                 for r in json.load(f):
                     test[r["protocol"]] = r["metrics"]
-        rows.append((arm[:-5], first_comment(path), valid, early, test, len(train)))
+        label = arm[:-5] if len(models) == 1 else f"{arm[:-5]} {model}"
+        rows.append((label, first_comment(path), valid, early, test, len(train)))
     steps = [int(s) for s in args.steps.split(",")] if args.steps else sorted(steps)
     head = ["arm", "steps run"] + [f"valid H@5 / N@10 @{s}" for s in steps]
     head += ["best valid N@10 (step)", "max / mean L_RERI (steps 1-40)", "test H@5 1+100", "test N@10 1+100", "test H@10 full"]
