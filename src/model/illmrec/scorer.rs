@@ -7,6 +7,7 @@ use std::borrow::Borrow;
 use candle_core::{DType, Tensor};
 
 use super::session::Session;
+use super::Graph;
 use crate::data::Dataset;
 use crate::model::{ModelError, Result, Scorer};
 
@@ -39,7 +40,7 @@ impl<S: Borrow<Session>> Scorer for IllmRecScorer<'_, S> {
         let mut out = Vec::with_capacity(histories.len() * (self.ds.num_items() + 1));
         for chunk in histories.chunks(self.batch) {
             let b = sess.retrieval_batch(self.ds, chunk).map_err(|e| ModelError::Invalid(e.to_string()))?;
-            let h = sess.model.user_states(&sess.llm, &b, &sess.feats)?;
+            let h = sess.model.user_states(&sess.llm, &b, &sess.feats, Graph::Drop)?;
             let s = sess.model.scores(&h, &self.item_embs, &sess.feats)?;
             out.extend(s.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
         }

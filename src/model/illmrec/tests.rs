@@ -83,7 +83,7 @@ fn loss(s: &Setup) -> Tensor {
 
 /// L_RERI (targets 6 and 5, `negatives` split evenly between the two users) + L_RISA.
 fn loss_with(s: &Setup, negatives: &[u32], kind: RetrievalLoss) -> Tensor {
-    let h = s.model.user_states(&s.llm, &s.retrieval, &s.feats).unwrap();
+    let h = s.model.user_states(&s.llm, &s.retrieval, &s.feats, Graph::Keep).unwrap();
     let reri = s.model.retrieval_loss(&h, &[6, 5], negatives, negatives.len() / 2, kind, &s.feats).unwrap();
     let risa = s.model.alignment_loss(&s.llm, &s.alignment, &s.feats).unwrap();
     (reri + risa).unwrap()
@@ -171,7 +171,7 @@ fn with_one_negative_the_softmax_loss_is_the_logistic_loss_of_the_margin() {
     // -log(e^p / (e^p + e^n)) = log(1 + e^(n - p)): check it through the model on one head.
     let c = IllmRecConfig { retrieval: vec![FeatureKind::Text], ..cfg() };
     let s = setup(DType::F64, c);
-    let h = s.model.user_states(&s.llm, &s.retrieval, &s.feats).unwrap();
+    let h = s.model.user_states(&s.llm, &s.retrieval, &s.feats, Graph::Keep).unwrap();
     let got = s
         .model
         .retrieval_loss(&h, &[6, 5], &[1, 2], 1, RetrievalLoss::Softmax, &s.feats)
@@ -195,9 +195,22 @@ fn with_one_negative_the_softmax_loss_is_the_logistic_loss_of_the_margin() {
 }
 
 #[test]
+fn scoring_states_carry_no_graph_and_equal_the_training_ones() {
+    for backbone in [Backbone::Llm, Backbone::Gru] {
+        let s = setup(DType::F32, IllmRecConfig { backbone, ..cfg() });
+        let kept = s.model.user_states(&s.llm, &s.retrieval, &s.feats, Graph::Keep).unwrap();
+        let dropped = s.model.user_states(&s.llm, &s.retrieval, &s.feats, Graph::Drop).unwrap();
+        assert!(kept.track_op(), "{backbone:?}: training states lead back to the trainable tensors");
+        assert!(!dropped.track_op(), "{backbone:?}: scoring states must hold no graph (nor its activations)");
+        let diff = (kept - dropped).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0, "{backbone:?}");
+    }
+}
+
+#[test]
 fn scores_average_over_the_feature_types_an_item_has() {
     let s = setup(DType::F32, cfg());
-    let h = s.model.user_states(&s.llm, &s.retrieval, &s.feats).unwrap();
+    let h = s.model.user_states(&s.llm, &s.retrieval, &s.feats, Graph::Keep).unwrap();
     let embs = s.model.item_embeddings(&s.feats).unwrap();
     let scores = s.model.scores(&h, &embs, &s.feats).unwrap().to_vec2::<f32>().unwrap();
     let per_kind: Vec<Vec<Vec<f32>>> = s
@@ -218,7 +231,7 @@ fn scores_average_over_the_feature_types_an_item_has() {
 #[test]
 fn the_gru_backbone_reads_each_users_item_tokens_in_order_and_trains_without_risa() {
     let s = setup(DType::F32, IllmRecConfig { backbone: Backbone::Gru, ..cfg() });
-    let h = s.model.user_states(&s.llm, &s.retrieval, &s.feats).unwrap();
+    let h = s.model.user_states(&s.llm, &s.retrieval, &s.feats, Graph::Keep).unwrap();
     assert_eq!(h.dims(), &[2, s.llm.hidden_size()]);
     // User 0's state is the GRU over its two item tokens alone: the same as a batch of that user.
     let gru = s.model.gru.as_ref().unwrap();

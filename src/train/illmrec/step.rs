@@ -17,7 +17,7 @@ use crate::distributed::plan::ShardPlan;
 use crate::distributed::{check_same, Collective, Guarded};
 use crate::model::illmrec::batch::EncodedBatch;
 use crate::model::illmrec::session::Session;
-use crate::model::illmrec::RetrievalLoss;
+use crate::model::illmrec::{Graph, RetrievalLoss};
 
 /// Seconds spent in each phase of a step, and the tokens the LLM computed (cached prefixes not
 /// counted; there is no padding).
@@ -98,7 +98,7 @@ pub fn gradients(
     let t0 = Instant::now();
     let (retrieval, alignment) = prompt_batches(sess, ds, samples, risa_weight > 0.0)?;
     let t1 = Instant::now();
-    let h = sess.model.user_states(&sess.llm, &retrieval, &sess.feats)?;
+    let h = sess.model.user_states(&sess.llm, &retrieval, &sess.feats, Graph::Keep)?;
     let targets: Vec<u32> = samples.iter().map(|s| s.target).collect();
     let per_user = samples.first().map_or(1, |s| s.negatives.len());
     let negatives: Vec<u32> = samples.iter().flat_map(|s| s.negatives.iter().copied()).collect();
