@@ -1,5 +1,6 @@
 # PyTorch reference for the illmrec training-step cost through the frozen SmolLM2-135M-Instruct.
-# Measures, on CPU in float32: inputs_embeds [B, T, 576] (leaf, requires_grad) -> all 30 decoder
+# Measures, on CPU in float32 (or bfloat16 with --dtype bf16: weights, inputs and activations in bf16,
+# transformers' RMSNorm and softmax upcasting inside as they do): inputs_embeds [B, T, 576] (leaf, requires_grad) -> all 30 decoder
 # layers (causal, no padding mask) -> final RMSNorm; loss = (hidden * fixed_random).sum(); backward.
 # All LLM parameters are frozen. Forward and backward are timed separately (wall + process CPU) after
 # one warm-up step; prints one JSON line per (shape, attention implementation).
@@ -9,7 +10,7 @@
 # Install: python3 -m pip install -r scripts/reference/requirements-torch.txt
 # Check:   python3 scripts/reference/torch_step.py --check      (greedy answer must contain "Paris")
 # Time:    python3 scripts/reference/torch_step.py [GGUF] [--shapes 2x537,1x512,4x128] [--attn sdpa,eager]
-#          [--threads 2] [--reps 1] [--device cuda]. With several configs each runs in its own subprocess.
+#          [--threads 2] [--reps 1] [--device cuda] [--dtype f32|bf16]. With several configs each runs in its own subprocess.
 #          On a GPU the clocks read after torch.cuda.synchronize() and the memory columns are the host's.
 # Memory: rss_after_imports_mb = VmRSS after importing torch/transformers (before weights);
 # rss_before_step_mb = VmRSS with the model loaded and inputs built; step_peak_rss_mb = VmHWM and
@@ -115,12 +116,13 @@ def reset_peak_rss():  # Linux >= 4.0: resets VmHWM to the current RSS
         return False
 
 
-def time_step(path, b, t, attn, threads, reps, device):
+def time_step(path, b, t, attn, threads, reps, device, dtype):
     torch.set_num_threads(threads)
     rss_imports = proc_status_mb("VmRSS")
     model, reader = load(path, attn)
     del reader
-    model.to(device)
+    dt = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model.to(device=device, dtype=dt)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     llm = model.model
     assert llm.config._attn_implementation == attn, llm.config._attn_implementation
@@ -128,7 +130,7 @@ def time_step(path, b, t, attn, threads, reps, device):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (b, t), generator=g)
     x = llm.embed_tokens(ids.to(device)).detach().clone().requires_grad_(True)  # [b, t, 576] leaf
-    target = torch.randn(b, t, HIDDEN, generator=g).to(device)
+    target = torch.randn(b, t, HIDDEN, generator=g).to(device=device, dtype=dt)
     gc.collect()
     try:  # hand freed load-time heap back to the OS so VmRSS reflects the model, not the loader
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -142,7 +144,7 @@ def time_step(path, b, t, attn, threads, reps, device):
         sync()
         w0, c0 = time.perf_counter(), time.process_time()
         h = llm(inputs_embeds=x, use_cache=False).last_hidden_state
-        loss = (h * target).sum()
+        loss = (h * target).float().sum()
         sync()
         w1, c1 = time.perf_counter(), time.process_time()
         loss.backward()
@@ -153,7 +155,7 @@ def time_step(path, b, t, attn, threads, reps, device):
             fw.append(w1 - w0); fc.append(c1 - c0); bw.append(w2 - w1); bc.append(c2 - c1)
     med = statistics.median
     fwd, bwd = med(fw), med(bw)
-    return {"impl": "torch", "torch": torch.__version__, "device": device, "attn": attn, "threads": threads,
+    return {"impl": "torch", "torch": torch.__version__, "device": device, "dtype": dtype, "attn": attn, "threads": threads,
             "batch": b, "T": t,
             "reps": reps, "fwd_wall_s": round(fwd, 4), "bwd_wall_s": round(bwd, 4),
             "fwd_cpu_s": round(med(fc), 4), "bwd_cpu_s": round(med(bc), 4),
@@ -173,7 +175,8 @@ def main():
     ap.add_argument("--attn", default="sdpa", help="comma-separated: sdpa, eager")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=1, help="timed steps after the warm-up (median reported)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (f32 on either)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"], help="weights and activations")
     a = ap.parse_args()
     if a.check:
         sys.exit(0 if check(a.gguf) else 1)
@@ -183,11 +186,11 @@ def main():
         for s, m in configs:
             rc |= subprocess.run([sys.executable, os.path.abspath(__file__), a.gguf, "--shapes", s, "--attn", m,
                                   "--threads", str(a.threads), "--reps", str(a.reps),
-                                  "--device", a.device]).returncode
+                                  "--device", a.device, "--dtype", a.dtype]).returncode
         sys.exit(rc)
     (s, m), = configs
     b, t = map(int, s.lower().split("x"))
-    print(json.dumps(time_step(a.gguf, b, t, m, a.threads, a.reps, a.device)), flush=True)
+    print(json.dumps(time_step(a.gguf, b, t, m, a.threads, a.reps, a.device, a.dtype)), flush=True)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,9 @@ mod float {
         fn one() -> Self;
         /// `row[..keep]` := softmax(scale · row[..keep]); `row[keep..]` := 0 (the causal mask).
         fn masked_softmax(row: &mut [Self], keep: usize, scale: f64);
+        /// `dp := scale · p ⊙ (dp − Σ_j dp_j p_j)`: the gradient of the scores from that of the
+        /// probabilities `p` of one query.
+        fn softmax_grad(p: &[Self], dp: &mut [Self], scale: f64);
     }
 
     /// f64, the tests' type: every step in f64 with the library's `exp`.
@@ -154,6 +157,12 @@ mod float {
             }
             head.iter_mut().for_each(|x| *x /= sum);
             tail.fill(0.0);
+        }
+        fn softmax_grad(p: &[f64], dp: &mut [f64], scale: f64) {
+            let dot: f64 = p.iter().zip(dp.iter()).map(|(a, b)| a * b).sum();
+            for (x, pr) in dp.iter_mut().zip(p) {
+                *x = scale * pr * (*x - dot);
+            }
         }
     }
 
@@ -184,6 +193,22 @@ mod float {
             let inv = 1.0 / lanes.iter().sum::<f32>();
             head.iter_mut().for_each(|x| *x *= inv);
             tail.fill(0.0);
+        }
+        /// The dot product over 8 lanes in f32 (it ran in f64, one element at a time: a twentieth
+        /// of a backward step).
+        fn softmax_grad(p: &[f32], dp: &mut [f32], scale: f64) {
+            let mut lanes = [0f32; 8];
+            let (pc, dc) = (p.chunks_exact(8), dp.chunks_exact(8));
+            let rest = pc.remainder().iter().zip(dc.remainder()).map(|(a, b)| a * b).sum::<f32>();
+            for (a, b) in pc.zip(dc) {
+                for ((acc, a), b) in lanes.iter_mut().zip(a).zip(b) {
+                    *acc += a * b;
+                }
+            }
+            let (dot, scale) = (lanes.iter().sum::<f32>() + rest, scale as f32);
+            for (x, pr) in dp.iter_mut().zip(p) {
+                *x = scale * pr * (*x - dot);
+            }
         }
     }
 }
@@ -328,12 +353,9 @@ impl Attention {
                             mul((i1 - i0, i1, d), db, w, false, gb, (v[at(g)..].as_ptr(), 1, d));
                         }
                     }
-                    // dS = scale · P ⊙ (dP − Σ_j dP_j P_j), in place in dp.
+                    // dS, in place in dp.
                     for (prow, drow) in probs.chunks_exact(w).zip(dp.chunks_exact_mut(w)) {
-                        let dot: f64 = prow.iter().zip(drow.iter()).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
-                        for (x, pr) in drow.iter_mut().zip(prow) {
-                            *x = T::from_f64(self.scale * pr.to_f64() * (x.to_f64() - dot));
-                        }
+                        T::softmax_grad(prow, drow, self.scale);
                     }
                     unsafe {
                         // dQ = dS · K over the prefix and the row's keys.
