@@ -3,11 +3,13 @@
 #   scripts/bench-vs-torch.sh [THREADS ...]          (default: 1 2)
 # 1. The frozen LLM's forward + input-gradient backward (SmolLM2-135M-Instruct, random input embeddings,
 #    loss = sum(hidden * fixed random)): illmrec `bench llm` with f32 and with bf16 products against
-#    scripts/reference/torch_step.py (sdpa attention, f32), at each thread count.
+#    scripts/reference/torch_step.py (sdpa attention) in f32 and in bf16, at each thread count; each
+#    illmrec column is compared with PyTorch in the same precision.
 # 2. A whole I-LLMRec training step (jobs/ml100k-smollm2.yaml: L_RERI + L_RISA prompts as the job builds
 #    them, batch 8, AdamW): `bench step --export` writes the steps' inputs, and
 #    scripts/reference/torch_illmrec_step.py first recomputes illmrec's losses from them (f32: they must
-#    agree), then times the same steps; 1 rank x 2 threads and 2 ranks x 1 thread (mpirun / gloo).
+#    agree), then times the same steps, PyTorch's frozen LLM in f32 and in bf16; 1 rank x 2 threads and
+#    2 ranks x 1 thread (mpirun / gloo).
 # python3 -m pip install -r scripts/reference/requirements-torch.txt; part 2 needs the job's snapshot and
 # features (`illmrec train --job jobs/ml100k-smollm2.yaml --model sasrec` prepares them).
 # ILLMREC_BIN (default target/release/illmrec), SHAPES (default 4x128,1x512,2x537), REPS (timed
@@ -27,8 +29,10 @@ for threads in "${@:-1 2}"; do
       RAYON_NUM_THREADS=$threads1 "$bin" bench llm --job "$job" --shapes "$shapes" --matmul "$matmul" --reps "${REPS:-2}" 2>/dev/null |
         sed "s/^{/{\"side\":\"illmrec-$matmul\",/" >> "$out"
     done
-    python3 scripts/reference/torch_step.py --shapes "$shapes" --threads "$threads1" --reps "${REPS:-2}" 2>/dev/null |
-      sed 's/^{/{"side":"torch",/' >> "$out"
+    for dtype in f32 bf16; do
+      python3 scripts/reference/torch_step.py --shapes "$shapes" --threads "$threads1" --reps "${REPS:-2}" \
+        --dtype "$dtype" 2>/dev/null | sed "s/^{/{\"side\":\"torch-$dtype\",/" >> "$out"
+    done
   done
 done
 python3 - "$out" <<'PY'
@@ -39,15 +43,15 @@ def key(r):
 by = {}
 for r in rows:
     by.setdefault(key(r), {})[r["side"]] = r
-print("| batch x tokens | threads | illmrec f32 ms/token | illmrec bf16 ms/token | PyTorch ms/token | f32 vs PyTorch | bf16 vs PyTorch | peak RSS illmrec f32 / bf16 / PyTorch |")
-print("|---|---:|---:|---:|---:|---:|---:|---|")
+print("| batch x tokens | threads | ms/token illmrec f32 / PyTorch f32 | ms/token illmrec bf16 / PyTorch bf16 | f32 vs PyTorch f32 | bf16 vs PyTorch bf16 | peak RSS GiB illmrec f32 / PyTorch f32 / illmrec bf16 / PyTorch bf16 |")
+print("|---|---:|---|---|---:|---:|---|")
 for (b, t, th), s in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][0] * kv[0][1])):
-    f, h, p = s.get("illmrec-f32"), s.get("illmrec-bf16"), s.get("torch")
+    f, h, pf, ph = (s.get(k) for k in ("illmrec-f32", "illmrec-bf16", "torch-f32", "torch-bf16"))
     ms = lambda r: r["ms_per_token"] if r else float("nan")
-    ratio = lambda r: p["ms_per_token"] / r["ms_per_token"] if r and p else float("nan")
-    rss = lambda r, k: f"{r[k] / 1024:.1f}" if r and r.get(k) else "-"
-    print(f"| {b} x {t} | {th} | {ms(f):.2f} | {ms(h):.2f} | {ms(p):.2f} | {ratio(f):.2f}x | {ratio(h):.2f}x | "
-          f"{rss(f, 'step_peak_rss_mib')} / {rss(h, 'step_peak_rss_mib')} / {rss(p, 'step_peak_rss_mb')} GiB |")
+    ratio = lambda r, p: ms(p) / ms(r) if r and p else float("nan")
+    rss = lambda r: f"{r.get('step_peak_rss_mib', r.get('step_peak_rss_mb')) / 1024:.1f}" if r else "-"
+    print(f"| {b} x {t} | {th} | {ms(f):.2f} / {ms(pf):.2f} | {ms(h):.2f} / {ms(ph):.2f} | {ratio(f, pf):.2f}x | "
+          f"{ratio(h, ph):.2f}x | {rss(f)} / {rss(pf)} / {rss(h)} / {rss(ph)} |")
 PY
 fi
 rm -f "$out"
@@ -69,21 +73,25 @@ for matmul in f32 bf16; do
   mpirun --oversubscribe -np 2 -x RAYON_NUM_THREADS=1 "$bin" bench step --job "$job" --steps "$steps" --warmup 1 \
     --matmul "$matmul" --json 2>/dev/null | grep '^{' | sed "s/^{/{\"side\":\"illmrec-$matmul\",\"ranks\":2,/" >> "$work/rows"
 done
-python3 scripts/reference/torch_illmrec_step.py "$work/export" --time --threads 2 --ranks 1 2>/dev/null >> "$work/rows"
-python3 scripts/reference/torch_illmrec_step.py "$work/export" --time --threads 1 --ranks 2 2>/dev/null >> "$work/rows"
+for dtype in f32 bf16; do
+  python3 scripts/reference/torch_illmrec_step.py "$work/export" --time --threads 2 --ranks 1 --dtype "$dtype" \
+    2>/dev/null >> "$work/rows"
+  python3 scripts/reference/torch_illmrec_step.py "$work/export" --time --threads 1 --ranks 2 --dtype "$dtype" \
+    2>/dev/null >> "$work/rows"
+done
 python3 - "$work/rows" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 by = {}
 for r in rows:
     by.setdefault(r["ranks"], {})[r["side"]] = r
-print("| ranks x threads | illmrec f32 samples/s | illmrec bf16 samples/s | PyTorch samples/s | f32 vs PyTorch | bf16 vs PyTorch | illmrec collective share (f32 / bf16) |")
-print("|---|---:|---:|---:|---:|---:|---|")
+print("| ranks x threads | samples/s illmrec f32 / PyTorch f32 | samples/s illmrec bf16 / PyTorch bf16 | f32 vs PyTorch f32 | bf16 vs PyTorch bf16 | illmrec collective share (f32 / bf16) |")
+print("|---|---|---|---:|---:|---|")
 for ranks, s in sorted(by.items()):
-    f, h, p = s.get("illmrec-f32"), s.get("illmrec-bf16"), s.get("torch")
+    f, h, pf, ph = (s.get(k) for k in ("illmrec-f32", "illmrec-bf16", "torch-f32", "torch-bf16"))
     sps = lambda r: r["samples_per_second"] if r else float("nan")
-    ratio = lambda r: sps(r) / sps(p) if r and p else float("nan")
+    ratio = lambda r, p: sps(r) / sps(p) if r and p else float("nan")
     share = lambda r: f"{100 * r['collective_share']:.1f}%" if r else "-"
-    print(f"| {ranks} x {2 // ranks} | {sps(f):.3f} | {sps(h):.3f} | {sps(p):.3f} | {ratio(f):.2f}x | {ratio(h):.2f}x | "
-          f"{share(f)} / {share(h)} |")
+    print(f"| {ranks} x {2 // ranks} | {sps(f):.3f} / {sps(pf):.3f} | {sps(h):.3f} / {sps(ph):.3f} | {ratio(f, pf):.2f}x | "
+          f"{ratio(h, ph):.2f}x | {share(f)} / {share(h)} |")
 PY

@@ -8,6 +8,7 @@
 #
 #   python3 scripts/reference/torch_illmrec_step.py DIR --check        # recompute illmrec's losses
 #   python3 scripts/reference/torch_illmrec_step.py DIR --time [--threads 2] [--ranks 1] [--warmup 1]
+#                                                        [--dtype f32|bf16]
 #
 # --check replays the steps from the initial parameters and prints, per step, illmrec's logged loss,
 # L_RERI, L_RISA and gradient norm next to PyTorch's, with the largest relative difference, and fails
@@ -21,6 +22,9 @@
 # builds and tokenizes them in the step: `prompts_seconds` in its bench output). The constant prompt
 # prefix is computed once, with no gradient, and its keys and values are reused (as illmrec does), and
 # rows of different lengths are right-padded to the longest, PyTorch's usual batching.
+# --dtype bf16 is PyTorch's side of illmrec's bf16 products: the frozen LLM (its weights, the prompt's
+# activations, the prefix keys and values and the tied LM head of L_RISA) in bfloat16, the trainable set,
+# the heads and the losses in f32.
 import argparse, inspect, json, os, sys, time
 
 import torch
@@ -81,7 +85,7 @@ def balanced_share(costs, world, rank):
 
 
 class Step:
-    def __init__(self, folder, gguf):
+    def __init__(self, folder, gguf, dtype="f32"):
         self.cfg = json.load(open(os.path.join(folder, "config.json")))
         m = self.cfg["model"]
         assert m.get("backbone", "llm") == "llm", "the reference covers the LLM backbone"
@@ -94,6 +98,8 @@ class Step:
         while os.path.exists(os.path.join(folder, f"step-{len(self.steps)}.json")):
             self.steps.append(json.load(open(os.path.join(folder, f"step-{len(self.steps)}.json"))))
         self.llm, _ = load_llm(gguf, "sdpa")
+        self.dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        self.llm.to(self.dtype)
         self.embed = self.llm.model.embed_tokens.weight
         self.prefixes = {}
         t = self.cfg["train"]
@@ -138,7 +144,7 @@ class Step:
                 pos += r["rec"]
                 vals.append(self.p["rec"].expand(len(r["rec"]), h))
             if pos:
-                x = x.index_copy(0, torch.tensor(pos), torch.cat(vals))
+                x = x.index_copy(0, torch.tensor(pos), torch.cat(vals).to(x.dtype))
             xs.append(x)
         x = torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)
         b, t = x.shape[:2]
@@ -156,7 +162,7 @@ class Step:
                              use_cache=cache is not None, **{CACHE_ARG: cache}).last_hidden_state
         rr = torch.tensor([r for r, _ in wanted])
         pp = torch.tensor([p for _, p in wanted])
-        return out[rr, pp]
+        return out[rr, pp].float()
 
     def reri(self, rows, prefix, targets, negatives):
         m, t = self.cfg["model"], self.cfg["train"]
@@ -191,7 +197,7 @@ class Step:
                 ids.append(tok)
                 weights.append(1.0 / (len(rows) * len(r["labels"])))
         at = self.hidden(rows, wanted, prefix)
-        log_p = torch.log_softmax(at @ self.embed.T, -1)
+        log_p = torch.log_softmax((at.to(self.dtype) @ self.embed.T).float(), -1)
         picked = log_p.gather(1, torch.tensor(ids)[:, None])[:, 0]
         return -(picked * torch.tensor(weights)).sum()
 
@@ -251,7 +257,7 @@ def timed(args, rank=0, world=1):
     if world > 1:
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}",
                                              rank=rank, world_size=world)
-    step = Step(args.folder, args.gguf)
+    step = Step(args.folder, args.gguf, args.dtype)
     times = []
     for i, s in enumerate(step.steps):
         start = time.perf_counter()
@@ -262,7 +268,7 @@ def timed(args, rank=0, world=1):
         per_step = sum(times) / max(len(times), 1)
         batch = len(step.steps[0]["targets"])
         import resource
-        print(json.dumps({"side": "torch", "ranks": world, "threads": args.threads, "batch_size": batch,
+        print(json.dumps({"side": f"torch-{args.dtype}", "ranks": world, "threads": args.threads, "batch_size": batch,
                           "steps": len(times), "seconds_per_step": per_step,
                           "samples_per_second": batch / per_step,
                           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -279,10 +285,11 @@ def main():
     ap.add_argument("--ranks", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--port", type=int, default=29517)
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"], help="the frozen LLM's type")
     args = ap.parse_args()
     if args.check:
         torch.set_num_threads(args.threads)
-        check(Step(args.folder, args.gguf))
+        check(Step(args.folder, args.gguf, args.dtype))
     if args.time:
         if args.ranks > 1:
             torch.multiprocessing.start_processes(_rank_main, args=(args,), nprocs=args.ranks, start_method="fork")
