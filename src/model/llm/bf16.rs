@@ -16,9 +16,12 @@ const NR: usize = 32;
 /// Rows per micro-kernel call: 12 rows x 2 registers of accumulators, with room for the operands.
 const MR: usize = 12;
 
-/// Whether this CPU runs the bf16 products.
+/// Whether this CPU runs the bf16 products (AVX-512 BW for the 16-bit interleaving of the
+/// attention's operands; every CPU with AVX-512 BF16 has it).
 pub fn available() -> bool {
-    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bf16")
+        && is_x86_feature_detected!("avx512bw")
 }
 
 /// A matrix `B [k, n]` in panels of `NR` columns; within a panel, for each pair of rows (2i, 2i+1),
@@ -55,6 +58,164 @@ impl Panels {
         let (k2, p, c) = (self.k.div_ceil(2), col / NR, col % NR);
         let half = self.data[(p * k2 + row / 2) * NR * 2 + 2 * c + row % 2];
         f32::from_bits((half as u32) << 16)
+    }
+}
+
+impl Panels {
+    /// `B [k, n]` whose row kk is `row(kk)` (at least n values), packed with vector conversions.
+    pub fn from_rows<'a>(k: usize, n: usize, row: impl Fn(usize) -> &'a [f32]) -> Self {
+        assert!(available(), "bf16 panels on a CPU without AVX-512 BF16");
+        let (k2, panels) = (k.div_ceil(2), n.div_ceil(NR));
+        let mut data = vec![0u16; panels * k2 * NR * 2];
+        for r in 0..k2 {
+            let (x0, x1) = (&row(2 * r)[..n], (2 * r + 1 < k).then(|| &row(2 * r + 1)[..n]));
+            for p in 0..panels {
+                let cols = p * NR..(p * NR + NR).min(n);
+                let out = &mut data[(p * k2 + r) * NR * 2..][..2 * cols.len()];
+                // SAFETY: the CPU has AVX-512 BF16 and BW (asserted above).
+                unsafe { interleave(&x0[cols.clone()], x1.map(|x| &x[cols.clone()]), out) };
+            }
+        }
+        Self { k, n, data }
+    }
+
+    /// `B = Xᵀ [k, n]` for `X [n, k]` whose row j is `row(j)` (at least k values): the keys' or
+    /// values' rows as the columns of a product.
+    pub fn from_columns<'a>(k: usize, n: usize, row: impl Fn(usize) -> &'a [f32]) -> Self {
+        let (k2, panels) = (k.div_ceil(2), n.div_ceil(NR));
+        let mut data = vec![0u16; panels * k2 * NR * 2];
+        let mut words = vec![0u32; k2];
+        for j in 0..n {
+            pairs_into(&row(j)[..k], &mut words);
+            let (p, c) = (j / NR, j % NR);
+            for (r, w) in words.iter().enumerate() {
+                let at = (p * k2 + r) * NR * 2 + 2 * c;
+                data[at] = *w as u16;
+                data[at + 1] = (*w >> 16) as u16;
+            }
+        }
+        Self { k, n, data }
+    }
+
+    /// Pairs along k.
+    pub fn pairs(&self) -> usize {
+        self.k.div_ceil(2)
+    }
+}
+
+/// `x`'s values as bf16 pairs along the row: word r = (x[2r], x[2r+1]), the last pair's second half
+/// zero when the length is odd.
+fn pairs_into(x: &[f32], words: &mut [u32]) {
+    assert!(available(), "bf16 pairs on a CPU without AVX-512 BF16");
+    assert_eq!(words.len(), x.len().div_ceil(2));
+    let full = x.len() / 32;
+    // SAFETY: the CPU has AVX-512 BF16; 32 values are read and 16 words written per chunk, in bounds.
+    unsafe { pairs_avx512(x.as_ptr(), full, words.as_mut_ptr()) };
+    for (r, w) in words.iter_mut().enumerate().skip(full * 16) {
+        let hi = if 2 * r + 1 < x.len() { bf16(x[2 * r + 1]) as u32 } else { 0 };
+        *w = bf16(x[2 * r]) as u32 | hi << 16;
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pairs_avx512(x: *const f32, chunks: usize, words: *mut u32) {
+    for c in 0..chunks {
+        let v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x.add(32 * c + 16)), _mm512_loadu_ps(x.add(32 * c)));
+        _mm512_storeu_si512(words.add(16 * c) as *mut _, std::mem::transmute::<__m512bh, __m512i>(v));
+    }
+}
+
+/// Rows of pairs: the `m` rows of `k` values of `x` (row i at `x[i * stride..]`), `ceil(k/2)` words each.
+pub fn row_pairs(x: &[f32], m: usize, k: usize, stride: usize) -> Vec<u32> {
+    let k2 = k.div_ceil(2);
+    let mut out = vec![0u32; m * k2];
+    for (i, words) in out.chunks_exact_mut(k2.max(1)).enumerate().take(m) {
+        pairs_into(&x[i * stride..i * stride + k], words);
+    }
+    out
+}
+
+/// Pairs down the columns: for `X [m, n]` (row i at `x[i * stride..]`), word `r * n + c` =
+/// (X[2r][c], X[2r+1][c]): `Xᵀ` as the rows of pairs of a product (row c, pair r; strides 1 and n).
+pub fn column_pairs(x: &[f32], m: usize, n: usize, stride: usize) -> Vec<u32> {
+    assert!(available(), "bf16 pairs on a CPU without AVX-512 BF16");
+    let mut out = vec![0u32; m.div_ceil(2) * n];
+    for (r, words) in out.chunks_exact_mut(n.max(1)).enumerate() {
+        let (x0, x1) = (&x[2 * r * stride..][..n], (2 * r + 1 < m).then(|| &x[(2 * r + 1) * stride..][..n]));
+        // SAFETY: n u32 words are 2n u16 values (a word's low half first, as the pairs are laid out);
+        // the CPU has AVX-512 BF16 and BW (asserted above).
+        unsafe { interleave(x0, x1, std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u16, 2 * n)) };
+    }
+    out
+}
+
+/// `out[2c] = bf16(x0[c])`, `out[2c + 1] = bf16(x1[c])` (0 without x1).
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+unsafe fn interleave(x0: &[f32], x1: Option<&[f32]>, out: &mut [u16]) {
+    const LO: [u16; 32] = {
+        let mut idx = [0u16; 32];
+        let mut j = 0;
+        while j < 32 {
+            idx[j] = (j / 2 + if j % 2 == 1 { 32 } else { 0 }) as u16;
+            j += 1;
+        }
+        idx
+    };
+    let n = x0.len();
+    debug_assert!(out.len() == 2 * n && x1.is_none_or(|x| x.len() == n));
+    let (lo, hi) = (
+        _mm512_loadu_si512(LO.as_ptr() as *const _),
+        _mm512_add_epi16(_mm512_loadu_si512(LO.as_ptr() as *const _), _mm512_set1_epi16(16)),
+    );
+    let convert = |x: *const f32| -> __m512i {
+        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x.add(16)), _mm512_loadu_ps(x)))
+    };
+    let full = n / 32;
+    for c in 0..full {
+        let a = convert(x0.as_ptr().add(32 * c));
+        let b = match x1 {
+            Some(x1) => convert(x1.as_ptr().add(32 * c)),
+            None => _mm512_setzero_si512(),
+        };
+        _mm512_storeu_si512(out.as_mut_ptr().add(64 * c) as *mut _, _mm512_permutex2var_epi16(a, lo, b));
+        _mm512_storeu_si512(out.as_mut_ptr().add(64 * c + 32) as *mut _, _mm512_permutex2var_epi16(a, hi, b));
+    }
+    for c in 32 * full..n {
+        out[2 * c] = bf16(x0[c]);
+        out[2 * c + 1] = x1.map_or(0, |x| bf16(x[c]));
+    }
+}
+
+/// `dst [m, n] (+)= A · B` in bf16 with f32 sums, on the calling thread: A's rows of pairs
+/// (`a`: pointer, row stride, pair stride, over `k2` pairs), B from column `col0` (a multiple of
+/// 32) and pair `pair0` of `b`, `dst` with row stride `ldc`; with `keep`, added to what it holds.
+/// The attention's products, whose operands change every call.
+///
+/// # Safety
+/// A must hold m rows of k2 pairs under its strides, and `dst` m rows of n values under `ldc`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn product(
+    (m, n, k2): (usize, usize, usize),
+    a: (*const u32, usize, usize),
+    b: &Panels,
+    (col0, pair0): (usize, usize),
+    dst: *mut f32,
+    ldc: usize,
+    keep: bool,
+) {
+    let bk2 = b.pairs();
+    assert!(col0 % NR == 0 && col0 + n <= b.n && pair0 + k2 <= bk2, "bf16 product outside its panels");
+    if m == 0 || n == 0 {
+        return;
+    }
+    for p in 0..n.div_ceil(NR) {
+        let cols = NR.min(n - p * NR);
+        let bp = b.data.as_ptr().add(((col0 / NR + p) * bk2 + pair0) * NR * 2);
+        for blk in 0..m.div_ceil(MR) {
+            let rows = MR.min(m - blk * MR);
+            let ab = (a.0.add(blk * MR * a.1), a.1, a.2);
+            kernel::<false>(k2, ab, bp, dst.add(blk * MR * ldc + p * NR), ldc, rows, cols, keep);
+        }
     }
 }
 
@@ -131,7 +292,7 @@ pub fn matmul(x: &[f32], m: usize, b: &Panels, threads: usize) -> Vec<f32> {
             // other panel touches.
             unsafe {
                 let c = out_ptr.at(blk * MR * n + p * NR).cast::<f32>();
-                kernel(k2, a[blk * k2 * MR..].as_ptr(), bp, c, n, rows, cols);
+                kernel::<true>(k2, (a[blk * k2 * MR..].as_ptr(), 1, MR), bp, c, n, rows, cols, false);
             }
         }
     };
@@ -146,16 +307,32 @@ pub fn matmul(x: &[f32], m: usize, b: &Panels, threads: usize) -> Vec<f32> {
     out
 }
 
-/// `c[rows, cols] = A · B` for one block of MR packed rows and one panel, over k2 pairs.
+/// `c[rows, cols] (+)= A · B` for one block of up to MR rows and one panel, over k2 pairs. A is a
+/// block packed by `matmul` (`PACKED`: row i's pair r at `a.0[r * MR + i]`, zero rows past `rows`)
+/// or rows of pairs (row i's pair r at `a.0[i * a.1 + r * a.2]`; rows past `rows` are read as the
+/// last one and dropped, so every block runs the same unrolled loop). With `keep`, adds to what `c`
+/// holds.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn kernel(k2: usize, a: *const u32, b: *const u16, c: *mut f32, ldc: usize, rows: usize, cols: usize) {
+unsafe fn kernel<const PACKED: bool>(
+    k2: usize,
+    a: (*const u32, usize, usize),
+    b: *const u16,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    keep: bool,
+) {
+    let (a, a_rs, a_cs) = a;
+    let row_at: [*const u32; MR] = std::array::from_fn(|i| a.add(i.min(rows.saturating_sub(1)) * a_rs));
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     for r in 0..k2 {
         let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(r * NR * 2) as *const _));
         let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(r * NR * 2 + NR) as *const _));
-        let ar = a.add(r * MR);
         for (i, acc) in acc.iter_mut().enumerate() {
-            let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ar.add(i) as i32));
+            let word = if PACKED { *a.add(r * MR + i) } else { *row_at[i].add(r * a_cs) };
+            let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(word as i32));
             acc[0] = _mm512_dpbf16_ps(acc[0], ai, b0);
             acc[1] = _mm512_dpbf16_ps(acc[1], ai, b1);
         }
@@ -163,8 +340,13 @@ unsafe fn kernel(k2: usize, a: *const u32, b: *const u16, c: *mut f32, ldc: usiz
     let (m0, m1) = (mask(cols.min(16)), mask(cols.saturating_sub(16)));
     for (i, acc) in acc.iter().enumerate().take(rows) {
         let row = c.add(i * ldc);
-        _mm512_mask_storeu_ps(row, m0, acc[0]);
-        _mm512_mask_storeu_ps(row.add(16), m1, acc[1]);
+        let (mut v0, mut v1) = (acc[0], acc[1]);
+        if keep {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
+        }
+        _mm512_mask_storeu_ps(row, m0, v0);
+        _mm512_mask_storeu_ps(row.add(16), m1, v1);
     }
 }
 

@@ -210,7 +210,7 @@ impl Llama {
                 let (kbuf, vbuf) = &cache.layers[layer];
                 kbuf.slice_set(&k.unsqueeze(0)?, 2, used)?;
                 vbuf.slice_set(&v.unsqueeze(0)?, 2, used)?;
-                return packed_attention(&q, &k, &v, &[t], past.as_ref().map(|(k, v)| (k, v)), scale);
+                return packed_attention(&q, &k, &v, &[t], past.as_ref().map(|(k, v)| (k, v)), scale, self.bf16);
             }
             // One token per row: [kv_heads, rows, hd] -> [rows, kv_heads, 1, hd] into the buffers.
             let (kbuf, vbuf) = &cache.layers[layer];

@@ -127,6 +127,8 @@ pub struct Llama {
     sin: Tensor,
     device: Device,
     dtype: DType,
+    /// Whether the products (the weights' and the attention's) run in bf16 (`use_bf16_matmuls`).
+    pub(super) bf16: bool,
 }
 
 impl Llama {
@@ -184,6 +186,7 @@ impl Llama {
             sin,
             device: device.clone(),
             dtype,
+            bf16: false,
         })
     }
 
@@ -192,7 +195,7 @@ impl Llama {
     }
 
     /// Puts every frozen product (the layers' and the LM head's) on bf16 panels where the CPU can
-    /// (`frozen.rs`); whether it could.
+    /// (`frozen.rs`), and the attention's products in bf16 too; whether it could.
     pub fn use_bf16_matmuls(&mut self) -> candle_core::Result<bool> {
         let mut all = self.lm_head.pack_bf16()?;
         for b in &mut self.blocks {
@@ -200,6 +203,7 @@ impl Llama {
                 all &= lin.pack_bf16()?;
             }
         }
+        self.bf16 = all;
         Ok(all)
     }
 
@@ -272,7 +276,7 @@ impl Llama {
         let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
         self.blocks_with(x, positions, |layer, q, k, v| {
             let cached = prefix.map(|c| (&c.k[layer], &c.v[layer]));
-            let ctx = packed_attention(&q, &k, &v, lens, cached, scale)?;
+            let ctx = packed_attention(&q, &k, &v, lens, cached, scale, self.bf16)?;
             if let Some((ks, vs)) = collect.as_deref_mut() {
                 ks.push(k);
                 vs.push(v);

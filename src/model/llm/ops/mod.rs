@@ -6,6 +6,8 @@
 //! On other devices, or dtypes other than f32/f64, the primitive versions run instead.
 
 mod attention;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod rms_norm;
 mod rope;
 mod silu_mul;
@@ -165,7 +167,7 @@ mod tests {
             let y = silu_mul(&y, x.as_tensor()).unwrap();
             let q = y.reshape((6, 192, 32)).unwrap().narrow(2, 0, 32).unwrap().contiguous().unwrap();
             let kv2 = kv.as_tensor().narrow(2, 0, 32).unwrap().contiguous().unwrap();
-            let out = packed_attention(&q, &kv2, &kv2, &[100, 92], None, 0.2).unwrap();
+            let out = packed_attention(&q, &kv2, &kv2, &[100, 92], None, 0.2, false).unwrap();
             let grads = out.sqr().unwrap().sum_all().unwrap().backward().unwrap();
             let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             vec![flat(&out), flat(grads.get(x.as_tensor()).unwrap()), flat(grads.get(kv.as_tensor()).unwrap())]

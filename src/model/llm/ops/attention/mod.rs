@@ -7,6 +7,9 @@
 //! products run through `gemm` on views of the packed buffers; the backward recomputes the
 //! probabilities (flash-attention style) instead of keeping them.
 
+#[cfg(target_arch = "x86_64")]
+mod bf16;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Storage, Tensor, WithDType};
 
 use super::super::shared::SharedOut;
@@ -15,7 +18,8 @@ use super::exp_f32;
 /// Attention of `q [heads, tokens, d]` over `k`, `v` `[kv_heads, tokens, d]` for rows of `lens`
 /// tokens each (summing to `tokens`), after the optional constant `prefix` keys and values
 /// `[kv_heads, p, d]`; scores are scaled by `scale`. Returns `[heads, tokens, d]`, differentiable in
-/// `q`, `k` and `v`.
+/// `q`, `k` and `v`. With `bf16` (where the CPU has AVX-512 BF16) f32 operands are multiplied in
+/// bf16 with f32 sums (`bf16.rs`).
 pub fn packed_attention(
     q: &Tensor,
     k: &Tensor,
@@ -23,6 +27,7 @@ pub fn packed_attention(
     lens: &[usize],
     prefix: Option<(&Tensor, &Tensor)>,
     scale: f64,
+    bf16: bool,
 ) -> candle_core::Result<Tensor> {
     let (heads, tokens, d) = q.dims3()?;
     let (kv_heads, kt, kd) = k.dims3()?;
@@ -45,7 +50,11 @@ pub fn packed_attention(
     if !q.device().is_cpu() {
         return primitive(q, k, v, lens, prefix.as_ref().map(|(a, b)| (a, b)), scale);
     }
-    let op = Attention { lens: lens.to_vec(), prefix, scale, heads, kv_heads, d };
+    #[cfg(target_arch = "x86_64")]
+    let bf16 = bf16 && super::super::bf16::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let bf16 = false;
+    let op = Attention { lens: lens.to_vec(), prefix, scale, heads, kv_heads, d, bf16 };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
@@ -93,6 +102,8 @@ struct Attention {
     heads: usize,
     kv_heads: usize,
     d: usize,
+    /// f32 products in bf16 (`bf16.rs`); only set where the CPU has AVX-512 BF16.
+    bf16: bool,
 }
 
 /// `dst := dst·keep + lhs·rhs` for matrices given by pointer and (row, column) strides.
@@ -175,6 +186,11 @@ mod float {
         }
         fn masked_softmax(row: &mut [f32], keep: usize, scale: f64) {
             let scale = scale as f32;
+            #[cfg(target_arch = "x86_64")]
+            if super::super::avx512::available() {
+                // SAFETY: the CPU has AVX-512 F.
+                return unsafe { super::super::avx512::masked_softmax(row, keep, scale) };
+            }
             let (head, tail) = row.split_at_mut(keep);
             // scale > 0, so the largest scaled score is the largest score, scaled.
             let m = head.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m }) * scale;
@@ -423,6 +439,11 @@ impl CustomOp3 for Attention {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = match s1 {
+            #[cfg(target_arch = "x86_64")]
+            CpuStorage::F32(_) if self.bf16 => {
+                let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+                CpuStorage::F32(self.with_prefix(|pk: &[f32], pv: &[f32]| Ok(self.forward_bf16(q, k, v, pk, pv)))?)
+            }
             CpuStorage::F32(_) => {
                 CpuStorage::F32(self.forward::<f32>(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?)?)
             }
@@ -477,6 +498,13 @@ impl CustomOp1 for AttentionGrad<'_> {
             (q, k, v, go)
         }
         let out = match s {
+            #[cfg(target_arch = "x86_64")]
+            CpuStorage::F32(_) if self.op.bf16 => {
+                let (q, k, v, go) = split(slice::<f32>(s, l)?, nq, nk, nv);
+                CpuStorage::F32(
+                    self.op.with_prefix(|pk: &[f32], pv: &[f32]| Ok(self.op.backward_bf16(q, k, v, go, pk, pv)))?,
+                )
+            }
             CpuStorage::F32(_) => {
                 let (q, k, v, go) = split(slice::<f32>(s, l)?, nq, nk, nv);
                 CpuStorage::F32(self.op.backward(q, k, v, go)?)
@@ -507,7 +535,7 @@ mod tests {
         let (pk, pv) = (random_f64(&[kv_heads, p, d], 4), random_f64(&[kv_heads, p, d], 5));
         let prefix = (p > 0).then_some((&pk, &pv));
         let up = random_f64(&[heads, t, d], 6);
-        let fused = packed_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), lens, prefix, 0.4).unwrap();
+        let fused = packed_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), lens, prefix, 0.4, false).unwrap();
         let plain = primitive(q.as_tensor(), k.as_tensor(), v.as_tensor(), lens, prefix, 0.4).unwrap();
         assert!(max_abs_diff(&fused, &plain) < 1e-12, "forward, lens {lens:?}, prefix {p}");
         let g1 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
@@ -529,7 +557,7 @@ mod tests {
         let (pk, pv) = (f32s(random_f64(&[2, p, d], 10)), f32s(random_f64(&[2, p, d], 11)));
         let up = f32s(random_f64(&[6, t, d], 12));
         let args = (q.as_tensor(), k.as_tensor(), v.as_tensor());
-        let fused = packed_attention(args.0, args.1, args.2, &lens, Some((&pk, &pv)), 0.7).unwrap();
+        let fused = packed_attention(args.0, args.1, args.2, &lens, Some((&pk, &pv)), 0.7, false).unwrap();
         let plain = primitive(args.0, args.1, args.2, &lens, Some((&pk, &pv)), 0.7).unwrap();
         let f64s = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
         assert!(max_abs_diff(&f64s(&fused), &f64s(&plain)) < 1e-5);
