@@ -264,13 +264,13 @@ pub fn matmul(x: &[f32], m: usize, b: &Panels, threads: usize) -> Vec<f32> {
     // a step).
     let blocks = m.div_ceil(MR);
     let mut a = vec![0u32; blocks * k2 * MR];
+    // A row is converted with vector instructions, then its pairs spread MR apart.
     let pack = |(blk, words): (usize, &mut [u32])| {
+        let mut row_words = vec![0u32; k2];
         for i in 0..MR.min(m - blk * MR) {
-            let row = &x[(blk * MR + i) * b.k..(blk * MR + i + 1) * b.k];
-            for r in 0..k2 {
-                let lo = bf16(row[2 * r]) as u32;
-                let hi = if 2 * r + 1 < b.k { bf16(row[2 * r + 1]) as u32 } else { 0 };
-                words[r * MR + i] = lo | hi << 16;
+            pairs_into(&x[(blk * MR + i) * b.k..(blk * MR + i + 1) * b.k], &mut row_words);
+            for (r, w) in row_words.iter().enumerate() {
+                words[r * MR + i] = *w;
             }
         }
     };

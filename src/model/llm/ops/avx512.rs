@@ -67,6 +67,62 @@ pub unsafe fn masked_softmax(row: &mut [f32], keep: usize, scale: f32) {
     tail.fill(0.0);
 }
 
+/// σ(g) on 16 lanes, through `exp16`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn sigmoid16(g: __m512) -> __m512 {
+    let one = _mm512_set1_ps(1.0);
+    _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))))
+}
+
+/// The lanes of a chunk of `n` values at 16-lane step `i` (all but the last step: all 16).
+fn lanes(n: usize, i: usize) -> __mmask16 {
+    let left = n - 16 * i;
+    if left >= 16 {
+        0xffff
+    } else {
+        ((1u32 << left) - 1) as __mmask16
+    }
+}
+
+/// `out = silu(g) ⊙ u` (the MLP's gate), in f32.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; the slices must have one length.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+    let n = out.len();
+    debug_assert!(g.len() == n && u.len() == n);
+    for i in 0..n.div_ceil(16) {
+        let m = lanes(n, i);
+        let gv = _mm512_maskz_loadu_ps(m, g.as_ptr().add(16 * i));
+        let uv = _mm512_maskz_loadu_ps(m, u.as_ptr().add(16 * i));
+        let y = _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid16(gv)), uv);
+        _mm512_mask_storeu_ps(out.as_mut_ptr().add(16 * i), m, y);
+    }
+}
+
+/// The gate's backward: `dg = dy ⊙ u ⊙ σ(1 + g(1 − σ))`, `du = dy ⊙ g·σ`, in f32.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; the slices must have one length.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn silu_mul_grad(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    let n = dg.len();
+    debug_assert!(g.len() == n && u.len() == n && dy.len() == n && du.len() == n);
+    let one = _mm512_set1_ps(1.0);
+    for i in 0..n.div_ceil(16) {
+        let m = lanes(n, i);
+        let gv = _mm512_maskz_loadu_ps(m, g.as_ptr().add(16 * i));
+        let uv = _mm512_maskz_loadu_ps(m, u.as_ptr().add(16 * i));
+        let yv = _mm512_maskz_loadu_ps(m, dy.as_ptr().add(16 * i));
+        let s = sigmoid16(gv);
+        let ds = _mm512_mul_ps(s, _mm512_add_ps(one, _mm512_mul_ps(gv, _mm512_sub_ps(one, s))));
+        _mm512_mask_storeu_ps(dg.as_mut_ptr().add(16 * i), m, _mm512_mul_ps(_mm512_mul_ps(yv, uv), ds));
+        _mm512_mask_storeu_ps(du.as_mut_ptr().add(16 * i), m, _mm512_mul_ps(yv, _mm512_mul_ps(gv, s)));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,6 +46,20 @@ impl CustomOp2 for SiluMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        #[cfg(target_arch = "x86_64")]
+        if let (CpuStorage::F32(g), CpuStorage::F32(u), true) = (s1, s2, super::avx512::available()) {
+            let (g, u) = (super::contiguous(g, l1)?, super::contiguous(u, l2)?);
+            let mut out = vec![0f32; g.len()];
+            // SAFETY (both): the CPU has AVX-512 F; the chunks of out, g and u have one length.
+            if shared(out.len()) {
+                use rayon::prelude::*;
+                let parts = out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)));
+                parts.for_each(|(o, (g, u))| unsafe { super::avx512::silu_mul(g, u, o) });
+            } else {
+                unsafe { super::avx512::silu_mul(g, u, &mut out) }
+            }
+            return Ok((CpuStorage::F32(out), l1.shape().clone()));
+        }
         run2(self, "silu_mul", (s1, l1), (s2, l2))
     }
 
@@ -62,6 +76,12 @@ impl CustomOp2 for SiluMul {
         let grads = all.apply_op1_no_bwd(&SiluMulGrad)?;
         Ok((Some(grads.narrow(0, 0, n)?.reshape(g.shape())?), Some(grads.narrow(0, n, n)?.reshape(u.shape())?)))
     }
+}
+
+/// Whether `n` values are shared out over the pool in chunks of CHUNK (else the calling thread does
+/// them all). Each value depends on its own inputs alone, so either gives the same results.
+fn shared(n: usize) -> bool {
+    rayon::current_num_threads() > 1 && n >= 1 << 15
 }
 
 /// One chunk of the backward: (dg, du) to write from ((g, u), dy).
@@ -88,7 +108,7 @@ impl super::Kernel for SiluMulGrad {
         };
         let parts = dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK));
         let inputs = g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK));
-        if rayon::current_num_threads() > 1 && n >= 1 << 15 {
+        if shared(n) {
             parts.zip(inputs).for_each(chunk);
         } else {
             dg.chunks_mut(CHUNK)
@@ -106,6 +126,26 @@ impl candle_core::CustomOp1 for SiluMulGrad {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        #[cfg(target_arch = "x86_64")]
+        if let (CpuStorage::F32(x), true) = (s, super::avx512::available()) {
+            let x = super::contiguous(x, l)?;
+            let n = x.len() / 3;
+            let (g, rest) = x.split_at(n);
+            let (u, dy) = rest.split_at(n);
+            let mut out = vec![0f32; 2 * n];
+            let (dg, du) = out.split_at_mut(n);
+            // SAFETY (both): the CPU has AVX-512 F; the chunks of all five slices have one length.
+            if shared(n) {
+                use rayon::prelude::*;
+                let outs = dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK));
+                let ins = g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK));
+                outs.zip(ins)
+                    .for_each(|((dg, du), ((g, u), dy))| unsafe { super::avx512::silu_mul_grad(g, u, dy, dg, du) });
+            } else {
+                unsafe { super::avx512::silu_mul_grad(g, u, dy, dg, du) }
+            }
+            return Ok((CpuStorage::F32(out), Shape::from(2 * n)));
+        }
         let (out, shape) = super::run(self, "silu_mul", s, l)?;
         Ok((out, Shape::from(shape.elem_count() / 3 * 2)))
     }
