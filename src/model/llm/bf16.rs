@@ -263,23 +263,33 @@ pub fn matmul(x: &[f32], m: usize, b: &Panels, threads: usize) -> Vec<f32> {
     // packed in parallel too (packed on one thread, they held a second thread idle for a tenth of
     // a step).
     let blocks = m.div_ceil(MR);
-    let mut a = vec![0u32; blocks * k2 * MR];
+    // Every word is written below (the last block's rows past m as zeros), so the buffer is not
+    // zeroed first (it is m x k x 2 bytes, for every product of a step).
+    let mut a: Vec<u32> = Vec::with_capacity(blocks * k2 * MR);
     // A row is converted with vector instructions, then its pairs spread MR apart.
-    let pack = |(blk, words): (usize, &mut [u32])| {
+    let pack = |(blk, words): (usize, &mut [std::mem::MaybeUninit<u32>])| {
         let mut row_words = vec![0u32; k2];
-        for i in 0..MR.min(m - blk * MR) {
-            pairs_into(&x[(blk * MR + i) * b.k..(blk * MR + i + 1) * b.k], &mut row_words);
+        let rows = MR.min(m - blk * MR);
+        for i in 0..MR {
+            if i < rows {
+                pairs_into(&x[(blk * MR + i) * b.k..(blk * MR + i + 1) * b.k], &mut row_words);
+            } else if i == rows {
+                row_words.fill(0);
+            }
             for (r, w) in row_words.iter().enumerate() {
-                words[r * MR + i] = *w;
+                words[r * MR + i].write(*w);
             }
         }
     };
+    let spare = &mut a.spare_capacity_mut()[..blocks * k2 * MR];
     if threads > 1 && blocks > 1 {
         use rayon::prelude::*;
-        a.par_chunks_mut(k2 * MR).enumerate().for_each(pack);
+        spare.par_chunks_mut(k2 * MR).enumerate().for_each(pack);
     } else {
-        a.chunks_mut(k2 * MR).enumerate().for_each(pack);
+        spare.chunks_mut(k2 * MR).enumerate().for_each(pack);
     }
+    // SAFETY: `pack` wrote all k2 x MR words of every block.
+    unsafe { a.set_len(blocks * k2 * MR) };
     let panels = n.div_ceil(NR);
     let out_ptr = SharedOut::new(out.spare_capacity_mut());
     let run = |p: usize| {

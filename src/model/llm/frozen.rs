@@ -79,6 +79,11 @@ impl FrozenLinear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         FrozenMatmul { weight: self.weight.clone(), side: Side::Transposed }.apply(x)
     }
+
+    /// The input gradient of `forward` for the upstream gradient `dy [.., out]`: `dy · W [.., in]`.
+    pub fn backward(&self, dy: &Tensor) -> candle_core::Result<Tensor> {
+        FrozenMatmul { weight: self.weight.clone(), side: Side::Plain }.apply(dy)
+    }
 }
 
 /// What computes the frozen f32 products on the CPU (for benchmark reports).

@@ -16,7 +16,8 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::frozen::FrozenLinear;
-use super::ops::{packed_attention, rms_norm, rope, silu_mul};
+use super::layer::{self, Block, Context, Heads};
+use super::ops::{fused, packed_attention, rms_norm, silu_mul};
 use super::LlmError;
 
 /// Architecture of a Llama-family checkpoint (the fields of a Hugging Face `config.json` that matter).
@@ -102,18 +103,6 @@ impl LlamaConfig {
         }
         out
     }
-}
-
-struct Block {
-    attn_norm: Tensor,
-    q: FrozenLinear,
-    k: FrozenLinear,
-    v: FrozenLinear,
-    o: FrozenLinear,
-    mlp_norm: Tensor,
-    gate: FrozenLinear,
-    up: FrozenLinear,
-    down: FrozenLinear,
 }
 
 /// The decoder's weights and precomputed RoPE tables.
@@ -257,9 +246,23 @@ impl Llama {
         x: &Tensor,
         lens: &[usize],
         prefix: Option<&PrefixCache>,
-        mut collect: Option<&mut (Vec<Tensor>, Vec<Tensor>)>,
+        collect: Option<&mut (Vec<Tensor>, Vec<Tensor>)>,
     ) -> candle_core::Result<Tensor> {
-        let tokens = x.dim(0)?;
+        let positions = self.positions(x.dim(0)?, lens, prefix)?;
+        if collect.is_none() && fused(x) {
+            self.fused_layers(x, positions, lens, prefix)
+        } else {
+            self.graph_layers(x, positions, lens, prefix, collect)
+        }
+    }
+
+    /// Each token's position: the prefix's length plus its place in its row.
+    pub(super) fn positions(
+        &self,
+        tokens: usize,
+        lens: &[usize],
+        prefix: Option<&PrefixCache>,
+    ) -> candle_core::Result<Vec<u32>> {
         let p = prefix.map_or(0, |c| c.len);
         let longest = p + lens.iter().copied().max().unwrap_or(0);
         if longest > self.cfg.max_position_embeddings {
@@ -268,12 +271,28 @@ impl Llama {
                 self.cfg.max_position_embeddings
             );
         }
-        // Each token's position: the prefix's length plus its place in its row.
         let positions: Vec<u32> = lens.iter().flat_map(|&n| (p..p + n).map(|i| i as u32)).collect();
         if positions.len() != tokens {
             candle_core::bail!("rows of {lens:?} tokens for {tokens} input embeddings");
         }
-        let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
+        Ok(positions)
+    }
+
+    fn attention_scale(&self) -> f64 {
+        1.0 / (self.cfg.head_dim() as f64).sqrt()
+    }
+
+    /// `layers` with every op a node of the autograd graph: other devices and dtypes, and the prefix
+    /// cache's keys and values.
+    pub(super) fn graph_layers(
+        &self,
+        x: &Tensor,
+        positions: Vec<u32>,
+        lens: &[usize],
+        prefix: Option<&PrefixCache>,
+        mut collect: Option<&mut (Vec<Tensor>, Vec<Tensor>)>,
+    ) -> candle_core::Result<Tensor> {
+        let scale = self.attention_scale();
         self.blocks_with(x, positions, |layer, q, k, v| {
             let cached = prefix.map(|c| (&c.k[layer], &c.v[layer]));
             let ctx = packed_attention(&q, &k, &v, lens, cached, scale, self.bf16)?;
@@ -282,6 +301,41 @@ impl Llama {
                 vs.push(v);
             }
             Ok(ctx)
+        })
+    }
+
+    /// `layers` on the CPU with each layer one node of the autograd graph (`layer.rs`).
+    pub(super) fn fused_layers(
+        &self,
+        x: &Tensor,
+        positions: Vec<u32>,
+        lens: &[usize],
+        prefix: Option<&PrefixCache>,
+    ) -> candle_core::Result<Tensor> {
+        let cx = std::sync::Arc::new(Context {
+            heads: self.heads_at(positions)?,
+            eps: self.cfg.rms_norm_eps,
+            lens: lens.to_vec(),
+            scale: self.attention_scale(),
+            bf16: self.bf16,
+        });
+        let mut x = x.clone();
+        for (l, blk) in self.blocks.iter().enumerate() {
+            x = layer::forward(blk, &x, &cx, prefix.map(|c| (&c.k[l], &c.v[l])))?;
+        }
+        Ok(x)
+    }
+
+    /// The head shapes and RoPE rows of tokens at `positions`.
+    fn heads_at(&self, positions: Vec<u32>) -> candle_core::Result<Heads> {
+        let at = Tensor::from_vec(positions.clone(), positions.len(), &self.device)?;
+        Ok(Heads {
+            heads: self.cfg.num_attention_heads,
+            kv_heads: self.cfg.kv_heads(),
+            head_dim: self.cfg.head_dim(),
+            cos: self.cos.index_select(&at, 0)?,
+            sin: self.sin.index_select(&at, 0)?,
+            interleaved: self.cfg.rope_interleaved,
         })
     }
 
@@ -296,27 +350,17 @@ impl Llama {
         positions: Vec<u32>,
         mut attend: impl FnMut(usize, Tensor, Tensor, Tensor) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let tokens = x.dim(0)?;
-        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
-        let at = Tensor::from_vec(positions, tokens, &self.device)?;
-        let (cos, sin) = (self.cos.index_select(&at, 0)?, self.sin.index_select(&at, 0)?);
-        let interleaved = self.cfg.rope_interleaved;
+        let hd = self.heads_at(positions)?;
+        let eps = self.cfg.rms_norm_eps;
         let mut x = x.clone();
         for (layer, blk) in self.blocks.iter().enumerate() {
-            let h = rms_norm(&x, &blk.attn_norm, self.cfg.rms_norm_eps)?;
-            // [tokens, heads * hd] -> [heads, tokens, hd], rotated by position.
-            let heads = |lin: &FrozenLinear, n: usize, rotate: bool| -> candle_core::Result<Tensor> {
-                let y = lin.forward(&h)?.reshape((tokens, n, hd))?.transpose(0, 1)?.contiguous()?;
-                if rotate {
-                    rope(&y.unsqueeze(0)?, &cos, &sin, interleaved)?.squeeze(0)
-                } else {
-                    Ok(y)
-                }
-            };
-            let (q, k, v) = (heads(&blk.q, nh, true)?, heads(&blk.k, nkv, true)?, heads(&blk.v, nkv, false)?);
+            let h = rms_norm(&x, &blk.attn_norm, eps)?;
+            let q = hd.split(&blk.q.forward(&h)?, hd.heads, true)?;
+            let (k, v) =
+                (hd.split(&blk.k.forward(&h)?, hd.kv_heads, true)?, hd.split(&blk.v.forward(&h)?, hd.kv_heads, false)?);
             let ctx = attend(layer, q, k, v)?;
-            x = (x + blk.o.forward(&ctx.transpose(0, 1)?.reshape((tokens, nh * hd))?)?)?;
-            let h = rms_norm(&x, &blk.mlp_norm, self.cfg.rms_norm_eps)?;
+            x = (x + blk.o.forward(&Heads::merge(&ctx)?)?)?;
+            let h = rms_norm(&x, &blk.mlp_norm, eps)?;
             x = (x + blk.down.forward(&silu_mul(&blk.gate.forward(&h)?, &blk.up.forward(&h)?)?)?)?;
         }
         Ok(x)

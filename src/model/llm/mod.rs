@@ -7,6 +7,7 @@ mod bf16;
 pub mod blas;
 mod cache;
 mod frozen;
+mod layer;
 mod llama;
 mod load;
 mod ops;

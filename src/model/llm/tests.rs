@@ -126,3 +126,44 @@ fn a_cached_prefix_gives_the_full_computations_outputs_and_gradients() {
         start += len;
     }
 }
+
+#[test]
+fn one_node_layers_match_the_op_by_op_graph_outputs_and_gradients() {
+    // Two rows of 5 and 3 tokens after a 2-token prefix, through every layer: the layers as single
+    // graph nodes with their own backward (`layer.rs`) against the same ops as separate nodes.
+    for (dtype, bf16, tol) in [(DType::F64, false, 1e-11), (DType::F32, false, 1e-5), (DType::F32, true, 1e-5)] {
+        let mut llm = tiny(dtype);
+        if bf16 && !llm.model.use_bf16_matmuls().unwrap() {
+            eprintln!("no bf16 products on this CPU: that case is not checked");
+            continue;
+        }
+        let (dev, h, lens) = (Device::Cpu, llm.hidden_size(), [5usize, 3]);
+        let mut rng = crate::seed::stream(5, "layer", 0);
+        let mut normal = |n: usize| {
+            crate::model::layers::normal_tensor((n, h), 1.0, &mut rng, &dev).unwrap().to_dtype(dtype).unwrap()
+        };
+        let cache = llm.model.prefix_cache(&normal(2)).unwrap();
+        let (x0, probe) = (normal(8), normal(8));
+        let run = |fused: bool| {
+            let x = Var::from_tensor(&x0).unwrap();
+            let positions = llm.model.positions(8, &lens, Some(&cache)).unwrap();
+            let out = if fused {
+                llm.model.fused_layers(x.as_tensor(), positions, &lens, Some(&cache))
+            } else {
+                llm.model.graph_layers(x.as_tensor(), positions, &lens, Some(&cache), None)
+            }
+            .unwrap();
+            let grads = (&out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let flat = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            (flat(&out), flat(grads.get(x.as_tensor()).unwrap()))
+        };
+        let ((out1, g1), (out2, g2)) = (run(true), run(false));
+        let rel = |a: &[f64], b: &[f64]| {
+            let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+            a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+        };
+        assert!(rel(&out1, &out2) < tol, "{dtype:?} bf16 {bf16}: outputs differ by {:.2e}", rel(&out1, &out2));
+        assert!(rel(&g1, &g2) < tol, "{dtype:?} bf16 {bf16}: gradients differ by {:.2e}", rel(&g1, &g2));
+        assert!(g1.iter().any(|v| *v != 0.0));
+    }
+}

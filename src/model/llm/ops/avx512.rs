@@ -1,9 +1,10 @@
-//! AVX-512 versions of the attention's softmax and its `exp`, for CPUs that have it: built for the
-//! baseline x86-64, the compiler turns `exp_f32`'s loop into 4-lane SSE with scalar clamps, and the
-//! softmax was a tenth of a bf16 step on 2 x 537 tokens. The same operations in the same order as
-//! `exp_f32`, so each value equals the scalar one bit for bit (tested).
+//! AVX-512 versions of the f32 elementwise steps, for CPUs that have it: built for the baseline
+//! x86-64, the compiler turns their loops into 4-lane SSE (or leaves them scalar in f64), and the
+//! softmax alone was a tenth of a bf16 step on 2 x 537 tokens. `exp16` does the same operations in
+//! the same order as `exp_f32`, so each value equals the scalar one bit for bit (tested).
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 /// Whether the CPU runs these.
 pub fn available() -> bool {
@@ -85,12 +86,12 @@ fn lanes(n: usize, i: usize) -> __mmask16 {
     }
 }
 
-/// `out = silu(g) ⊙ u` (the MLP's gate), in f32.
+/// `out = silu(g) ⊙ u` (the MLP's gate), in f32; every value of `out` is written.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F; the slices must have one length.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+pub unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [MaybeUninit<f32>]) {
     let n = out.len();
     debug_assert!(g.len() == n && u.len() == n);
     for i in 0..n.div_ceil(16) {
@@ -98,16 +99,23 @@ pub unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
         let gv = _mm512_maskz_loadu_ps(m, g.as_ptr().add(16 * i));
         let uv = _mm512_maskz_loadu_ps(m, u.as_ptr().add(16 * i));
         let y = _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid16(gv)), uv);
-        _mm512_mask_storeu_ps(out.as_mut_ptr().add(16 * i), m, y);
+        _mm512_mask_storeu_ps(out.as_mut_ptr().cast::<f32>().add(16 * i), m, y);
     }
 }
 
-/// The gate's backward: `dg = dy ⊙ u ⊙ σ(1 + g(1 − σ))`, `du = dy ⊙ g·σ`, in f32.
+/// The gate's backward: `dg = dy ⊙ u ⊙ σ(1 + g(1 − σ))`, `du = dy ⊙ g·σ`, in f32; every value of
+/// `dg` and `du` is written.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F; the slices must have one length.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn silu_mul_grad(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+pub unsafe fn silu_mul_grad(
+    g: &[f32],
+    u: &[f32],
+    dy: &[f32],
+    dg: &mut [MaybeUninit<f32>],
+    du: &mut [MaybeUninit<f32>],
+) {
     let n = dg.len();
     debug_assert!(g.len() == n && u.len() == n && dy.len() == n && du.len() == n);
     let one = _mm512_set1_ps(1.0);
@@ -118,8 +126,73 @@ pub unsafe fn silu_mul_grad(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du
         let yv = _mm512_maskz_loadu_ps(m, dy.as_ptr().add(16 * i));
         let s = sigmoid16(gv);
         let ds = _mm512_mul_ps(s, _mm512_add_ps(one, _mm512_mul_ps(gv, _mm512_sub_ps(one, s))));
-        _mm512_mask_storeu_ps(dg.as_mut_ptr().add(16 * i), m, _mm512_mul_ps(_mm512_mul_ps(yv, uv), ds));
-        _mm512_mask_storeu_ps(du.as_mut_ptr().add(16 * i), m, _mm512_mul_ps(yv, _mm512_mul_ps(gv, s)));
+        _mm512_mask_storeu_ps(dg.as_mut_ptr().cast::<f32>().add(16 * i), m, _mm512_mul_ps(_mm512_mul_ps(yv, uv), ds));
+        _mm512_mask_storeu_ps(du.as_mut_ptr().cast::<f32>().add(16 * i), m, _mm512_mul_ps(yv, _mm512_mul_ps(gv, s)));
+    }
+}
+
+/// Σ a_i b_i in 16 f32 lanes (summed at the end).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len();
+    let mut acc = _mm512_setzero_ps();
+    for i in 0..n.div_ceil(16) {
+        let m = lanes(n, i);
+        let (av, bv) =
+            (_mm512_maskz_loadu_ps(m, a.as_ptr().add(16 * i)), _mm512_maskz_loadu_ps(m, b.as_ptr().add(16 * i)));
+        acc = _mm512_fmadd_ps(av, bv, acc);
+    }
+    _mm512_reduce_add_ps(acc)
+}
+
+/// 1 / sqrt(mean(x²) + eps) of a row.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    1.0 / (dot(x, x) / x.len() as f32 + eps).sqrt()
+}
+
+/// RMS norm of one row: `out = x · r ⊙ w` with r = `inv_rms(x)`; every value of `out` is written.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; the slices must have one length.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
+    let n = out.len();
+    debug_assert!(x.len() == n && w.len() == n);
+    let r = _mm512_set1_ps(inv_rms(x, eps));
+    for i in 0..n.div_ceil(16) {
+        let m = lanes(n, i);
+        let (xv, wv) =
+            (_mm512_maskz_loadu_ps(m, x.as_ptr().add(16 * i)), _mm512_maskz_loadu_ps(m, w.as_ptr().add(16 * i)));
+        _mm512_mask_storeu_ps(out.as_mut_ptr().cast::<f32>().add(16 * i), m, _mm512_mul_ps(_mm512_mul_ps(xv, r), wv));
+    }
+}
+
+/// RMS norm's backward for one row: with a = g ⊙ w and r = `inv_rms(x)`,
+/// `out = r·a − x · r³ (a·x) / n`; every value of `out` is written.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; the slices must have one length.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn rms_norm_grad(x: &[f32], w: &[f32], g: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
+    let n = out.len();
+    debug_assert!(x.len() == n && w.len() == n && g.len() == n);
+    let r = inv_rms(x, eps);
+    let load = |s: &[f32], m, i: usize| _mm512_maskz_loadu_ps(m, s.as_ptr().add(16 * i));
+    let mut acc = _mm512_setzero_ps();
+    for i in 0..n.div_ceil(16) {
+        let m = lanes(n, i);
+        acc = _mm512_fmadd_ps(_mm512_mul_ps(load(g, m, i), load(w, m, i)), load(x, m, i), acc);
+    }
+    let k = _mm512_set1_ps(r * r * r * _mm512_reduce_add_ps(acc) / n as f32);
+    let rv = _mm512_set1_ps(r);
+    for i in 0..n.div_ceil(16) {
+        let m = lanes(n, i);
+        let a = _mm512_mul_ps(load(g, m, i), load(w, m, i));
+        let y = _mm512_sub_ps(_mm512_mul_ps(rv, a), _mm512_mul_ps(load(x, m, i), k));
+        _mm512_mask_storeu_ps(out.as_mut_ptr().cast::<f32>().add(16 * i), m, y);
     }
 }
 

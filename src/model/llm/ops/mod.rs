@@ -5,6 +5,7 @@
 //! "Speed of a training step"). candle's own fused versions have no backward (docs/candle.md).
 //! On other devices, or dtypes other than f32/f64, the primitive versions run instead.
 
+mod add;
 mod attention;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -12,10 +13,13 @@ mod rms_norm;
 mod rope;
 mod silu_mul;
 
-pub use attention::packed_attention;
-pub use rms_norm::rms_norm;
-pub use rope::rope;
-pub use silu_mul::silu_mul;
+pub use add::{add, add_storage};
+pub use attention::{packed_attention, packed_attention_backward};
+pub use rms_norm::{rms_norm, rms_norm_backward};
+pub use rope::{rope, rope_backward};
+pub use silu_mul::{silu_mul, silu_mul_backward};
+
+use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, WithDType};
 
@@ -64,29 +68,30 @@ fn run2<K: Kernel2>(
 
 /// Rows of `width` values of `x` (and of `y`, the same shape, where a backward reads two operands)
 /// mapped through `f(row index, x row, y row, out row)` into a new buffer of rows of the same width
-/// (the last row may be short), over the thread pool when there is enough work to share.
+/// (the last row may be short), over the thread pool when there is enough work to share. `f` must
+/// write every value of its out row: the buffer is not zeroed first (zeroing fresh buffers cost a
+/// pass over memory per op).
 fn map_rows<T: WithDType>(
     x: &[T],
     y: Option<&[T]>,
     width: usize,
-    f: impl Fn(usize, &[T], &[T], &mut [T]) + Sync,
+    f: impl Fn(usize, &[T], &[T], &mut [MaybeUninit<T>]) + Sync,
 ) -> Vec<T> {
     use rayon::prelude::*;
     let width = width.max(1);
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = Vec::with_capacity(x.len());
+    let spare = &mut out.spare_capacity_mut()[..x.len()];
     let y = y.unwrap_or(&[]);
     let yrow = |r: usize| if y.is_empty() { &y[..0] } else { &y[r * width..((r + 1) * width).min(y.len())] };
-    let out_width = width;
     if rayon::current_num_threads() > 1 && x.len() >= 1 << 15 {
-        out.par_chunks_mut(out_width)
-            .zip(x.par_chunks(width))
-            .enumerate()
-            .for_each(|(r, (o, xr))| f(r, xr, yrow(r), o));
+        spare.par_chunks_mut(width).zip(x.par_chunks(width)).enumerate().for_each(|(r, (o, xr))| f(r, xr, yrow(r), o));
     } else {
-        for (r, (o, xr)) in out.chunks_mut(out_width).zip(x.chunks(width)).enumerate() {
+        for (r, (o, xr)) in spare.chunks_mut(width).zip(x.chunks(width)).enumerate() {
             f(r, xr, yrow(r), o);
         }
     }
+    // SAFETY: every row was handed to `f`, which writes each of its values.
+    unsafe { out.set_len(x.len()) };
     out
 }
 
@@ -124,7 +129,7 @@ fn sigmoid<T: WithDType>(g: f64) -> f64 {
 }
 
 /// Whether `x` takes the fused path.
-fn fused(x: &Tensor) -> bool {
+pub fn fused(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 

@@ -14,11 +14,14 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> candle
     if !fused(x) {
         return primitive(x, cos, sin, interleaved);
     }
-    let (_, _, t, d) = x.dims4()?;
-    if cos.dims() != [t, d / 2] || sin.dims() != [t, d / 2] {
-        candle_core::bail!("rope: tables {:?} / {:?} for {t} positions of {d} dims", cos.dims(), sin.dims());
-    }
-    x.contiguous()?.apply_op1(Rope { cos: values(cos)?, sin: values(sin)?, t, d, interleaved, inverse: false })
+    x.contiguous()?.apply_op1(Rope::new(x, cos, sin, interleaved)?)
+}
+
+/// The gradient of `rope(x, ..)` with respect to `x` for the upstream gradient `dy`: the rotation by
+/// the opposite angles, on the CPU (the decoder layer's own backward, `layer.rs`).
+pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> candle_core::Result<Tensor> {
+    let op = Rope { inverse: true, ..Rope::new(dy, cos, sin, interleaved)? };
+    dy.contiguous()?.apply_op1_no_bwd(&op)
 }
 
 fn primitive(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> candle_core::Result<Tensor> {
@@ -40,6 +43,17 @@ struct Rope {
     inverse: bool,
 }
 
+impl Rope {
+    /// Checks the tables against `x [b, heads, t, head_dim]`.
+    fn new(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> candle_core::Result<Self> {
+        let (_, _, t, d) = x.dims4()?;
+        if cos.dims() != [t, d / 2] || sin.dims() != [t, d / 2] {
+            candle_core::bail!("rope: tables {:?} / {:?} for {t} positions of {d} dims", cos.dims(), sin.dims());
+        }
+        Ok(Rope { cos: values(cos)?, sin: values(sin)?, t, d, interleaved, inverse: false })
+    }
+}
+
 impl Kernel for Rope {
     fn apply<T: WithDType>(&self, x: &[T]) -> Vec<T> {
         let half = self.d / 2;
@@ -50,8 +64,8 @@ impl Kernel for Rope {
                 let (c, s) = (self.cos[pos * half + i], sign * self.sin[pos * half + i]);
                 let (a, b) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
                 let (xa, xb) = (row[a].to_f64(), row[b].to_f64());
-                o[a] = T::from_f64(xa * c - xb * s);
-                o[b] = T::from_f64(xa * s + xb * c);
+                o[a].write(T::from_f64(xa * c - xb * s));
+                o[b].write(T::from_f64(xa * s + xb * c));
             }
         })
     }

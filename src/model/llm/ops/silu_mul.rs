@@ -21,6 +21,15 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
 }
 
+/// The gradients of `silu_mul(gate, up)` with respect to both for the upstream gradient `dy`, on the
+/// CPU (the decoder layer's own backward, `layer.rs`).
+pub fn silu_mul_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let (gate, up, dy) = (gate.contiguous()?, up.contiguous()?, dy.contiguous()?);
+    let n = gate.elem_count();
+    let grads = gate.apply_op3_no_bwd(&up, &dy, &SiluMulGrad)?;
+    Ok((grads.narrow(0, 0, n)?.reshape(gate.shape())?, grads.narrow(0, n, n)?.reshape(up.shape())?))
+}
+
 struct SiluMul;
 
 impl Kernel2 for SiluMul {
@@ -28,7 +37,7 @@ impl Kernel2 for SiluMul {
         map_rows(g, Some(u), CHUNK, |_, g, u, out| {
             for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
                 let g = g.to_f64();
-                *o = T::from_f64(g * sigmoid::<T>(g) * u.to_f64());
+                o.write(T::from_f64(g * sigmoid::<T>(g) * u.to_f64()));
             }
         })
     }
@@ -49,15 +58,18 @@ impl CustomOp2 for SiluMul {
         #[cfg(target_arch = "x86_64")]
         if let (CpuStorage::F32(g), CpuStorage::F32(u), true) = (s1, s2, super::avx512::available()) {
             let (g, u) = (super::contiguous(g, l1)?, super::contiguous(u, l2)?);
-            let mut out = vec![0f32; g.len()];
+            let mut out = Vec::with_capacity(g.len());
+            let spare = &mut out.spare_capacity_mut()[..g.len()];
             // SAFETY (both): the CPU has AVX-512 F; the chunks of out, g and u have one length.
-            if shared(out.len()) {
+            if shared(g.len()) {
                 use rayon::prelude::*;
-                let parts = out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)));
+                let parts = spare.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)));
                 parts.for_each(|(o, (g, u))| unsafe { super::avx512::silu_mul(g, u, o) });
             } else {
-                unsafe { super::avx512::silu_mul(g, u, &mut out) }
+                unsafe { super::avx512::silu_mul(g, u, spare) }
             }
+            // SAFETY: silu_mul wrote every value.
+            unsafe { out.set_len(g.len()) };
             return Ok((CpuStorage::F32(out), l1.shape().clone()));
         }
         run2(self, "silu_mul", (s1, l1), (s2, l2))
@@ -70,11 +82,8 @@ impl CustomOp2 for SiluMul {
         _res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        // Both gradients in one pass over [g | u | dy]: out = [dg | du].
-        let n = g.elem_count();
-        let all = Tensor::cat(&[&g.flatten_all()?, &u.flatten_all()?, &dy.contiguous()?.flatten_all()?], 0)?;
-        let grads = all.apply_op1_no_bwd(&SiluMulGrad)?;
-        Ok((Some(grads.narrow(0, 0, n)?.reshape(g.shape())?), Some(grads.narrow(0, n, n)?.reshape(u.shape())?)))
+        let (dg, du) = silu_mul_backward(g, u, dy)?;
+        Ok((Some(dg), Some(du)))
     }
 }
 
@@ -87,15 +96,13 @@ fn shared(n: usize) -> bool {
 /// One chunk of the backward: (dg, du) to write from ((g, u), dy).
 type Chunk<'a, T> = ((&'a mut [T], &'a mut [T]), ((&'a [T], &'a [T]), &'a [T]));
 
-/// The backward over one buffer [g | u | dy]; the output is [dg | du].
+/// The backward as an op of (g, u, dy); the output is [dg | du].
 struct SiluMulGrad;
 
-impl super::Kernel for SiluMulGrad {
-    fn apply<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+impl SiluMulGrad {
+    fn apply<T: WithDType>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
         use rayon::prelude::*;
-        let n = x.len() / 3;
-        let (g, rest) = x.split_at(n);
-        let (u, dy) = rest.split_at(n);
+        let n = g.len();
         let mut out = vec![T::zero(); 2 * n];
         let (dg, du) = out.split_at_mut(n);
         let chunk = |((dg, du), ((g, u), dy)): Chunk<'_, T>| {
@@ -120,34 +127,54 @@ impl super::Kernel for SiluMulGrad {
     }
 }
 
-impl candle_core::CustomOp1 for SiluMulGrad {
+impl candle_core::CustomOp3 for SiluMulGrad {
     fn name(&self) -> &'static str {
         "silu-mul-grad"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        #[cfg(target_arch = "x86_64")]
-        if let (CpuStorage::F32(x), true) = (s, super::avx512::available()) {
-            let x = super::contiguous(x, l)?;
-            let n = x.len() / 3;
-            let (g, rest) = x.split_at(n);
-            let (u, dy) = rest.split_at(n);
-            let mut out = vec![0f32; 2 * n];
-            let (dg, du) = out.split_at_mut(n);
-            // SAFETY (both): the CPU has AVX-512 F; the chunks of all five slices have one length.
-            if shared(n) {
-                use rayon::prelude::*;
-                let outs = dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK));
-                let ins = g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK));
-                outs.zip(ins)
-                    .for_each(|((dg, du), ((g, u), dy))| unsafe { super::avx512::silu_mul_grad(g, u, dy, dg, du) });
-            } else {
-                unsafe { super::avx512::silu_mul_grad(g, u, dy, dg, du) }
-            }
-            return Ok((CpuStorage::F32(out), Shape::from(2 * n)));
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use super::contiguous;
+        let n = l1.shape().elem_count();
+        if l2.shape().elem_count() != n || l3.shape().elem_count() != n {
+            candle_core::bail!("silu_mul backward: operands {:?}, {:?} and {:?}", l1.shape(), l2.shape(), l3.shape());
         }
-        let (out, shape) = super::run(self, "silu_mul", s, l)?;
-        Ok((out, Shape::from(shape.elem_count() / 3 * 2)))
+        let out = match (s1, s2, s3) {
+            #[cfg(target_arch = "x86_64")]
+            (CpuStorage::F32(g), CpuStorage::F32(u), CpuStorage::F32(dy)) if super::avx512::available() => {
+                let (g, u, dy) = (contiguous(g, l1)?, contiguous(u, l2)?, contiguous(dy, l3)?);
+                let mut out = Vec::with_capacity(2 * n);
+                let (dg, du) = out.spare_capacity_mut()[..2 * n].split_at_mut(n);
+                // SAFETY (both): the CPU has AVX-512 F; the chunks of all five slices have one length.
+                if shared(n) {
+                    use rayon::prelude::*;
+                    let outs = dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK));
+                    let ins = g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK));
+                    outs.zip(ins)
+                        .for_each(|((dg, du), ((g, u), dy))| unsafe { super::avx512::silu_mul_grad(g, u, dy, dg, du) });
+                } else {
+                    unsafe { super::avx512::silu_mul_grad(g, u, dy, dg, du) }
+                }
+                // SAFETY: silu_mul_grad wrote every value of both halves.
+                unsafe { out.set_len(2 * n) };
+                CpuStorage::F32(out)
+            }
+            (CpuStorage::F32(g), CpuStorage::F32(u), CpuStorage::F32(dy)) => {
+                CpuStorage::F32(Self::apply(contiguous(g, l1)?, contiguous(u, l2)?, contiguous(dy, l3)?))
+            }
+            (CpuStorage::F64(g), CpuStorage::F64(u), CpuStorage::F64(dy)) => {
+                CpuStorage::F64(Self::apply(contiguous(g, l1)?, contiguous(u, l2)?, contiguous(dy, l3)?))
+            }
+            _ => candle_core::bail!("silu_mul supports f32 and f64 operands of one dtype"),
+        };
+        Ok((out, Shape::from(2 * n)))
     }
 }
 

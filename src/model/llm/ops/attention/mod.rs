@@ -10,7 +10,7 @@
 #[cfg(target_arch = "x86_64")]
 mod bf16;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor, WithDType};
 
 use super::super::shared::SharedOut;
 use super::exp_f32;
@@ -29,33 +29,30 @@ pub fn packed_attention(
     scale: f64,
     bf16: bool,
 ) -> candle_core::Result<Tensor> {
-    let (heads, tokens, d) = q.dims3()?;
-    let (kv_heads, kt, kd) = k.dims3()?;
-    if v.dims() != k.dims() || kt != tokens || kd != d || kv_heads == 0 || heads % kv_heads != 0 {
-        candle_core::bail!("packed attention: q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
-    }
-    if lens.iter().sum::<usize>() != tokens {
-        candle_core::bail!("packed attention: rows of {lens:?} tokens for {tokens} tokens");
-    }
-    let prefix = match prefix {
-        Some((pk, pv)) => {
-            let (g, _, pd) = pk.dims3()?;
-            if pv.dims() != pk.dims() || g != kv_heads || pd != d {
-                candle_core::bail!("packed attention: prefix {:?} / {:?}", pk.dims(), pv.dims());
-            }
-            Some((pk.contiguous()?, pv.contiguous()?))
-        }
-        None => None,
-    };
+    let op = Attention::new(q, k, v, lens, prefix, scale, bf16)?;
     if !q.device().is_cpu() {
-        return primitive(q, k, v, lens, prefix.as_ref().map(|(a, b)| (a, b)), scale);
+        return primitive(q, k, v, lens, op.prefix.as_ref().map(|(a, b)| (a, b)), scale);
     }
-    #[cfg(target_arch = "x86_64")]
-    let bf16 = bf16 && super::super::bf16::available();
-    #[cfg(not(target_arch = "x86_64"))]
-    let bf16 = false;
-    let op = Attention { lens: lens.to_vec(), prefix, scale, heads, kv_heads, d, bf16 };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// The gradients of q, k and v of `packed_attention(q, k, v, ..)` for the upstream gradient `d_out`,
+/// on the CPU: the decoder layer's own backward (`layer.rs`) calls it.
+#[allow(clippy::too_many_arguments)]
+pub fn packed_attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    d_out: &Tensor,
+    lens: &[usize],
+    prefix: Option<(&Tensor, &Tensor)>,
+    scale: f64,
+    bf16: bool,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    if !q.device().is_cpu() {
+        candle_core::bail!("packed attention: the fused backward runs on the CPU");
+    }
+    Attention::new(q, k, v, lens, prefix, scale, bf16)?.gradients(q, k, v, d_out)
 }
 
 /// The same from candle's primitive ops: per row, keys and values after the prefix, a masked
@@ -104,6 +101,63 @@ struct Attention {
     d: usize,
     /// f32 products in bf16 (`bf16.rs`); only set where the CPU has AVX-512 BF16.
     bf16: bool,
+}
+
+impl Attention {
+    /// Checks the shapes: `q [heads, tokens, d]`, `k` and `v` `[kv_heads, tokens, d]`, rows of `lens`
+    /// summing to `tokens`, a prefix of `[kv_heads, p, d]`.
+    fn new(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        lens: &[usize],
+        prefix: Option<(&Tensor, &Tensor)>,
+        scale: f64,
+        bf16: bool,
+    ) -> candle_core::Result<Self> {
+        let (heads, tokens, d) = q.dims3()?;
+        let (kv_heads, kt, kd) = k.dims3()?;
+        if v.dims() != k.dims() || kt != tokens || kd != d || kv_heads == 0 || heads % kv_heads != 0 {
+            candle_core::bail!("packed attention: q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
+        }
+        if lens.iter().sum::<usize>() != tokens {
+            candle_core::bail!("packed attention: rows of {lens:?} tokens for {tokens} tokens");
+        }
+        let prefix = match prefix {
+            Some((pk, pv)) => {
+                let (g, _, pd) = pk.dims3()?;
+                if pv.dims() != pk.dims() || g != kv_heads || pd != d {
+                    candle_core::bail!("packed attention: prefix {:?} / {:?}", pk.dims(), pv.dims());
+                }
+                Some((pk.contiguous()?, pv.contiguous()?))
+            }
+            None => None,
+        };
+        #[cfg(target_arch = "x86_64")]
+        let bf16 = bf16 && q.device().is_cpu() && super::super::bf16::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let bf16 = false;
+        Ok(Attention { lens: lens.to_vec(), prefix, scale, heads, kv_heads, d, bf16 })
+    }
+
+    /// The gradients of q, k and v for the upstream gradient `d_out`.
+    fn gradients(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        d_out: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let d_out = d_out.contiguous()?;
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let grads = q.apply_op3_no_bwd(&k, &v, &AttentionGrad { op: self, d_out: &d_out })?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        Ok((
+            grads.narrow(0, 0, nq)?.reshape(q.shape())?,
+            grads.narrow(0, nq, nk)?.reshape(k.shape())?,
+            grads.narrow(0, nq + nk, nk)?.reshape(v.shape())?,
+        ))
+    }
 }
 
 /// `dst := dst·keep + lhs·rhs` for matrices given by pointer and (row, column) strides.
@@ -463,60 +517,53 @@ impl CustomOp3 for Attention {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grads = Tensor::cat(
-            &[&q.flatten_all()?, &k.flatten_all()?, &v.flatten_all()?, &grad_res.contiguous()?.flatten_all()?],
-            0,
-        )?
-        .apply_op1_no_bwd(&AttentionGrad { op: self, sizes: [q.elem_count(), k.elem_count(), v.elem_count()] })?;
-        let (nq, nk) = (q.elem_count(), k.elem_count());
-        Ok((
-            Some(grads.narrow(0, 0, nq)?.reshape(q.shape())?),
-            Some(grads.narrow(0, nq, nk)?.reshape(k.shape())?),
-            Some(grads.narrow(0, nq + nk, nk)?.reshape(v.shape())?),
-        ))
+        let (dq, dk, dv) = self.gradients(q, k, v, grad_res)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 
-/// The backward as an op over one buffer holding q, k, v and the upstream gradient, one after the
-/// other; its output holds the gradients of q, k and v the same way.
+/// The backward as an op of q, k and v (the upstream gradient rides along); its output holds the
+/// gradients of q, k and v one after the other.
 struct AttentionGrad<'a> {
     op: &'a Attention,
-    sizes: [usize; 3],
+    d_out: &'a Tensor,
 }
 
-impl CustomOp1 for AttentionGrad<'_> {
+impl CustomOp3 for AttentionGrad<'_> {
     fn name(&self) -> &'static str {
         "packed-attention-grad"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let [nq, nk, nv] = self.sizes;
-        fn split<T>(x: &[T], nq: usize, nk: usize, nv: usize) -> (&[T], &[T], &[T], &[T]) {
-            let (q, rest) = x.split_at(nq);
-            let (k, rest) = rest.split_at(nk);
-            let (v, go) = rest.split_at(nv);
-            (q, k, v, go)
-        }
-        let out = match s {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (ds, dl) = self.d_out.storage_and_layout();
+        let Storage::Cpu(ds) = &*ds else { candle_core::bail!("packed attention: the gradient is not on the CPU") };
+        let out = match s1 {
             #[cfg(target_arch = "x86_64")]
             CpuStorage::F32(_) if self.op.bf16 => {
-                let (q, k, v, go) = split(slice::<f32>(s, l)?, nq, nk, nv);
+                let (q, k, v, go) = (slice::<f32>(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, slice(ds, dl)?);
                 CpuStorage::F32(
                     self.op.with_prefix(|pk: &[f32], pv: &[f32]| Ok(self.op.backward_bf16(q, k, v, go, pk, pv)))?,
                 )
             }
             CpuStorage::F32(_) => {
-                let (q, k, v, go) = split(slice::<f32>(s, l)?, nq, nk, nv);
+                let (q, k, v, go) = (slice::<f32>(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, slice(ds, dl)?);
                 CpuStorage::F32(self.op.backward(q, k, v, go)?)
             }
             CpuStorage::F64(_) => {
-                let (q, k, v, go) = split(slice::<f64>(s, l)?, nq, nk, nv);
+                let (q, k, v, go) = (slice::<f64>(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, slice(ds, dl)?);
                 CpuStorage::F64(self.op.backward(q, k, v, go)?)
             }
             _ => candle_core::bail!("packed attention supports f32 and f64"),
         };
-        let n = nq + nk + nv;
-        Ok((out, Shape::from(n)))
+        Ok((out, Shape::from(l1.shape().elem_count() + l2.shape().elem_count() + l3.shape().elem_count())))
     }
 }
 
