@@ -328,7 +328,8 @@ impl Llama {
 
     /// The head shapes and RoPE rows of tokens at `positions`.
     fn heads_at(&self, positions: Vec<u32>) -> candle_core::Result<Heads> {
-        let at = Tensor::from_vec(positions.clone(), positions.len(), &self.device)?;
+        let tokens = positions.len();
+        let at = Tensor::from_vec(positions, tokens, &self.device)?;
         Ok(Heads {
             heads: self.cfg.num_attention_heads,
             kv_heads: self.cfg.kv_heads(),
