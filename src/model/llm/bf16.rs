@@ -348,16 +348,25 @@ unsafe fn kernel<const PACKED: bool>(
         }
     }
     let (m0, m1) = (mask(cols.min(16)), mask(cols.saturating_sub(16)));
-    for (i, acc) in acc.iter().enumerate().take(rows) {
-        let row = c.add(i * ldc);
-        let (mut v0, mut v1) = (acc[0], acc[1]);
-        if keep {
-            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
-            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
-        }
-        _mm512_mask_storeu_ps(row, m0, v0);
-        _mm512_mask_storeu_ps(row.add(16), m1, v1);
+    // One store per row at a constant index, so that the accumulators stay registers: a loop over
+    // `rows` read them from a stack array, zeroed by a memset on every call (4% of a bf16 step on
+    // 4 x 128 tokens under perf).
+    macro_rules! store_rows {
+        ($($i:literal)*) => {$(
+            if $i < rows {
+                let row = c.add($i * ldc);
+                let (mut v0, mut v1) = (acc[$i][0], acc[$i][1]);
+                if keep {
+                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
+                }
+                _mm512_mask_storeu_ps(row, m0, v0);
+                _mm512_mask_storeu_ps(row.add(16), m1, v1);
+            }
+        )*};
     }
+    const _: () = assert!(MR == 12, "store_rows! names rows 0..MR");
+    store_rows!(0 1 2 3 4 5 6 7 8 9 10 11);
 }
 
 /// The first `n` of 16 lanes.
