@@ -13,8 +13,10 @@
 # python3 -m pip install -r scripts/reference/requirements-torch.txt; part 2 needs the job's snapshot and
 # features (`illmrec train --job jobs/ml100k-smollm2.yaml --model sasrec` prepares them).
 # ILLMREC_BIN (default target/release/illmrec), SHAPES (default 4x128,1x512,2x537), REPS (timed
-# repetitions of each side in part 1, medians reported, default 2), STEPS (timed steps in part 2, default 3) and PARTS (default
-# "llm step") can be set. Run it on an otherwise idle machine.
+# repetitions of each side in part 1, medians reported, default 2), ROUNDS (part 1's rounds, each side's
+# fastest reported, default 2), STEPS (timed steps in part 2, default 3) and PARTS (default "llm step")
+# can be set. Part 1 also prints the roof: the frozen products' work per token at the rate of PyTorch's
+# fastest kernel for one product of the FFN's shape. Run it on an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin="${ILLMREC_BIN:-target/release/illmrec}"
@@ -23,8 +25,10 @@ job=jobs/ml100k-smollm2.yaml
 parts="${PARTS:-llm step}"
 out="$(mktemp)"
 if [[ " $parts " == *" llm "* ]]; then
-for threads in "${@:-1 2}"; do
-  for threads1 in $threads; do
+# ROUNDS rounds, the four sides alternating in each: a side's figure is its fastest round, so a
+# round slowed by the machine counts against neither side (noise here only ever adds time).
+for round in $(seq "${ROUNDS:-2}"); do
+  for threads1 in ${@:-1 2}; do
     for matmul in f32 bf16; do
       RAYON_NUM_THREADS=$threads1 "$bin" bench llm --job "$job" --shapes "$shapes" --matmul "$matmul" --reps "${REPS:-2}" 2>/dev/null |
         sed "s/^{/{\"side\":\"illmrec-$matmul\",/" >> "$out"
@@ -32,26 +36,43 @@ for threads in "${@:-1 2}"; do
     for dtype in f32 bf16; do
       python3 scripts/reference/torch_step.py --shapes "$shapes" --threads "$threads1" --reps "${REPS:-2}" \
         --dtype "$dtype" 2>/dev/null | sed "s/^{/{\"side\":\"torch-$dtype\",/" >> "$out"
+      [[ $round == 1 ]] && python3 scripts/reference/torch_step.py --peak --threads "$threads1" --dtype "$dtype" >> "$out"
     done
   done
 done
 python3 - "$out" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-def key(r):
-    return (r.get("batch"), r.get("tokens", r.get("T")), r["threads"])
+peaks = {(r["threads"], r["dtype"]): r for r in rows if "peak" in r}
 by = {}
 for r in rows:
-    by.setdefault(key(r), {})[r["side"]] = r
+    if "side" in r:
+        by.setdefault((r.get("batch"), r.get("tokens", r.get("T")), r["threads"]), {}).setdefault(r["side"], []).append(r)
+def fastest(runs):
+    return min(runs, key=lambda r: r["ms_per_token"]) if runs else None
+def spread(runs):
+    return max(r["ms_per_token"] for r in runs) / min(r["ms_per_token"] for r in runs) - 1 if runs else 0.0
 print("| batch x tokens | threads | ms/token illmrec f32 / PyTorch f32 | ms/token illmrec bf16 / PyTorch bf16 | f32 vs PyTorch f32 | bf16 vs PyTorch bf16 | peak RSS GiB illmrec f32 / PyTorch f32 / illmrec bf16 / PyTorch bf16 |")
 print("|---|---:|---|---|---:|---:|---|")
+worst = {}
 for (b, t, th), s in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][0] * kv[0][1])):
-    f, h, pf, ph = (s.get(k) for k in ("illmrec-f32", "illmrec-bf16", "torch-f32", "torch-bf16"))
+    f, h, pf, ph = (fastest(s.get(k, [])) for k in ("illmrec-f32", "illmrec-bf16", "torch-f32", "torch-bf16"))
+    for k, runs in s.items():
+        worst[k] = max(worst.get(k, 0.0), spread(runs))
     ms = lambda r: r["ms_per_token"] if r else float("nan")
     ratio = lambda r, p: ms(p) / ms(r) if r and p else float("nan")
     rss = lambda r: f"{r.get('step_peak_rss_mib', r.get('step_peak_rss_mb')) / 1024:.1f}" if r else "-"
     print(f"| {b} x {t} | {th} | {ms(f):.2f} / {ms(pf):.2f} | {ms(h):.2f} / {ms(ph):.2f} | {ratio(f, pf):.2f}x | "
           f"{ratio(h, ph):.2f}x | {rss(f)} / {rss(pf)} / {rss(h)} / {rss(ph)} |")
+rounds = max(len(v) for s in by.values() for v in s.values())
+print(f"\nFastest of {rounds} rounds per side; largest slowest/fastest spread over rounds: "
+      + ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(worst.items())))
+# The roof: the frozen products' work per token at the fastest rate PyTorch's kernels reach on one
+# product of the FFN's shape; no implementation of the step (in that precision) runs below it.
+for (th, dtype), p in sorted(peaks.items()):
+    floor = 1e3 * p["product_gflop_per_token"] / p["gflops"]
+    print(f"Roof, {dtype} at {th} thread(s): {p['product_gflop_per_token']:.3f} GFLOP/token of frozen products at "
+          f"{p['gflops']:.0f} GFLOP/s = {floor:.2f} ms/token before anything else of the step")
 PY
 fi
 rm -f "$out"

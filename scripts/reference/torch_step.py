@@ -12,6 +12,9 @@
 # Time:    python3 scripts/reference/torch_step.py [GGUF] [--shapes 2x537,1x512,4x128] [--attn sdpa,eager]
 #          [--threads 2] [--reps 1] [--device cuda] [--dtype f32|bf16]. With several configs each runs in its own subprocess.
 #          On a GPU the clocks read after torch.cuda.synchronize() and the memory columns are the host's.
+# Roof:    python3 scripts/reference/torch_step.py --peak [--threads 1] [--dtype f32|bf16]: GFLOP/s of one
+#          product of the FFN's shape ([512, 576] x [576, 1536]) on CPU, the rate the frozen products
+#          cannot beat, and the work of those products per token (forward + input gradient).
 # Memory: rss_after_imports_mb = VmRSS after importing torch/transformers (before weights);
 # rss_before_step_mb = VmRSS with the model loaded and inputs built; step_peak_rss_mb = VmHWM and
 # peak_rss_mb = ru_maxrss at the end; both are reset through /proc/self/clear_refs just before the
@@ -167,6 +170,31 @@ def time_step(path, b, t, attn, threads, reps, device, dtype):
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
+def product_gflop_per_token():
+    """Multiply-adds of the decoder's frozen products per token, x2 for the input gradient's (no
+    weight gradients: the LLM is frozen), in GFLOP."""
+    per_layer = HIDDEN * (HIDDEN + 2 * KV_HEADS * HEAD_DIM + HIDDEN) + 3 * HIDDEN * FFN
+    return 2 * 2 * LAYERS * per_layer / 1e9
+
+
+def peak(threads, dtype, reps=50):
+    torch.set_num_threads(threads)
+    dt = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(512, HIDDEN, generator=g).to(dt), torch.randn(HIDDEN, FFN, generator=g).to(dt)
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    seconds = min(times)  # the roof: the fastest the product ran
+    return {"peak": "torch matmul [512,576]x[576,1536]", "dtype": dtype, "threads": threads,
+            "gflops": round(2 * 512 * HIDDEN * FFN / seconds / 1e9, 1),
+            "product_gflop_per_token": round(product_gflop_per_token(), 4)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("gguf", nargs="?", default=DEFAULT_GGUF)
@@ -177,9 +205,13 @@ def main():
     ap.add_argument("--reps", type=int, default=1, help="timed steps after the warm-up (median reported)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"], help="weights and activations")
+    ap.add_argument("--peak", action="store_true", help="only time one product of the FFN's shape")
     a = ap.parse_args()
     if a.check:
         sys.exit(0 if check(a.gguf) else 1)
+    if a.peak:
+        print(json.dumps(peak(a.threads, a.dtype)), flush=True)
+        return
     configs = [(s, m) for s in a.shapes.split(",") for m in a.attn.split(",")]
     if len(configs) > 1:  # one process per config so ru_maxrss is per config
         rc = 0
