@@ -36,7 +36,9 @@ for round in $(seq "${ROUNDS:-2}"); do
     for dtype in f32 bf16; do
       python3 scripts/reference/torch_step.py --shapes "$shapes" --threads "$threads1" --reps "${REPS:-2}" \
         --dtype "$dtype" 2>/dev/null | sed "s/^{/{\"side\":\"torch-$dtype\",/" >> "$out"
-      [[ $round == 1 ]] && python3 scripts/reference/torch_step.py --peak --threads "$threads1" --dtype "$dtype" >> "$out"
+      if [[ $round == 1 ]]; then
+        python3 scripts/reference/torch_step.py --peak --threads "$threads1" --dtype "$dtype" >> "$out"
+      fi
     done
   done
 done
