@@ -16,7 +16,9 @@
 # repetitions of each side in part 1, medians reported, default 2), ROUNDS (part 1's rounds, each side's
 # fastest reported, default 2), STEPS (timed steps in part 2, default 3) and PARTS (default "llm step")
 # can be set. Part 1 also prints the roof: the frozen products' work per token at the rate of PyTorch's
-# fastest kernel for one product of the FFN's shape. Run it on an otherwise idle machine.
+# fastest kernel for one product of the FFN's shape and at the core's own ceiling (`illmrec bench
+# peak`), and what share of that ceiling 1.3x PyTorch would ask of each row. Run it on an otherwise idle
+# machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin="${ILLMREC_BIN:-target/release/illmrec}"
@@ -40,6 +42,9 @@ for round in $(seq "${ROUNDS:-2}"); do
         python3 scripts/reference/torch_step.py --peak --threads "$threads1" --dtype "$dtype" >> "$out"
       fi
     done
+    if [[ $round == 1 ]]; then
+      RAYON_NUM_THREADS=$threads1 "$bin" bench peak 2>/dev/null | sed 's/^{/{"core_peak":true,/' >> "$out"
+    fi
   done
 done
 python3 - "$out" <<'PY'
@@ -70,11 +75,30 @@ rounds = max(len(v) for s in by.values() for v in s.values())
 print(f"\nFastest of {rounds} rounds per side; largest slowest/fastest spread over rounds: "
       + ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(worst.items())))
 # The roof: the frozen products' work per token at the fastest rate PyTorch's kernels reach on one
-# product of the FFN's shape; no implementation of the step (in that precision) runs below it.
+# product of the FFN's shape, and at the core's own ceiling (`illmrec bench peak`: register-only
+# multiply-adds); no implementation of the step (in that precision) runs below the latter.
+core = {(r["threads"], r["dtype"]): r["gflops"] for r in rows if r.get("core_peak")}
 for (th, dtype), p in sorted(peaks.items()):
     floor = 1e3 * p["product_gflop_per_token"] / p["gflops"]
     print(f"Roof, {dtype} at {th} thread(s): {p['product_gflop_per_token']:.3f} GFLOP/token of frozen products at "
-          f"{p['gflops']:.0f} GFLOP/s = {floor:.2f} ms/token before anything else of the step")
+          f"{p['gflops']:.0f} GFLOP/s (PyTorch's fastest product; the core's ceiling "
+          f"{core.get((th, dtype), float('nan')):.0f}) = {floor:.2f} ms/token before anything else of the step")
+# What the 1.3x target asks: PyTorch's time / 1.3 for the step's products alone (frozen weights +
+# attention), as a share of the core's ceiling. At or above 100% no kernel can meet it.
+print("\n| batch x tokens | threads | GFLOP/token (weights + attention) | 1.3x PyTorch f32: ms/token, share of the f32 ceiling | 1.3x PyTorch bf16: ms/token, share of the bf16 ceiling |")
+print("|---|---:|---:|---|---|")
+for (b, t, th), s in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][0] * kv[0][1])):
+    cells = []
+    for dtype in ("f32", "bf16"):
+        p = fastest(s.get(f"torch-{dtype}", []))
+        if not p or "products_gflop_per_token" not in p or (th, dtype) not in core:
+            cells.append("-")
+            continue
+        need = p["ms_per_token"] / 1.3
+        cells.append(f"{need:.2f}, {1e5 * p['products_gflop_per_token'] / need / core[(th, dtype)]:.0f}%")
+    gflop = next((r["products_gflop_per_token"] for k in ("torch-f32", "torch-bf16") for r in s.get(k, [])
+                  if "products_gflop_per_token" in r), float("nan"))
+    print(f"| {b} x {t} | {th} | {gflop:.3f} | {cells[0]} | {cells[1]} |")
 PY
 fi
 rm -f "$out"

@@ -163,6 +163,7 @@ def time_step(path, b, t, attn, threads, reps, device, dtype):
             "reps": reps, "fwd_wall_s": round(fwd, 4), "bwd_wall_s": round(bwd, 4),
             "fwd_cpu_s": round(med(fc), 4), "bwd_cpu_s": round(med(bc), 4),
             "ms_per_token": round(1000 * (fwd + bwd) / (b * t), 4),
+            "products_gflop_per_token": round(product_gflop_per_token() + attention_gflop_per_token(t), 4),
             "cpu_ms_per_token": round(1000 * (med(fc) + med(bc)) / (b * t), 4),
             "loss": round(loss.item(), 4), "rss_after_imports_mb": round(rss_imports, 1),
             "rss_before_step_mb": round(rss_before, 1),
@@ -175,6 +176,12 @@ def product_gflop_per_token():
     weight gradients: the LLM is frozen), in GFLOP."""
     per_layer = HIDDEN * (HIDDEN + 2 * KV_HEADS * HEAD_DIM + HIDDEN) + 3 * HIDDEN * FFN
     return 2 * 2 * LAYERS * per_layer / 1e9
+
+
+def attention_gflop_per_token(t):
+    """The attention's products per token of a causal sequence of t tokens: forward Q·Kᵀ and P·V,
+    backward dP, dV, dQ and dK, each over the t(t+1)/2 (query, key) pairs of every head, in GFLOP."""
+    return 2 * 6 * (t + 1) / 2 * HEAD_DIM * HEADS * LAYERS / 1e9
 
 
 def peak(threads, dtype, reps=50):

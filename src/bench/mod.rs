@@ -1,6 +1,7 @@
 //! Benchmarks that print figures (JSON), never asserted in tests: where a training step's time goes.
 
 pub mod growth;
+pub mod peak;
 pub mod reference;
 
 use std::time::Instant;

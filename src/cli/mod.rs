@@ -239,6 +239,9 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         reps: usize,
     },
+    /// The core's arithmetic ceiling: f32 FMA and bf16 dot-product flops per second of independent
+    /// register-only multiply-adds on RAYON_NUM_THREADS threads (the bound no product kernel beats).
+    Peak,
     /// Under mpirun -np 2+: the step at this world size, the all-reduce of a trainable set of
     /// `--floats` values, and the projected weak scaling to 8, 32 and 128 ranks.
     Scaling {
@@ -530,6 +533,12 @@ fn bench(what: BenchCommand) -> Result<()> {
                 job.model.device = d;
             }
             for r in crate::bench::llm(&job, &shapes, matmul, reps)? {
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            Ok(())
+        }
+        BenchCommand::Peak => {
+            for r in crate::bench::peak::core_peaks(candle_core::utils::get_num_threads()) {
                 println!("{}", serde_json::to_string(&r)?);
             }
             Ok(())
