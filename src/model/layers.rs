@@ -25,9 +25,12 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor>
     x.reshape((rows, inner))?.matmul(w)?.broadcast_add(b)?.reshape(out_dims)
 }
 
-/// σ(x) from differentiable primitives (the side networks' and the GRU's gates).
+/// σ(x) (the side networks' and the GRU's gates) as candle-nn's op, whose backward is σ(1 − σ).
+/// Built as 1 / (1 + exp(−x)) from candle's primitives, the backward multiplies −1/u² = 0 by
+/// exp(−x) = ∞ wherever x < −88 (f32): NaN gradients from a finite forward, which put NaN into a
+/// Beauty GRU run's weights after 11,268 steps (README, "Is the LLM helping?").
 pub fn sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
-    (x.neg()?.exp()? + 1.0)?.recip()
+    candle_nn::ops::sigmoid(x)
 }
 
 /// Inverted dropout with a mask drawn from `rng`; identity when `rng` is None (evaluation).
@@ -94,6 +97,19 @@ pub fn const_var(shape: impl Into<Shape>, value: f64, device: &Device) -> candle
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sigmoid_gradient_is_finite_where_exp_overflows() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::new(&[-200f32, -90.0, 0.0, 3.0, 200.0], &dev).unwrap()).unwrap();
+        let y = sigmoid(x.as_tensor()).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        let s3 = 1.0 / (1.0 + (-3f32).exp());
+        for (got, want) in g.iter().zip([0.0, 0.0, 0.25, s3 * (1.0 - s3), 0.0]) {
+            assert!((got - want).abs() < 1e-6, "dσ/dx {g:?}");
+        }
+        assert_eq!(y.to_vec1::<f32>().unwrap()[0], 0.0);
+    }
 
     #[test]
     fn layer_norm_matches_hand_computation_and_has_gradients() {

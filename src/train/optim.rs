@@ -103,8 +103,26 @@ pub fn write_params(vars: &[&Var], flat: &[f32]) -> candle_core::Result<()> {
     Ok(())
 }
 
+/// Clips `grads` to the global L2 norm `max_norm` (0: no clipping) and applies them, unless their
+/// norm is not finite (an overflow somewhere in the step): then the parameters and the optimizer's
+/// state stay as they were, so one bad batch cannot turn every weight into NaN (a finite loss does
+/// not rule that out: a ReLU maps NaN to 0). Returns the norm before clipping.
+pub fn clipped_update(
+    opt: &mut AdamW,
+    params: &mut [f32],
+    grads: &mut [f32],
+    max_norm: f64,
+    groups: &[(usize, f64)],
+) -> f64 {
+    let norm = clip_global_norm(grads, max_norm);
+    if norm.is_finite() {
+        opt.update_groups(params, grads, groups);
+    }
+    norm
+}
+
 /// Scales `grads` so their global L2 norm is at most `max_norm`; returns the norm before clipping.
-pub fn clip_global_norm(grads: &mut [f32], max_norm: f64) -> f64 {
+fn clip_global_norm(grads: &mut [f32], max_norm: f64) -> f64 {
     let norm = grads.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>().sqrt();
     if max_norm > 0.0 && norm > max_norm {
         let scale = (max_norm / (norm + 1e-6)) as f32;
@@ -138,6 +156,23 @@ mod tests {
         for (g, want) in p.iter().zip([-0.1f32, -0.5, 0.5, 0.0]) {
             assert!((g - want).abs() < 1e-6, "{p:?}");
         }
+    }
+
+    #[test]
+    fn a_gradient_that_is_not_finite_changes_nothing() {
+        let mut p = vec![1f32, 2.0];
+        let mut opt = AdamW::new(2, [0.9, 0.999], 0.0);
+        let norm = clipped_update(&mut opt, &mut p, &mut [0.5, f32::NAN], 1.0, &[(2, 0.1)]);
+        assert!(norm.is_nan());
+        assert_eq!(
+            (p.as_slice(), opt.step, opt.m.as_slice(), opt.v.as_slice()),
+            ([1f32, 2.0].as_slice(), 0, [0f32; 2].as_slice(), [0f32; 2].as_slice())
+        );
+        let norm = clipped_update(&mut opt, &mut p, &mut [f32::INFINITY, 0.0], 1.0, &[(2, 0.1)]);
+        assert!(norm.is_infinite() && p == [1.0, 2.0] && opt.step == 0);
+        // A finite one is clipped and applied.
+        assert_eq!(clipped_update(&mut opt, &mut p, &mut [3.0, -4.0], 1.0, &[(2, 0.1)]), 5.0);
+        assert!((p[0] - 0.9).abs() < 1e-6 && (p[1] - 2.1).abs() < 1e-6 && opt.step == 1, "{p:?}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::super::optim::{clip_global_norm, flatten_grads, read_params, write_params, AdamW};
+use super::super::optim::{clipped_update, flatten_grads, read_params, write_params, AdamW};
 use super::super::schedule::learning_rate;
 use super::super::{IllmRecTrainConfig, Result, TrainError, TrainJob};
 use crate::data::windows::{trainable_users, training_sample, SampleKey, TrainingSample};
@@ -43,8 +43,15 @@ pub struct StepLog {
     pub epoch: u64,
     #[serde(flatten)]
     pub losses: Losses,
+    /// Before clipping; not finite (written as null) where the step's update was skipped.
+    #[serde(deserialize_with = "nan_if_null")]
     pub grad_norm: f64,
     pub lr: f64,
+}
+
+/// serde_json writes a float that is not finite as null; it reads back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// What one step did.
@@ -237,11 +244,13 @@ impl<'a> Stepper<'a> {
             return Err(TrainError::Invalid(format!("the loss became {} at step {}", losses.loss, step + 1)));
         }
         let started = Instant::now();
-        let grad_norm = clip_global_norm(&mut grads, self.cfg.grad_clip);
         let (lr, head_lr) = self.rates(step);
         let groups: Vec<(usize, f64)> =
             self.groups.iter().map(|&(end, head)| (end, if head { head_lr } else { lr })).collect();
-        self.opt.update_groups(&mut self.params, &grads, &groups);
+        let grad_norm = clipped_update(&mut self.opt, &mut self.params, &mut grads, self.cfg.grad_clip, &groups);
+        if !grad_norm.is_finite() {
+            tracing::warn!("step {}: the gradient's norm is {grad_norm}; the update is skipped", step + 1);
+        }
         write_params(&self.sess.vars(), &self.params)?;
         let optimizer_seconds = started.elapsed().as_secs_f64();
         if (step + 1).is_multiple_of(self.check_every) {
@@ -258,5 +267,19 @@ impl<'a> Stepper<'a> {
             optimizer_seconds,
             stop,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_skipped_step_reads_back_from_the_log() {
+        let log = StepLog { step: 7, epoch: 0, losses: Losses::default(), grad_norm: f64::NAN, lr: 1e-3 };
+        let line = serde_json::to_string(&log).unwrap();
+        assert!(line.contains("\"grad_norm\":null"), "{line}");
+        let back: StepLog = serde_json::from_str(&line).unwrap();
+        assert!(back.grad_norm.is_nan() && back.step == 7 && back.lr == 1e-3);
     }
 }
