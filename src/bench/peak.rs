@@ -18,6 +18,10 @@ pub struct CorePeak {
     pub gflops: f64,
 }
 
+/// A loop of `ROUNDS` rounds of one instruction on every chain, unsafe for its target features.
+#[cfg(target_arch = "x86_64")]
+type TimedLoop = unsafe fn(usize) -> f32;
+
 /// Independent accumulator chains per thread: enough to cover the FMA latency on both pipes.
 const CHAINS: usize = 12;
 /// Loop rounds per timing: 1.2G instructions, about 0.2 s at two per cycle and 3 GHz.
@@ -32,25 +36,18 @@ pub fn core_peaks(threads: usize) -> Vec<CorePeak> {
     #[cfg(target_arch = "x86_64")]
     {
         let threads = threads.max(1);
+        let bf16 = is_x86_feature_detected!("avx512bf16");
+        // (instruction, dtype, flops per instruction, whether the CPU has it, the timed loop)
+        let kinds: [(&'static str, &'static str, usize, bool, TimedLoop); 2] = [
+            ("vfmadd231ps zmm", "f32", 16 * 2, true, x86::fma_f32),
+            ("vdpbf16ps zmm", "bf16", 32 * 2, bf16, x86::dot_bf16),
+        ];
         if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512 F (checked above).
-            let seconds = fastest(threads, || unsafe { x86::fma_f32(ROUNDS) });
-            out.push(CorePeak {
-                instruction: "vfmadd231ps zmm",
-                dtype: "f32",
-                threads,
-                gflops: flops(threads, 16 * 2, seconds),
-            });
-        }
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") {
-            // SAFETY: the CPU has AVX-512 F and BF16 (checked above).
-            let seconds = fastest(threads, || unsafe { x86::dot_bf16(ROUNDS) });
-            out.push(CorePeak {
-                instruction: "vdpbf16ps zmm",
-                dtype: "bf16",
-                threads,
-                gflops: flops(threads, 32 * 2, seconds),
-            });
+            for (instruction, dtype, per_instruction, _, run) in kinds.into_iter().filter(|k| k.3) {
+                // SAFETY: the CPU has AVX-512 F and, for the bf16 loop, AVX-512 BF16 (checked above).
+                let seconds = fastest(threads, || unsafe { run(ROUNDS) });
+                out.push(CorePeak { instruction, dtype, threads, gflops: flops(threads, per_instruction, seconds) });
+            }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
