@@ -28,7 +28,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor>
 /// σ(x) (the side networks' and the GRU's gates) as candle-nn's op, whose backward is σ(1 − σ).
 /// Built as 1 / (1 + exp(−x)) from candle's primitives, the backward multiplies −1/u² = 0 by
 /// exp(−x) = ∞ wherever x < −88 (f32): NaN gradients from a finite forward, which put NaN into a
-/// Beauty GRU run's weights after 11,268 steps (README, "Is the LLM helping?").
+/// Beauty GRU run's weights after 11,268 steps (README, "Is the LLM helping on Amazon Beauty?").
 pub fn sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
     candle_nn::ops::sigmoid(x)
 }

@@ -248,10 +248,11 @@ impl<'a> Stepper<'a> {
         let groups: Vec<(usize, f64)> =
             self.groups.iter().map(|&(end, head)| (end, if head { head_lr } else { lr })).collect();
         let grad_norm = clipped_update(&mut self.opt, &mut self.params, &mut grads, self.cfg.grad_clip, &groups);
-        if !grad_norm.is_finite() {
+        if grad_norm.is_finite() {
+            write_params(&self.sess.vars(), &self.params)?;
+        } else {
             tracing::warn!("step {}: the gradient's norm is {grad_norm}; the update is skipped", step + 1);
         }
-        write_params(&self.sess.vars(), &self.params)?;
         let optimizer_seconds = started.elapsed().as_secs_f64();
         if (step + 1).is_multiple_of(self.check_every) {
             check_same(
