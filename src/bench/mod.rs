@@ -318,14 +318,14 @@ impl std::fmt::Display for ScalingBench {
     }
 }
 
-/// What computes the frozen products, for the reports.
-/// What computes the frozen products of `llm` as loaded (a bf16 request may have fallen back).
+/// What computes the frozen products of `llm` as loaded (a bf16 request may have fallen back), for
+/// the reports.
 fn matmul_name(llm: &crate::model::llm::Llm) -> String {
     if !llm.model.device().is_cpu() {
         return format!("{:?} on {:?}", llm.model.dtype(), llm.model.device().location());
     }
     match llm.matmul() {
-        crate::model::LlmMatmul::Bf16 => "bf16 (AVX-512 BF16, f32 sums)".into(),
+        crate::model::LlmMatmul::Bf16 => format!("bf16 ({}, f32 sums)", crate::model::llm::cpu_bf16_kernel()),
         crate::model::LlmMatmul::F32 => crate::model::llm::cpu_matmul_backend(),
     }
 }

@@ -3,7 +3,7 @@
 //! candle's matmul backward always computes the weight-side gradient, even for a plain tensor that no
 //! one will ever read; for a frozen LLM that is a third of the backward's matmul work and a weight-sized
 //! buffer per layer (docs/candle.md measured ~40% of CPU time and 1.9 GB of peak memory on SmolLM2).
-//! On the CPU, f32 products go through bf16 panels when the weight was packed for them (`bf16.rs`,
+//! On the CPU, f32 products go through bf16 panels when the weight was packed for them (`bf16/`,
 //! `model.llm_matmul: bf16`), else through OpenBLAS when the `openblas` feature is on (`blas.rs`).
 
 use std::sync::Arc;
@@ -95,6 +95,17 @@ pub fn cpu_matmul_backend() -> String {
 #[cfg(not(feature = "openblas"))]
 pub fn cpu_matmul_backend() -> String {
     "candle gemm".to_string()
+}
+
+/// The kernel that runs the bf16 products of packed weights on this CPU, for the reports.
+#[cfg(target_arch = "x86_64")]
+pub fn cpu_bf16_kernel() -> &'static str {
+    super::bf16::kernel_name()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub fn cpu_bf16_kernel() -> &'static str {
+    "none (bf16 products need x86-64)"
 }
 
 /// Which product with W the op computes: the layer's forward `x · Wᵀ`, or its input gradient `dy · W`.

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 pub use cache::{argmax_rows, KvCache, VocabSubset};
-pub use frozen::{cpu_matmul_backend, FrozenLinear};
+pub use frozen::{cpu_bf16_kernel, cpu_matmul_backend, FrozenLinear};
 pub use llama::{embed_with, Llama, LlamaConfig, PrefixCache};
 pub use tiny::TinyLlmConfig;
 

@@ -1,0 +1,185 @@
+//! The frozen-weight products on AMX tiles (Intel Xeon from Sapphire Rapids on), for `matmul`.
+//!
+//! One `tdpbf16ps` multiplies a 16 x 32 bf16 tile of activations by a 32 x 16 bf16 tile of the
+//! weight into 16 x 16 f32 sums: sixteen times the work of one `vdpbf16ps`. It reads the operands
+//! the AVX-512 kernel reads: the weight's panels (a panel's 32 columns are two B tiles, read with
+//! the panel's 128-byte row stride) and the activations as rows of bf16 pairs. Products and sums
+//! are f32 as there, but the tile unit adds each pair's two products in an order of its own, so a
+//! sum may differ from the AVX-512 kernel's in its last bits; each output row still depends on its
+//! input row alone (tested), so results do not depend on the batch around a row.
+
+use std::arch::asm;
+use std::mem::MaybeUninit;
+use std::sync::OnceLock;
+
+use super::super::shared::SharedOut;
+use super::{pairs_into, Panels, NR, TILE_PAIRS};
+
+/// Rows of an A or C tile.
+const TILE_ROWS: usize = 16;
+/// Rows per kernel call: two A tiles against a panel's two B tiles, four C tiles of sums.
+const BLOCK: usize = 2 * TILE_ROWS;
+/// Fewer rows than this go to the AVX-512 kernel: a block's rows past the matrix are zeros that
+/// the tiles multiply all the same.
+pub(super) const MIN_ROWS: usize = BLOCK;
+
+/// Whether the CPU has AMX-TILE and AMX-BF16 and the kernel lets this process use the tiles.
+pub(super) fn available() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| cpu_has_amx_bf16() && request_tile_state())
+}
+
+/// CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE.
+fn cpu_has_amx_bf16() -> bool {
+    #[allow(unused_unsafe)] // `__cpuid_count` is safe from Rust 1.87 on
+    // SAFETY: CPUID exists on every x86-64 CPU.
+    let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
+    edx & (1 << 22) != 0 && edx & (1 << 24) != 0
+}
+
+/// Linux gives the tiles' 8 KiB of register state only to a process that asks for it
+/// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`); it refuses where the kernel or the
+/// hypervisor does not support it, and the AVX-512 kernel is used then.
+fn request_tile_state() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a system call with integer arguments only.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+/// The tile configuration `ldtilecfg` reads (palette 1): tmm0-3 the 16 x 16 f32 sums, tmm4-5 two
+/// A tiles of 16 rows x 16 pairs, tmm6-7 two B tiles of 16 pairs x 16 columns; 64 bytes a row each.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    bytes_per_row: [u16; 16],
+    rows: [u8; 16],
+}
+
+const CONFIG: TileConfig = {
+    let mut bytes_per_row = [0u16; 16];
+    let mut rows = [0u8; 16];
+    let mut t = 0;
+    while t < 8 {
+        bytes_per_row[t] = 64;
+        rows[t] = TILE_ROWS as u8;
+        t += 1;
+    }
+    TileConfig { palette: 1, start_row: 0, reserved: [0; 14], bytes_per_row, rows }
+};
+
+/// `x [m, b.k] · B -> [m, b.n]`; `threads` panels run at once. `b.stride` must be a multiple of
+/// `TILE_PAIRS` and the CPU must have AMX (`available`).
+pub(super) fn matmul(x: &[f32], m: usize, b: &Panels, threads: usize) -> Vec<f32> {
+    assert!(available() && b.stride.is_multiple_of(TILE_PAIRS), "AMX products without AMX or on unpadded panels");
+    let (k2, depth, n) = (b.k.div_ceil(2), b.stride, b.n);
+    let blocks = m.div_ceil(BLOCK);
+    // A: every row as `depth` pairs (zeros past k2), and zero rows up to whole blocks. Every word is
+    // written below, so the buffer is not zeroed first.
+    let mut a: Vec<u32> = Vec::with_capacity(blocks * BLOCK * depth);
+    let pack = |(row, words): (usize, &mut [MaybeUninit<u32>])| {
+        for w in words.iter_mut() {
+            w.write(0);
+        }
+        // SAFETY: every word was just written.
+        let words = unsafe { &mut *(words as *mut [MaybeUninit<u32>] as *mut [u32]) };
+        if row < m {
+            pairs_into(&x[row * b.k..(row + 1) * b.k], &mut words[..k2]);
+        }
+    };
+    let spare = &mut a.spare_capacity_mut()[..blocks * BLOCK * depth];
+    if threads > 1 && m > BLOCK {
+        use rayon::prelude::*;
+        spare.par_chunks_mut(depth).enumerate().for_each(pack);
+    } else {
+        spare.chunks_mut(depth).enumerate().for_each(pack);
+    }
+    // SAFETY: `pack` wrote every row of every block.
+    unsafe { a.set_len(blocks * BLOCK * depth) };
+
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    let out_ptr = SharedOut::new(out.spare_capacity_mut());
+    let panels = n.div_ceil(NR);
+    let run = |p: usize| {
+        let cols = NR.min(n - p * NR);
+        let panel = b.data[p * depth * NR * 2..].as_ptr();
+        let mut sums = [0f32; BLOCK * NR];
+        // SAFETY: the CPU has AMX and this process the tile state (asserted above); the
+        // configuration is this thread's until the release below.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
+        for blk in 0..blocks {
+            // SAFETY: `a` holds BLOCK rows of `depth` pairs for this block, the panel `depth` pairs
+            // of NR columns; `sums` holds BLOCK x NR values.
+            unsafe { block(depth, a[blk * BLOCK * depth..].as_ptr(), panel, &mut sums) };
+            let rows = BLOCK.min(m - blk * BLOCK);
+            for (i, sum_row) in sums.chunks_exact(NR).take(rows).enumerate() {
+                // SAFETY: rows x cols values at (blk * BLOCK + i, p * NR) with row stride n: within
+                // `out`, and a region no other panel writes.
+                unsafe {
+                    let dst = out_ptr.at((blk * BLOCK + i) * n + p * NR).cast::<f32>();
+                    std::ptr::copy_nonoverlapping(sum_row.as_ptr(), dst, cols);
+                }
+            }
+        }
+        // SAFETY: returns the tile state to its initial one (cheaper to save on a context switch).
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    };
+    if threads > 1 && panels > 1 {
+        use rayon::prelude::*;
+        (0..panels).into_par_iter().for_each(run);
+    } else {
+        (0..panels).for_each(run);
+    }
+    // SAFETY: the panels wrote all m x n values (each block's rows, each panel's columns).
+    unsafe { out.set_len(m * n) };
+    out
+}
+
+/// `sums [BLOCK, NR] = A · panel` over `depth` pairs (a multiple of TILE_PAIRS): A is BLOCK rows of
+/// `depth` pairs, the panel `depth` rows of NR column pairs (128 bytes each).
+///
+/// # Safety
+/// The tiles must be configured with `CONFIG`; the pointers must hold what is said above.
+unsafe fn block(depth: usize, a: *const u32, panel: *const u16, sums: &mut [f32; BLOCK * NR]) {
+    let a_stride = depth * 4;
+    let b_stride = NR * 4;
+    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+    for step in 0..depth / TILE_PAIRS {
+        // A tiles: rows 0-15 and 16-31, pairs step*16..; B tiles: the panel's columns 0-15 and
+        // 16-31 (each 64 bytes of a 128-byte row), the same pairs.
+        let a0 = a.add(step * TILE_PAIRS);
+        let b0 = panel.add(step * TILE_PAIRS * NR * 2);
+        asm!(
+            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
+            "tileloadd tmm6, [{b0} + {sb}*1]",
+            "tileloadd tmm7, [{b1} + {sb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            a0 = in(reg) a0,
+            a1 = in(reg) a0.add(TILE_ROWS * depth),
+            b0 = in(reg) b0,
+            b1 = in(reg) b0.add(NR),
+            sa = in(reg) a_stride,
+            sb = in(reg) b_stride,
+            options(nostack, readonly),
+        );
+    }
+    let c = sums.as_mut_ptr();
+    asm!(
+        "tilestored [{c00} + {s}*1], tmm0",
+        "tilestored [{c01} + {s}*1], tmm1",
+        "tilestored [{c10} + {s}*1], tmm2",
+        "tilestored [{c11} + {s}*1], tmm3",
+        c00 = in(reg) c,
+        c01 = in(reg) c.add(TILE_ROWS),
+        c10 = in(reg) c.add(TILE_ROWS * NR),
+        c11 = in(reg) c.add(TILE_ROWS * NR + TILE_ROWS),
+        s = in(reg) NR * 4,
+        options(nostack),
+    );
+}
