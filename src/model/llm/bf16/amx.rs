@@ -6,7 +6,8 @@
 //! the panel's 128-byte row stride) and the activations as rows of bf16 pairs. Products and sums
 //! are f32 as there, but the tile unit adds each pair's two products in an order of its own, so a
 //! sum may differ from the AVX-512 kernel's in its last bits; each output row still depends on its
-//! input row alone (tested), so results do not depend on the batch around a row.
+//! input row alone (tested), so results do not depend on the batch around a row. The attention's
+//! products of rows of pairs (scores, dP, and probabilities times values) run here too (`product`).
 
 use std::arch::asm;
 use std::mem::MaybeUninit;
@@ -70,14 +71,13 @@ const CONFIG: TileConfig = {
     TileConfig { palette: 1, start_row: 0, reserved: [0; 14], bytes_per_row, rows }
 };
 
-/// `x [m, b.k] · B -> [m, b.n]`; `threads` panels run at once. `b.stride` must be a multiple of
-/// `TILE_PAIRS` and the CPU must have AMX (`available`).
+/// `x [m, b.k] · B -> [m, b.n]`; `threads` panels run at once. The CPU must have AMX (`available`).
 pub(super) fn matmul(x: &[f32], m: usize, b: &Panels, threads: usize) -> Vec<f32> {
-    assert!(available() && b.stride.is_multiple_of(TILE_PAIRS), "AMX products without AMX or on unpadded panels");
+    assert!(available(), "AMX products on a CPU without AMX");
     let (k2, depth, n) = (b.k.div_ceil(2), b.stride, b.n);
     let blocks = m.div_ceil(BLOCK);
-    // A: every row as `depth` pairs (zeros past k2), and zero rows up to whole blocks. Every word is
-    // written below, so the buffer is not zeroed first.
+    // A: every row as `depth` pairs (zeros past k2), and zero rows up to whole blocks, written once
+    // each on the pool.
     let mut a: Vec<u32> = Vec::with_capacity(blocks * BLOCK * depth);
     let pack = |(row, words): (usize, &mut [MaybeUninit<u32>])| {
         for w in words.iter_mut() {
@@ -101,40 +101,87 @@ pub(super) fn matmul(x: &[f32], m: usize, b: &Panels, threads: usize) -> Vec<f32
 
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let out_ptr = SharedOut::new(out.spare_capacity_mut());
-    let panels = n.div_ceil(NR);
     let run = |p: usize| {
         let cols = NR.min(n - p * NR);
-        let panel = b.data[p * depth * NR * 2..].as_ptr();
-        let mut sums = [0f32; BLOCK * NR];
-        // SAFETY: the CPU has AMX and this process the tile state (asserted above); the
-        // configuration is this thread's until the release below.
-        unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
-        for blk in 0..blocks {
-            // SAFETY: `a` holds BLOCK rows of `depth` pairs for this block, the panel `depth` pairs
-            // of NR columns; `sums` holds BLOCK x NR values.
-            unsafe { block(depth, a[blk * BLOCK * depth..].as_ptr(), panel, &mut sums) };
-            let rows = BLOCK.min(m - blk * BLOCK);
-            for (i, sum_row) in sums.chunks_exact(NR).take(rows).enumerate() {
-                // SAFETY: rows x cols values at (blk * BLOCK + i, p * NR) with row stride n: within
-                // `out`, and a region no other panel writes.
-                unsafe {
-                    let dst = out_ptr.at((blk * BLOCK + i) * n + p * NR).cast::<f32>();
-                    std::ptr::copy_nonoverlapping(sum_row.as_ptr(), dst, cols);
-                }
-            }
-        }
-        // SAFETY: returns the tile state to its initial one (cheaper to save on a context switch).
-        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        // SAFETY: `a` holds whole blocks of `depth` pairs for m rows, panel p `depth` pairs of NR
+        // columns; out's rows x cols values from column p * NR (row stride n) are this panel's alone.
+        unsafe {
+            with_tiles(|| {
+                let dst = out_ptr.at(p * NR).cast::<f32>();
+                times_panel(&a, depth, m, b.data[p * depth * NR * 2..].as_ptr(), cols, dst, n)
+            })
+        };
     };
-    if threads > 1 && panels > 1 {
+    if threads > 1 && panels_of(n) > 1 {
         use rayon::prelude::*;
-        (0..panels).into_par_iter().for_each(run);
+        (0..panels_of(n)).into_par_iter().for_each(run);
     } else {
-        (0..panels).for_each(run);
+        (0..panels_of(n)).for_each(run);
     }
     // SAFETY: the panels wrote all m x n values (each block's rows, each panel's columns).
     unsafe { out.set_len(m * n) };
     out
+}
+
+/// `dst [m, n] = A · B` for the attention (`super::product` without `keep`): A's m rows of k2 pairs
+/// (row stride `a.1` words, pair stride 1), B from column `col0` and pair `pair0` of `b`, `dst` with
+/// row stride `ldc`. A is copied into whole blocks and tiles, zero-padded, so B's pairs past k2 (up
+/// to `k2` rounded up to whole tiles, within `b.stride`) are read but multiply zeros.
+///
+/// # Safety
+/// As for `super::product`; the CPU must have AMX (`available`) and
+/// `pair0 + k2.next_multiple_of(TILE_PAIRS) <= b.stride`.
+pub(super) unsafe fn product(
+    (m, n, k2): (usize, usize, usize),
+    (a, a_rows): (*const u32, usize),
+    b: &Panels,
+    (col0, pair0): (usize, usize),
+    dst: *mut f32,
+    ldc: usize,
+) {
+    let depth = k2.next_multiple_of(TILE_PAIRS);
+    debug_assert!(available() && pair0 + depth <= b.stride && col0 % NR == 0);
+    let mut rows = vec![0u32; m.next_multiple_of(BLOCK) * depth];
+    for (i, row) in rows.chunks_exact_mut(depth).take(m).enumerate() {
+        row[..k2].copy_from_slice(std::slice::from_raw_parts(a.add(i * a_rows), k2));
+    }
+    with_tiles(|| {
+        for p in 0..panels_of(n) {
+            let panel = b.data.as_ptr().add(((col0 / NR + p) * b.stride + pair0) * NR * 2);
+            times_panel(&rows, depth, m, panel, NR.min(n - p * NR), dst.add(p * NR), ldc);
+        }
+    });
+}
+
+fn panels_of(n: usize) -> usize {
+    n.div_ceil(NR)
+}
+
+/// Runs `f` with the tiles configured by `CONFIG` on this thread, and releases them after.
+///
+/// # Safety
+/// The CPU must have AMX and the process the tile state (`available`).
+unsafe fn with_tiles<T>(f: impl FnOnce() -> T) -> T {
+    asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+    let out = f();
+    // Returns the tile state to its initial one (cheaper to save on a context switch).
+    asm!("tilerelease", options(nostack, nomem));
+    out
+}
+
+/// `dst [m, cols] = A · panel`: A whole blocks of rows of `depth` pairs (zero past m and past the
+/// matrix's pairs), the panel `depth` pairs of NR columns, `dst` with row stride `ldc`.
+///
+/// # Safety
+/// Inside `with_tiles`; the pointers must hold what is said above.
+unsafe fn times_panel(a: &[u32], depth: usize, m: usize, panel: *const u16, cols: usize, dst: *mut f32, ldc: usize) {
+    let mut sums = [0f32; BLOCK * NR];
+    for blk in 0..m.div_ceil(BLOCK) {
+        block(depth, a[blk * BLOCK * depth..][..BLOCK * depth].as_ptr(), panel, &mut sums);
+        for (i, sum_row) in sums.chunks_exact(NR).take(BLOCK.min(m - blk * BLOCK)).enumerate() {
+            std::ptr::copy_nonoverlapping(sum_row.as_ptr(), dst.add((blk * BLOCK + i) * ldc), cols);
+        }
+    }
 }
 
 /// `sums [BLOCK, NR] = A · panel` over `depth` pairs (a multiple of TILE_PAIRS): A is BLOCK rows of

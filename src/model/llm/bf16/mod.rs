@@ -20,7 +20,7 @@ mod amx;
 const NR: usize = 32;
 /// Rows per micro-kernel call: 12 rows x 2 registers of accumulators, with room for the operands.
 const MR: usize = 12;
-/// Pairs of rows in one AMX tile's depth (16 x 4 bytes): a weight's panels are padded to a multiple.
+/// Pairs of rows in one AMX tile's depth (16 x 4 bytes): panels are padded to a multiple.
 const TILE_PAIRS: usize = 16;
 
 /// Whether this CPU runs the bf16 products (AVX-512 BW for the 16-bit interleaving of the
@@ -37,14 +37,13 @@ pub fn available() -> bool {
 pub struct Panels {
     k: usize,
     n: usize,
-    /// Pairs of rows stored per panel: `ceil(k/2)`, rounded up to whole AMX tiles for a weight.
+    /// Pairs of rows stored per panel: `ceil(k/2)` rounded up to whole AMX tiles (`TILE_PAIRS`).
     stride: usize,
     data: Vec<u16>,
 }
 
 impl Panels {
-    /// Packs the `k x n` matrix whose element (row, col) is `at(row, col)`, each panel padded with
-    /// zero pairs to whole AMX tiles (`TILE_PAIRS`).
+    /// Packs the `k x n` matrix whose element (row, col) is `at(row, col)`.
     fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Self {
         let (k2, panels) = (k.div_ceil(2), n.div_ceil(NR));
         let stride = k2.next_multiple_of(TILE_PAIRS);
@@ -77,35 +76,37 @@ impl Panels {
     pub fn from_rows<'a>(k: usize, n: usize, row: impl Fn(usize) -> &'a [f32]) -> Self {
         assert!(available(), "bf16 panels on a CPU without AVX-512 BF16");
         let (k2, panels) = (k.div_ceil(2), n.div_ceil(NR));
-        let mut data = vec![0u16; panels * k2 * NR * 2];
+        let stride = k2.next_multiple_of(TILE_PAIRS);
+        let mut data = vec![0u16; panels * stride * NR * 2];
         for r in 0..k2 {
             let (x0, x1) = (&row(2 * r)[..n], (2 * r + 1 < k).then(|| &row(2 * r + 1)[..n]));
             for p in 0..panels {
                 let cols = p * NR..(p * NR + NR).min(n);
-                let out = &mut data[(p * k2 + r) * NR * 2..][..2 * cols.len()];
+                let out = &mut data[(p * stride + r) * NR * 2..][..2 * cols.len()];
                 // SAFETY: the CPU has AVX-512 BF16 and BW (asserted above).
                 unsafe { interleave(&x0[cols.clone()], x1.map(|x| &x[cols.clone()]), out) };
             }
         }
-        Self { k, n, stride: k2, data }
+        Self { k, n, stride, data }
     }
 
     /// `B = Xᵀ [k, n]` for `X [n, k]` whose row j is `row(j)` (at least k values): the keys' or
     /// values' rows as the columns of a product.
     pub fn from_columns<'a>(k: usize, n: usize, row: impl Fn(usize) -> &'a [f32]) -> Self {
         let (k2, panels) = (k.div_ceil(2), n.div_ceil(NR));
-        let mut data = vec![0u16; panels * k2 * NR * 2];
+        let stride = k2.next_multiple_of(TILE_PAIRS);
+        let mut data = vec![0u16; panels * stride * NR * 2];
         let mut words = vec![0u32; k2];
         for j in 0..n {
             pairs_into(&row(j)[..k], &mut words);
             let (p, c) = (j / NR, j % NR);
             for (r, w) in words.iter().enumerate() {
-                let at = (p * k2 + r) * NR * 2 + 2 * c;
+                let at = (p * stride + r) * NR * 2 + 2 * c;
                 data[at] = *w as u16;
                 data[at + 1] = (*w >> 16) as u16;
             }
         }
-        Self { k, n, stride: k2, data }
+        Self { k, n, stride, data }
     }
 
     /// Pairs along k.
@@ -200,7 +201,8 @@ unsafe fn interleave(x0: &[f32], x1: Option<&[f32]>, out: &mut [u16]) {
 /// `dst [m, n] (+)= A · B` in bf16 with f32 sums, on the calling thread: A's rows of pairs
 /// (`a`: pointer, row stride, pair stride, over `k2` pairs), B from column `col0` (a multiple of
 /// 32) and pair `pair0` of `b`, `dst` with row stride `ldc`; with `keep`, added to what it holds.
-/// The attention's products, whose operands change every call.
+/// The attention's products, whose operands change every call. On CPUs with AMX, products of rows of
+/// pairs (`a.2 == 1`) of 32 rows and more that overwrite `dst` run on the tiles.
 ///
 /// # Safety
 /// A must hold m rows of k2 pairs under its strides, and `dst` m rows of n values under `ldc`.
@@ -218,6 +220,33 @@ pub unsafe fn product(
     if m == 0 || n == 0 {
         return;
     }
+    // The tiles read whole rows of pairs (a pair stride of 1) and overwrite what `dst` holds.
+    #[cfg(target_os = "linux")]
+    if !keep
+        && a.2 == 1
+        && m >= amx::MIN_ROWS
+        && pair0 + k2.next_multiple_of(TILE_PAIRS) <= b.stride
+        && amx::available()
+    {
+        return amx::product((m, n, k2), (a.0, a.1), b, (col0, pair0), dst, ldc);
+    }
+    product_avx512((m, n, k2), a, b, (col0, pair0), dst, ldc, keep)
+}
+
+/// `product` with the AVX-512 BF16 kernel below.
+///
+/// # Safety
+/// As for `product`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product_avx512(
+    (m, n, k2): (usize, usize, usize),
+    a: (*const u32, usize, usize),
+    b: &Panels,
+    (col0, pair0): (usize, usize),
+    dst: *mut f32,
+    ldc: usize,
+    keep: bool,
+) {
     for p in 0..n.div_ceil(NR) {
         let cols = NR.min(n - p * NR);
         let bp = b.data.as_ptr().add(((col0 / NR + p) * b.stride + pair0) * NR * 2);
@@ -277,7 +306,7 @@ pub fn matmul(x: &[f32], m: usize, b: &Panels, threads: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * b.k, "bf16 matmul: {} values for {m} rows of {}", x.len(), b.k);
     assert!(available(), "bf16 matmul on a CPU without AVX-512 BF16");
     #[cfg(target_os = "linux")]
-    if m >= amx::MIN_ROWS && b.stride.is_multiple_of(TILE_PAIRS) && amx::available() {
+    if m >= amx::MIN_ROWS && amx::available() {
         return amx::matmul(x, m, b, threads);
     }
     matmul_avx512(x, m, b, threads)
@@ -468,7 +497,7 @@ mod tests {
         // A row's result does not depend on the rows around it.
         let alone = matmul_avx512(&x[5 * inp..6 * inp], 1, &p.transposed, 1);
         assert_eq!(alone, y[5 * out..6 * out]);
-        // The padding of the panels to whole AMX tiles reads back as nothing.
+        // Both panels are padded to whole AMX tiles: 19 and 23 pairs to 32.
         assert_eq!((p.transposed.stride, p.plain.stride), (32, 32));
         // Rows read back from the panels are the weight's rows rounded to bf16.
         let rows = p.rows(&[44, 0, 7]);
@@ -512,6 +541,44 @@ mod tests {
             let k = panels.k;
             let last = amx::matmul(&a[13 * k..], m - 13, panels, 1);
             assert_eq!(last, tiles[13 * panels.n..]);
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn amx_attention_products_match_the_avx512_kernel_on_partial_blocks_and_tiles() {
+        if !(available() && amx::available()) {
+            eprintln!("no AMX on this CPU (or no tile state from the kernel): nothing to check");
+            return;
+        }
+        // X [45 rows, 37] times B [37, 70] from the rows of Y (19 pairs, padded to a tile of 16
+        // twice), and times Zᵀ [37, 70] from the columns of Z [70, 37]; a block from row 13 and
+        // pair 0 to 9 pairs, as the causal blocks ask (rows past pair 9 of A are zero there).
+        let (m, k, n) = (45, 37, 70);
+        let mut rng = crate::seed::stream(12, "amx-attention", 0);
+        let mut normal = |n: usize| -> Vec<f32> {
+            crate::model::layers::normal_tensor(n, 1.0, &mut rng, &candle_core::Device::Cpu)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (x, y, z) = (normal(m * k), normal(k * n), normal(n * k));
+        let xa = row_pairs(&x, m, k, k);
+        let k2 = k.div_ceil(2);
+        for b in [Panels::from_rows(k, n, |r| &y[r * n..]), Panels::from_columns(k, n, |j| &z[j * k..])] {
+            assert_eq!(b.stride, 32);
+            for (row0, rows, pairs) in [(0, m, k2), (13, 32, 9)] {
+                let (mut tiles, mut vectors) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+                // SAFETY: xa holds m rows of k2 pairs; the outputs rows x n values.
+                unsafe {
+                    let a = xa.as_ptr().add(row0 * k2);
+                    amx::product((rows, n, pairs), (a, k2), &b, (0, 0), tiles.as_mut_ptr(), n);
+                    product_avx512((rows, n, pairs), (a, k2, 1), &b, (0, 0), vectors.as_mut_ptr(), n, false);
+                }
+                let worst = tiles.iter().zip(&vectors).map(|(t, v)| (t - v).abs()).fold(0.0, f32::max);
+                assert!(worst < 1e-4, "AMX and AVX-512 attention products differ by {worst}");
+                assert!(vectors.iter().any(|v| *v != 0.0));
+            }
         }
     }
 }
