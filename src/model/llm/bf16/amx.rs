@@ -126,7 +126,9 @@ pub(super) fn matmul(x: &[f32], m: usize, b: &Panels, threads: usize) -> Vec<f32
 /// `dst [m, n] = A · B` for the attention (`super::product` without `keep`): A's m rows of k2 pairs
 /// (row stride `a.1` words, pair stride 1), B from column `col0` and pair `pair0` of `b`, `dst` with
 /// row stride `ldc`. A is copied into whole blocks and tiles, zero-padded, so B's pairs past k2 (up
-/// to `k2` rounded up to whole tiles, within `b.stride`) are read but multiply zeros.
+/// to `k2` rounded up to whole tiles, within `b.stride`) are read but multiply zeros: for the
+/// causal products they are later tokens' rows, which reach an earlier row only if they are not
+/// finite (0 x inf), when the step's loss is not finite either.
 ///
 /// # Safety
 /// As for `super::product`; the CPU must have AMX (`available`) and
@@ -184,49 +186,58 @@ unsafe fn times_panel(a: &[u32], depth: usize, m: usize, panel: *const u16, cols
     }
 }
 
-/// `sums [BLOCK, NR] = A · panel` over `depth` pairs (a multiple of TILE_PAIRS): A is BLOCK rows of
-/// `depth` pairs, the panel `depth` rows of NR column pairs (128 bytes each).
+/// `sums [BLOCK, NR] = A · panel` over `depth` pairs (a positive multiple of TILE_PAIRS): A is BLOCK
+/// rows of `depth` pairs, the panel `depth` rows of NR column pairs (128 bytes each). One `asm!`
+/// block from the zeroed sums to their stores, so no tile holds data between blocks the compiler
+/// knows nothing of; only the configuration (`with_tiles`) lives across them.
 ///
 /// # Safety
-/// The tiles must be configured with `CONFIG`; the pointers must hold what is said above.
+/// Inside `with_tiles`; `a` and `panel` must hold what is said above.
 unsafe fn block(depth: usize, a: *const u32, panel: *const u16, sums: &mut [f32; BLOCK * NR]) {
-    let a_stride = depth * 4;
-    let b_stride = NR * 4;
-    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-    for step in 0..depth / TILE_PAIRS {
-        // A tiles: rows 0-15 and 16-31, pairs step*16..; B tiles: the panel's columns 0-15 and
-        // 16-31 (each 64 bytes of a 128-byte row), the same pairs.
-        let a0 = a.add(step * TILE_PAIRS);
-        let b0 = panel.add(step * TILE_PAIRS * NR * 2);
-        asm!(
-            "tileloadd tmm4, [{a0} + {sa}*1]",
-            "tileloadd tmm5, [{a1} + {sa}*1]",
-            "tileloadd tmm6, [{b0} + {sb}*1]",
-            "tileloadd tmm7, [{b1} + {sb}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            a0 = in(reg) a0,
-            a1 = in(reg) a0.add(TILE_ROWS * depth),
-            b0 = in(reg) b0,
-            b1 = in(reg) b0.add(NR),
-            sa = in(reg) a_stride,
-            sb = in(reg) b_stride,
-            options(nostack, readonly),
-        );
-    }
+    debug_assert!(depth > 0 && depth.is_multiple_of(TILE_PAIRS));
     let c = sums.as_mut_ptr();
+    // Per step of 16 pairs: A tiles of rows 0-15 and 16-31 (64 bytes of each row, row stride
+    // depth x 4 bytes), B tiles of the panel's columns 0-15 and 16-31 (the two 64-byte halves of
+    // its 128-byte rows); the four C tiles are the sums' quarters (row stride NR x 4 = 128 bytes).
     asm!(
-        "tilestored [{c00} + {s}*1], tmm0",
-        "tilestored [{c01} + {s}*1], tmm1",
-        "tilestored [{c10} + {s}*1], tmm2",
-        "tilestored [{c11} + {s}*1], tmm3",
-        c00 = in(reg) c,
-        c01 = in(reg) c.add(TILE_ROWS),
-        c10 = in(reg) c.add(TILE_ROWS * NR),
-        c11 = in(reg) c.add(TILE_ROWS * NR + TILE_ROWS),
-        s = in(reg) NR * 4,
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        "2:",
+        "tileloadd tmm4, [{a0} + {sa}*1]",
+        "tileloadd tmm5, [{a1} + {sa}*1]",
+        "tileloadd tmm6, [{b} + {s128}*1]",
+        "tileloadd tmm7, [{b} + {s128}*1 + 64]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        "add {a0}, 64",
+        "add {a1}, 64",
+        "add {b}, 2048",
+        "dec {steps}",
+        "jnz 2b",
+        "tilestored [{c0} + {s128}*1], tmm0",
+        "tilestored [{c0} + {s128}*1 + 64], tmm1",
+        "tilestored [{c1} + {s128}*1], tmm2",
+        "tilestored [{c1} + {s128}*1 + 64], tmm3",
+        a0 = inout(reg) a => _,
+        a1 = inout(reg) a.add(TILE_ROWS * depth) => _,
+        b = inout(reg) panel => _,
+        steps = inout(reg) depth / TILE_PAIRS => _,
+        sa = in(reg) depth * 4,
+        s128 = in(reg) NR * 4,
+        c0 = in(reg) c,
+        c1 = in(reg) c.add(TILE_ROWS * NR),
+        out("tmm0") _,
+        out("tmm1") _,
+        out("tmm2") _,
+        out("tmm3") _,
+        out("tmm4") _,
+        out("tmm5") _,
+        out("tmm6") _,
+        out("tmm7") _,
         options(nostack),
     );
 }

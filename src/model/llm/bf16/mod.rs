@@ -225,6 +225,7 @@ pub unsafe fn product(
     if !keep
         && a.2 == 1
         && m >= amx::MIN_ROWS
+        && k2 > 0
         && pair0 + k2.next_multiple_of(TILE_PAIRS) <= b.stride
         && amx::available()
     {
