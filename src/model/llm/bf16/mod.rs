@@ -442,6 +442,17 @@ fn mask(n: usize) -> __mmask16 {
 mod tests {
     use super::*;
 
+    /// Standard normal values, seeded, in arrays of the given sizes.
+    fn normals<const N: usize>(seed: u64, tag: &str, sizes: [usize; N]) -> [Vec<f32>; N] {
+        let mut rng = crate::seed::stream(seed, tag, 0);
+        sizes.map(|n| {
+            crate::model::layers::normal_tensor(n, 1.0, &mut rng, &candle_core::Device::Cpu)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+    }
+
     #[test]
     fn rounds_to_nearest_even_like_the_hardware() {
         assert_eq!(bf16(1.0), 0x3f80);
@@ -460,14 +471,7 @@ mod tests {
         }
         // Odd sizes on every side: padded rows, columns and pairs.
         let (m, out, inp) = (27, 45, 37);
-        let mut rng = crate::seed::stream(9, "bf16", 0);
-        let mut normal = |n: usize| -> Vec<f32> {
-            crate::model::layers::normal_tensor(n, 1.0, &mut rng, &candle_core::Device::Cpu)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
-        let (w, x, dy) = (normal(out * inp), normal(m * inp), normal(m * out));
+        let [w, x, dy] = normals(9, "bf16", [out * inp, m * inp, m * out]);
         let p = PackedWeight::new(&w, out, inp);
         let y = matmul_avx512(&x, m, &p.transposed, 1);
         let dx = matmul_avx512(&dy, m, &p.plain, 2);
@@ -518,14 +522,7 @@ mod tests {
         }
         // Rows past a block of 32, columns past a panel, pairs past a tile: 45 x 37 and 37 x 45.
         let (m, out, inp) = (45, 45, 37);
-        let mut rng = crate::seed::stream(11, "amx", 0);
-        let mut normal = |n: usize| -> Vec<f32> {
-            crate::model::layers::normal_tensor(n, 1.0, &mut rng, &candle_core::Device::Cpu)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
-        let (w, x, dy) = (normal(out * inp), normal(m * inp), normal(m * out));
+        let [w, x, dy] = normals(11, "amx", [out * inp, m * inp, m * out]);
         let p = PackedWeight::new(&w, out, inp);
         for (a, panels, threads) in [(&x, &p.transposed, 1), (&dy, &p.plain, 2)] {
             let tiles = amx::matmul(a, m, panels, threads);
@@ -556,14 +553,7 @@ mod tests {
         // twice), and times Zᵀ [37, 70] from the columns of Z [70, 37]; a block from row 13 and
         // pair 0 to 9 pairs, as the causal blocks ask (rows past pair 9 of A are zero there).
         let (m, k, n) = (45, 37, 70);
-        let mut rng = crate::seed::stream(12, "amx-attention", 0);
-        let mut normal = |n: usize| -> Vec<f32> {
-            crate::model::layers::normal_tensor(n, 1.0, &mut rng, &candle_core::Device::Cpu)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
-        let (x, y, z) = (normal(m * k), normal(k * n), normal(n * k));
+        let [x, y, z] = normals(12, "amx-attention", [m * k, k * n, n * k]);
         let xa = row_pairs(&x, m, k, k);
         let k2 = k.div_ceil(2);
         for b in [Panels::from_rows(k, n, |r| &y[r * n..]), Panels::from_columns(k, n, |j| &z[j * k..])] {
