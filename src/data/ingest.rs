@@ -194,13 +194,22 @@ pub struct Items {
 }
 
 impl Items {
-    pub fn insert(&mut self, file: &Path, line: usize, id: String, meta: ItemMeta, bad: &mut BadRecords) -> Result<()> {
+    /// Whether the item was kept (false: a repeated id, skipped under the bad-record policy).
+    pub fn insert(
+        &mut self,
+        file: &Path,
+        line: usize,
+        id: String,
+        meta: ItemMeta,
+        bad: &mut BadRecords,
+    ) -> Result<bool> {
         if let Some(first) = self.first_line.get(&id) {
-            return bad.bad(file, line, "duplicate item", format!("item `{id}` first at line {first}"));
+            bad.bad(file, line, "duplicate item", format!("item `{id}` first at line {first}"))?;
+            return Ok(false);
         }
         self.first_line.insert(id.clone(), line);
         self.map.insert(id, meta);
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -9,6 +9,7 @@ mod dataset;
 mod error;
 mod feature_kind;
 pub mod ingest;
+mod item_table;
 pub mod kcore;
 pub mod negatives;
 pub mod prepare;

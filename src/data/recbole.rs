@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::error::{DataError, Result};
-use super::ingest::{lines, read_source, BadRecords, Interactions, ItemMeta, Items, RawData, RawInteraction};
+use super::ingest::{lines, read_source, BadRecords, Interactions, ItemMeta, RawData, RawInteraction};
+use super::item_table::{self, ItemColumns};
 
 /// Column names RecBole datasets use for the item fields illmrec knows.
 const TITLE_COLUMNS: &[&str] = &["movie_title", "title", "item_name", "name"];
@@ -69,40 +70,18 @@ pub fn read(dir: &Path, name: &str, bad: &mut BadRecords) -> Result<RawData> {
 fn read_items(path: &Path, bytes: &[u8], bad: &mut BadRecords) -> Result<BTreeMap<String, ItemMeta>> {
     let mut rows = lines(path, bytes, bad)?.into_iter();
     let (_, header) = rows.next().ok_or_else(|| DataError::Empty { file: path.to_path_buf() })?;
-    let columns = Header::parse(path, header)?;
-    let id = columns.find(path, "item_id")?;
-    let title = columns.first_of(TITLE_COLUMNS);
-    let category = columns.first_of(CATEGORY_COLUMNS);
-    let brand = columns.first_of(&["brand"]);
-    let description = columns.first_of(&["description"]);
-    let mut items = Items::default();
-    for (line, text) in rows {
-        let fields: Vec<&str> = text.split('\t').collect();
-        if fields.len() != columns.names.len() {
-            bad.bad(
-                path,
-                line,
-                "malformed record",
-                format!("{} fields, the header has {}", fields.len(), columns.names.len()),
-            )?;
-            continue;
-        }
-        let get = |c: Option<usize>| c.map(|c| fields[c].trim().to_string()).unwrap_or_default();
-        let item_id = fields[id].trim();
-        if item_id.is_empty() {
-            bad.bad(path, line, "missing field", "empty item_id".into())?;
-            continue;
-        }
-        let meta = ItemMeta {
-            title: get(title),
-            brand: get(brand),
-            categories: get(category).split_whitespace().map(str::to_string).collect(),
-            features: Vec::new(),
-            description: get(description),
-        };
-        items.insert(path, line, item_id.to_string(), meta, bad)?;
-    }
-    Ok(items.map)
+    let header = Header::parse(path, header)?;
+    let columns = ItemColumns {
+        count: header.names.len(),
+        id: header.find(path, "item_id")?,
+        title: header.first_of(TITLE_COLUMNS),
+        brand: header.first_of(&["brand"]),
+        category: header.first_of(CATEGORY_COLUMNS),
+        description: header.first_of(&["description"]),
+        // RecBole's token_seq fields are space-separated.
+        split_categories: |field| field.split_whitespace().map(str::to_string).collect(),
+    };
+    item_table::read_records(path, rows, &columns, bad, |_, _| {})
 }
 
 struct Header {

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::error::{DataError, Result};
-use super::ingest::{lines, read_source, BadRecords, Interactions, ItemMeta, Items, RawData, RawInteraction};
+use super::ingest::{lines, read_source, BadRecords, Interactions, ItemMeta, RawData, RawInteraction};
+use super::item_table::{self, ItemColumns};
 
 pub fn read(sequences: &Path, item_table: &Path, images: Option<&Path>, bad: &mut BadRecords) -> Result<RawData> {
     let (bytes, seq_src) = read_source(sequences)?;
@@ -49,46 +50,25 @@ fn read_items(path: &Path, bytes: &[u8], bad: &mut BadRecords) -> Result<ItemTab
         line: 1,
         reason: format!("the header has no `item_id` column (it has {})", names.join(", ")),
     })?;
-    let (title, brand, category, description, image) = (
-        column(&["title"]),
-        column(&["brand"]),
-        column(&["categories", "category"]),
-        column(&["description"]),
-        column(&["image"]),
-    );
-    let mut items = Items::default();
+    let columns = ItemColumns {
+        count: names.len(),
+        id,
+        title: column(&["title"]),
+        brand: column(&["brand"]),
+        category: column(&["categories", "category"]),
+        description: column(&["description"]),
+        split_categories: |field| {
+            field.split(',').map(str::trim).filter(|c| !c.is_empty()).map(str::to_string).collect()
+        },
+    };
+    let image = column(&["image"]);
     let mut image_names = BTreeMap::new();
-    for (line, text) in rows {
-        let fields: Vec<&str> = text.split('\t').collect();
-        if fields.len() != names.len() {
-            bad.bad(
-                path,
-                line,
-                "malformed record",
-                format!("{} fields, the header has {}", fields.len(), names.len()),
-            )?;
-            continue;
+    let items = item_table::read_records(path, rows, &columns, bad, |id, fields| {
+        if let Some(picture) = image.map(|c| fields[c].trim()).filter(|p| !p.is_empty()) {
+            image_names.insert(id.to_string(), PathBuf::from(picture));
         }
-        let get = |c: Option<usize>| c.map(|c| fields[c].trim().to_string()).unwrap_or_default();
-        let item_id = fields[id].trim();
-        if item_id.is_empty() {
-            bad.bad(path, line, "missing field", "empty item_id".into())?;
-            continue;
-        }
-        let meta = ItemMeta {
-            title: get(title),
-            brand: get(brand),
-            categories: get(category).split(',').map(str::trim).filter(|c| !c.is_empty()).map(str::to_string).collect(),
-            features: Vec::new(),
-            description: get(description),
-        };
-        let picture = get(image);
-        if !picture.is_empty() {
-            image_names.insert(item_id.to_string(), PathBuf::from(picture));
-        }
-        items.insert(path, line, item_id.to_string(), meta, bad)?;
-    }
-    Ok((items.map, image_names))
+    })?;
+    Ok((items, image_names))
 }
 
 #[cfg(test)]
@@ -114,6 +94,18 @@ mod tests {
         assert_eq!(raw.items["2"].title, "Two");
         assert!(!raw.items.contains_key("3"), "items missing from the table have no metadata");
         assert_eq!(raw.sources.len(), 2);
+    }
+
+    #[test]
+    fn a_skipped_duplicate_item_keeps_the_first_records_title_and_picture() {
+        let (d, s, i) = files("u1 1\n", "item_id\ttitle\timage\n1\tOne\ta.jpg\n1\tUno\tb.jpg\n");
+        for picture in ["a.jpg", "b.jpg"] {
+            std::fs::write(d.path().join(picture), b"").unwrap();
+        }
+        let mut bad = BadRecords::new(OnBadRecord::Skip);
+        let raw = read(&s, &i, Some(d.path()), &mut bad).unwrap();
+        assert_eq!(raw.items["1"].title, "One");
+        assert_eq!(raw.images["1"], d.path().join("a.jpg"));
     }
 
     #[test]
