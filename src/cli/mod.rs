@@ -122,13 +122,8 @@ enum Command {
     /// Run an MSRBench LVLM strategy (s1..s5) on the job's test users: metrics, every answer and its
     /// cost under runs/<job>-<strategy>-<backbone>/report/.
     Lvlm {
-        #[arg(long)]
-        job: PathBuf,
-        #[arg(long)]
-        strategy: crate::lvlm::Strategy,
-        /// A backbone of the job's `lvlm.backbones` (default: `lvlm.backbone`).
-        #[arg(long)]
-        backbone: Option<String>,
+        #[command(flatten)]
+        run: LvlmArgs,
         /// Ask every request again instead of reading cached answers (to measure the cost).
         #[arg(long)]
         fresh: bool,
@@ -182,17 +177,35 @@ struct SubmitArgs {
     dry_run: bool,
 }
 
+/// An MSRBench LVLM strategy on a job's test users, as `lvlm` and `bench lvlm` name it.
+#[derive(clap::Args)]
+struct LvlmArgs {
+    #[arg(long)]
+    job: PathBuf,
+    #[arg(long)]
+    strategy: crate::lvlm::Strategy,
+    /// A backbone of the job's `lvlm.backbones` (default: `lvlm.backbone`).
+    #[arg(long)]
+    backbone: Option<String>,
+}
+
+impl LvlmArgs {
+    /// Runs the strategy on the job's latest snapshot (`fresh`: ask every request again).
+    fn run(&self, job: &JobConfig, fresh: bool) -> Result<(Store, pipeline::lvlm::LvlmOutcome)> {
+        let store = open_store(job)?;
+        let ds = data::snapshot::load(&store, job.dataset())?;
+        let out = pipeline::lvlm::lvlm(job, &store, &ds, self.strategy, self.backbone.as_deref(), fresh)?;
+        Ok((store, out))
+    }
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// An LVLM strategy with every request asked again (no cached answers): seconds and CPU seconds
     /// per user, prompt tokens, where an in-process backbone's time went, parse failures.
     Lvlm {
-        #[arg(long)]
-        job: PathBuf,
-        #[arg(long)]
-        strategy: crate::lvlm::Strategy,
-        #[arg(long)]
-        backbone: Option<String>,
+        #[command(flatten)]
+        run: LvlmArgs,
         /// f32 or bf16 products of an in-process backbone (default: the job's lvlm.local.matmul).
         #[arg(long)]
         matmul: Option<crate::model::LlmMatmul>,
@@ -390,10 +403,8 @@ pub fn main() -> Result<i32> {
             }
             Ok(())
         }),
-        Command::Lvlm { job, strategy, backbone, fresh, json } => with_job(&job, "lvlm", |job| {
-            let store = open_store(&job)?;
-            let ds = data::snapshot::load(&store, job.dataset())?;
-            let out = pipeline::lvlm::lvlm(&job, &store, &ds, strategy, backbone.as_deref(), fresh)?;
+        Command::Lvlm { run, fresh, json } => with_job(&run.job, "lvlm", |job| {
+            let (store, out) = run.run(&job, fresh)?;
             if json {
                 let mut v = out.result.to_json();
                 v["cost"] = serde_json::to_value(&out.cost)?;
@@ -506,14 +517,12 @@ impl JobSpan {
 fn bench(what: BenchCommand) -> Result<()> {
     configure_threads();
     match what {
-        BenchCommand::Lvlm { job, strategy, backbone, matmul } => {
-            let mut job = load(&job)?;
+        BenchCommand::Lvlm { run, matmul } => {
+            let mut job = load(&run.job)?;
             if let Some(m) = matmul {
                 job.lvlm.local.matmul = m;
             }
-            let store = open_store(&job)?;
-            let ds = data::snapshot::load(&store, job.dataset())?;
-            let out = pipeline::lvlm::lvlm(&job, &store, &ds, strategy, backbone.as_deref(), true)?;
+            let (_, out) = run.run(&job, true)?;
             let cost = out.cost.context("the benchmark measures the prompted strategies (s1, s3, s4, s5)")?;
             print!("{}", crate::lvlm::cost_table(&[(out.result.model.clone(), &out.result.metrics, &cost)]));
             println!("{}", serde_json::json!({"result": out.result.to_json(), "cost": cost}));
