@@ -136,7 +136,8 @@ pub fn fit(
     coll.take_spent();
     let last = opts.stop_after.map_or(plan.total_steps, |s| s.min(plan.total_steps));
     let mut progress = lead.then(|| {
-        Progress::new(job.telemetry, &format!("illmrec:{}", variant.name()), plan.total_steps)
+        // Named as the CLI names the model (`illmrec` is the image-token prompt).
+        Progress::new(job.telemetry, &ModelKind::Illmrec(variant).to_string(), plan.total_steps)
             .with_samples_per_unit(plan.global_batch)
             .resumed_at(next_step)
     });
