@@ -57,6 +57,14 @@ fn wrong_type_and_invalid_value_name_the_key() {
     let job = write(d.path(), "e.yaml", &format!("name: j\n{DATA}eval:\n  protocols: [full, sampled:x]\n"));
     let err = JobConfig::load(&job).unwrap_err().to_string();
     assert!(err.contains("eval.protocols") && err.contains("sampled:x"), "{err}");
+
+    let job = write(
+        d.path(),
+        "m.yaml",
+        &format!("name: j\n{DATA}train:\n  illmrec:\n    validation: {{min_delta: -0.01}}\n"),
+    );
+    let err = JobConfig::load(&job).unwrap_err().to_string();
+    assert!(err.contains("train.illmrec.validation.min_delta") && err.contains("-0.01"), "{err}");
 }
 
 #[test]

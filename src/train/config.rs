@@ -160,6 +160,15 @@ pub struct ValidationConfig {
     /// The metric that decides BEST and early stopping: hit@K or ndcg@K.
     #[serde(default = "d_valid_metric")]
     pub metric: String,
+    /// A validation counts as better only when it beats the best by more than this: a smaller gain
+    /// (noise, on a few hundred users) leaves BEST where it is and lets the patience run on. Left
+    /// out of the settings a checkpoint records while 0, so runs from before it resume.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_delta: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 fn d_one() -> usize {
@@ -177,7 +186,7 @@ fn d_patience_llm() -> Option<usize> {
 
 impl Default for ValidationConfig {
     fn default() -> Self {
-        Self { users: d_valid_users(), protocol: None, metric: d_valid_metric() }
+        Self { users: d_valid_users(), protocol: None, metric: d_valid_metric(), min_delta: 0.0 }
     }
 }
 
@@ -209,6 +218,9 @@ impl ValidationConfig {
         }
         if self.users == UserSample::Count(0) {
             return Err(Invalid::new("users", "0 users would validate nothing"));
+        }
+        if !(self.min_delta >= 0.0 && self.min_delta.is_finite()) {
+            return Err(Invalid::new("min_delta", format!("{} is not a finite value >= 0", self.min_delta)));
         }
         Ok(())
     }

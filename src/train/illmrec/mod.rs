@@ -211,7 +211,7 @@ pub fn fit(
             span.record("value", v.value);
             validation_seconds += v.seconds;
             comm += coll.take_spent().as_secs_f64();
-            let improved = early.record(v.clone());
+            let improved = early.record(v.clone(), tcfg.validation.min_delta);
             let (best_step, best) = early.best.unwrap_or((next_step, v.value));
             tracing::info!(
                 "validation after step {next_step}: {} {:.4} on {} users ({:.1}s){}; best {best:.4} at step {best_step}",

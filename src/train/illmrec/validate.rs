@@ -39,9 +39,10 @@ pub struct EarlyStopping {
 }
 
 impl EarlyStopping {
-    /// Records a validation; true when it beat every earlier one (the first always does).
-    pub fn record(&mut self, mut v: Validation) -> bool {
-        v.improved = self.best.is_none_or(|(_, b)| v.value > b);
+    /// Records a validation; true when it beat every earlier one by more than `min_delta` (the first
+    /// always does).
+    pub fn record(&mut self, mut v: Validation, min_delta: f64) -> bool {
+        v.improved = self.best.is_none_or(|(_, b)| v.value > b + min_delta);
         if v.improved {
             self.best = Some((v.step, v.value));
             self.since_best = 0;
@@ -143,12 +144,12 @@ mod tests {
     #[test]
     fn stops_after_patience_validations_without_a_better_value() {
         let mut es = EarlyStopping::default();
-        assert!(es.record(v(10, 0.2)));
-        assert!(!es.record(v(20, 0.2)), "a tie is no improvement");
-        assert!(es.record(v(30, 0.3)));
-        assert!(!es.record(v(40, 0.25)));
+        assert!(es.record(v(10, 0.2), 0.0));
+        assert!(!es.record(v(20, 0.2), 0.0), "a tie is no improvement");
+        assert!(es.record(v(30, 0.3), 0.0));
+        assert!(!es.record(v(40, 0.25), 0.0));
         assert!(!es.exhausted(Some(2)));
-        assert!(!es.record(v(50, 0.1)));
+        assert!(!es.record(v(50, 0.1), 0.0));
         assert!(es.exhausted(Some(2)) && !es.exhausted(None));
         assert_eq!((es.best, es.since_best), (Some((30, 0.3)), 2));
         assert!(es.has(50) && !es.has(40));
@@ -157,5 +158,31 @@ mod tests {
         // The state survives a checkpoint's JSON.
         let back: EarlyStopping = serde_json::from_value(serde_json::to_value(&es).unwrap()).unwrap();
         assert_eq!(back, es);
+    }
+
+    #[test]
+    fn a_gain_within_min_delta_is_no_improvement() {
+        // The Beauty plateau run's last four validations: 0.2757 beat 0.2756 by 0.0001.
+        let mut es = EarlyStopping::default();
+        assert!(es.record(v(3500, 0.2756), 0.001));
+        assert!(!es.record(v(3850, 0.2684), 0.001));
+        assert!(!es.record(v(4200, 0.2738), 0.001));
+        assert!(!es.record(v(4550, 0.2757), 0.001), "0.0001 better is within min_delta");
+        assert!(es.exhausted(Some(3)));
+        assert_eq!(es.best, Some((3500, 0.2756)));
+        // A gain of more than min_delta counts.
+        assert!(es.record(v(4900, 0.2770), 0.001));
+        assert_eq!((es.best, es.since_best), (Some((4900, 0.2770)), 0));
+    }
+
+    #[test]
+    fn a_zero_min_delta_leaves_the_recorded_settings_as_before_it_existed() {
+        // Checkpoints record the validation settings and refuse a resume whose settings differ:
+        // runs saved before `min_delta` existed must still resume.
+        let mut cfg = crate::train::ValidationConfig::default();
+        let before = serde_json::json!({"users": cfg.users, "protocol": cfg.protocol, "metric": cfg.metric});
+        assert_eq!(serde_json::to_value(&cfg).unwrap(), before);
+        cfg.min_delta = 0.001;
+        assert_eq!(serde_json::to_value(&cfg).unwrap()["min_delta"], 0.001);
     }
 }
