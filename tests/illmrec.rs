@@ -109,6 +109,32 @@ fn resumed_training_equals_uninterrupted_training_bit_for_bit() {
 }
 
 #[test]
+fn a_run_that_stopped_early_resumes_to_nothing_more() {
+    let (_dir, mut job, store) = setup();
+    // No validation can beat the first by more than 1: with patience 1 the run stops after the
+    // second validation, at step 4 of 6.
+    job.train.illmrec.validate_every = Some(2);
+    job.train.illmrec.patience = Some(1);
+    job.train.illmrec.validation.min_delta = 1.0;
+    let stopped = fit(&train_job(&job), &store, Variant::Image, TrainOptions::default(), &mut single()).unwrap();
+    assert_eq!((stopped.last_step, stopped.stopped_early, stopped.best.map(|b| b.0)), (4, true, Some(2)));
+    let w_stopped = weights(&store);
+    // `--auto-resume` after the stop (a requeued job, a rerun script) trains no further step.
+    let again = fit(
+        &train_job(&job),
+        &store,
+        Variant::Image,
+        TrainOptions { resume: true, ..TrainOptions::default() },
+        &mut single(),
+    )
+    .unwrap();
+    assert_eq!((again.resumed_from, again.first_step, again.last_step), (Some(4), 4, 4));
+    assert!(again.stopped_early && again.log.len() == stopped.log.len());
+    assert_eq!(again.best, stopped.best);
+    assert!(weights(&store) == w_stopped, "the checkpoint moved");
+}
+
+#[test]
 fn bench_step_exports_the_inputs_and_losses_of_the_steps_training_takes() {
     let (dir, job, store) = setup();
     let trained = fit(&train_job(&job), &store, Variant::Image, TrainOptions::default(), &mut single()).unwrap();

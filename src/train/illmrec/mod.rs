@@ -227,15 +227,19 @@ pub fn fit(
             if checkpoint(coll, next_step, &stepper.opt, &log, &early, improved)? {
                 saved_at = Some(next_step);
             }
-            if early.exhausted(tcfg.patience) {
-                tracing::info!(
-                    "stopping early: {} validations without a better {} (best {best:.4} at step {best_step})",
-                    early.since_best,
-                    validator.metric()
-                );
-                stopped_early = true;
-                break;
-            }
+        }
+        // Checked on every pass, not only after a fresh validation: a run resumed from the checkpoint
+        // it stopped early at has nothing left to train.
+        if early.exhausted(tcfg.patience) {
+            let (best_step, best) = early.best.unwrap_or_default();
+            tracing::info!(
+                "stopping early{}: {} validations without a better {} (best {best:.4} at step {best_step})",
+                if resumed_from == Some(next_step) { " (as the run did before it was resumed)" } else { "" },
+                early.since_best,
+                validator.metric()
+            );
+            stopped_early = true;
+            break;
         }
         if next_step >= last || preempted {
             break;
