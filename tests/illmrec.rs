@@ -54,6 +54,12 @@ fn weights(store: &Store) -> Vec<u8> {
     ckpt.file("weights.safetensors").unwrap().to_vec()
 }
 
+/// `train --auto-resume` of the job's I-LLMRec run, on one rank.
+fn resume(job: &JobConfig, store: &Store) -> illmrec::train::illmrec::FitReport {
+    fit(&train_job(job), store, Variant::Image, TrainOptions { resume: true, ..TrainOptions::default() }, &mut single())
+        .unwrap()
+}
+
 #[test]
 fn resumed_training_equals_uninterrupted_training_bit_for_bit() {
     let (_dir, mut job, store) = setup();
@@ -74,14 +80,7 @@ fn resumed_training_equals_uninterrupted_training_bit_for_bit() {
     )
     .unwrap();
     assert_eq!(stopped.last_step, 3);
-    let resumed = fit(
-        &train_job(&job),
-        &store,
-        Variant::Image,
-        TrainOptions { resume: true, ..TrainOptions::default() },
-        &mut single(),
-    )
-    .unwrap();
+    let resumed = resume(&job, &store);
     assert_eq!((resumed.resumed_from, resumed.last_step), (Some(3), straight.last_step));
     let losses =
         |r: &illmrec::train::illmrec::FitReport| r.log.iter().map(|l| l.losses.loss.to_bits()).collect::<Vec<_>>();
@@ -120,14 +119,7 @@ fn a_run_that_stopped_early_resumes_to_nothing_more() {
     assert_eq!((stopped.last_step, stopped.stopped_early, stopped.best.map(|b| b.0)), (4, true, Some(2)));
     let w_stopped = weights(&store);
     // `--auto-resume` after the stop (a requeued job, a rerun script) trains no further step.
-    let again = fit(
-        &train_job(&job),
-        &store,
-        Variant::Image,
-        TrainOptions { resume: true, ..TrainOptions::default() },
-        &mut single(),
-    )
-    .unwrap();
+    let again = resume(&job, &store);
     assert_eq!((again.resumed_from, again.first_step, again.last_step), (Some(4), 4, 4));
     assert!(again.stopped_early && again.log.len() == stopped.log.len());
     assert_eq!(again.best, stopped.best);
