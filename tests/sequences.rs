@@ -68,7 +68,8 @@ fn pop_on_the_stored_lists_and_on_a_file_matches_hand_computed_ranks() {
     let stored = illmrec(d, &["eval", "--job", "job.yaml", "--model", "pop", "--json"]).unwrap();
     let file =
         illmrec(d, &["eval", "--job", "job.yaml", "--model", "pop", "--candidates", "cands.jsonl", "--json"]).unwrap();
-    for (out, protocol) in [(&stored, "candidates (1+2)"), (&file, "candidates:cands.jsonl (1+2)")] {
+    // Two lists of 1+2 and one of 1+1.
+    for (out, protocol) in [(&stored, "candidates (1+1..2)"), (&file, "candidates:cands.jsonl (1+1..2)")] {
         assert_eq!(out.lines().count(), 1, "{out}");
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(v["protocol"], protocol);

@@ -2,10 +2,11 @@
 //! a benchmark's (MSRBench ships 1 + 29 per user). A file has one JSON object per line,
 //! `{"user": ID, "candidates": [ID, ...], "target": ID}` (other keys are ignored; ids are the source
 //! data's, as strings or numbers). The target must be the user's test item (the history is everything
-//! before it, as for the other protocols), and no candidate may be in that history. `data.candidates`
+//! before it, as for the other protocols), and no candidate may be in that history or listed twice
+//! (a repeated item would count twice against the target's rank). `data.candidates`
 //! stores a file's lists in the snapshot (checked at prepare); `eval --candidates` reads one ad hoc.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -72,6 +73,10 @@ pub fn read(path: &Path, ds: &Dataset) -> Result<Vec<CandidateList>> {
             items.get(id.as_str()).copied().ok_or_else(|| bad(format!("candidate `{id}` is not in the item table")))
         };
         let candidates = l.candidates.iter().map(item).collect::<Result<Vec<u32>>>()?;
+        let mut listed = HashSet::new();
+        if let Some(twice) = candidates.iter().find(|c| !listed.insert(**c)) {
+            return Err(bad(format!("candidate `{}` is listed twice", ds.item(*twice).id)));
+        }
         let target = item(&l.target)?;
         if !candidates.contains(&target) {
             return Err(bad(format!("target `{target_id}` is not among its candidates")));
@@ -93,6 +98,17 @@ pub fn read(path: &Path, ds: &Dataset) -> Result<Vec<CandidateList>> {
         return Err(DataError::Empty { file: path.to_path_buf() });
     }
     Ok(out)
+}
+
+/// The lists' sizes as a protocol names them: `1+29`, or `1+19..29` where they differ.
+pub fn sizes(lists: &[CandidateList]) -> String {
+    let others = |l: &CandidateList| l.candidates.len().saturating_sub(1);
+    let (lo, hi) = (lists.iter().map(others).min().unwrap_or(0), lists.iter().map(others).max().unwrap_or(0));
+    if lo == hi {
+        format!("1+{lo}")
+    } else {
+        format!("1+{lo}..{hi}")
+    }
 }
 
 #[cfg(test)]
@@ -135,6 +151,13 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn sizes_name_the_range_when_lists_differ() {
+        let list = |n: u32| CandidateList { user: 0, candidates: (1..=n).collect(), target: 1 };
+        assert_eq!(sizes(&[list(30), list(30)]), "1+29");
+        assert_eq!(sizes(&[list(30), list(20)]), "1+19..29");
+    }
+
+    #[test]
     fn bad_lists_name_the_file_and_line() {
         let ds = ds();
         for (line, want) in [
@@ -144,6 +167,7 @@ pub(crate) mod tests {
             (r#"{"user": 7, "candidates": [105, 103], "target": 105}"#, "is not user `7`'s test item (`104`)"),
             (r#"{"user": 7, "candidates": [104, 102], "target": 104}"#, "candidate `102` is in user `7`'s history"),
             (r#"{"user": 7, "target": 104}"#, "not a {user, candidates, target} object"),
+            (r#"{"user": 7, "candidates": [104, 107, "107"], "target": 104}"#, "candidate `107` is listed twice"),
         ] {
             let (_d, p) = write(&["", line]);
             let err = read(&p, &ds).unwrap_err().to_string();

@@ -16,8 +16,8 @@ pub fn read(dir: &Path, name: &str, bad: &mut BadRecords) -> Result<RawData> {
     let inter_path = dir.join(format!("{name}.inter"));
     let (bytes, inter_src) = read_source(&inter_path)?;
     let mut rows = lines(&inter_path, &bytes, bad)?.into_iter();
-    let (_, header) = rows.next().ok_or_else(|| DataError::Empty { file: inter_path.clone() })?;
-    let columns = Header::parse(&inter_path, header)?;
+    let (header_line, header) = rows.next().ok_or_else(|| DataError::Empty { file: inter_path.clone() })?;
+    let columns = Header::parse(&inter_path, header_line, header)?;
     let (u, i, t) = (
         columns.find(&inter_path, "user_id")?,
         columns.find(&inter_path, "item_id")?,
@@ -69,8 +69,8 @@ pub fn read(dir: &Path, name: &str, bad: &mut BadRecords) -> Result<RawData> {
 
 fn read_items(path: &Path, bytes: &[u8], bad: &mut BadRecords) -> Result<BTreeMap<String, ItemMeta>> {
     let mut rows = lines(path, bytes, bad)?.into_iter();
-    let (_, header) = rows.next().ok_or_else(|| DataError::Empty { file: path.to_path_buf() })?;
-    let header = Header::parse(path, header)?;
+    let (header_line, header) = rows.next().ok_or_else(|| DataError::Empty { file: path.to_path_buf() })?;
+    let header = Header::parse(path, header_line, header)?;
     let columns = ItemColumns {
         count: header.names.len(),
         id: header.find(path, "item_id")?,
@@ -86,28 +86,30 @@ fn read_items(path: &Path, bytes: &[u8], bad: &mut BadRecords) -> Result<BTreeMa
 
 struct Header {
     names: Vec<String>,
+    /// Its line in the file (blank lines before it are skipped).
+    line: usize,
 }
 
 impl Header {
-    fn parse(path: &Path, line: &str) -> Result<Self> {
-        let names = line
+    fn parse(path: &Path, line: usize, text: &str) -> Result<Self> {
+        let names = text
             .split('\t')
             .map(|f| match f.trim().split_once(':') {
                 Some((name, _type)) => Ok(name.to_string()),
                 None => Err(DataError::BadRecord {
                     file: path.to_path_buf(),
-                    line: 1,
+                    line,
                     reason: format!("header field `{f}` is not `name:type`"),
                 }),
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { names })
+        Ok(Self { names, line })
     }
 
     fn find(&self, path: &Path, name: &str) -> Result<usize> {
         self.names.iter().position(|n| n == name).ok_or_else(|| DataError::BadRecord {
             file: path.to_path_buf(),
-            line: 1,
+            line: self.line,
             reason: format!("the header has no `{name}` column (it has: {})", self.names.join(", ")),
         })
     }
@@ -153,6 +155,10 @@ mod tests {
         write(d.path(), "x.inter", b"user_id:token\titem_id:token\n1\t2\n");
         let err = read(d.path(), "x", &mut BadRecords::new(OnBadRecord::Error)).unwrap_err().to_string();
         assert!(err.contains("x.inter:1") && err.contains("timestamp"), "{err}");
+        // Blank lines before the header move it: the error names its real line.
+        write(d.path(), "x.inter", b"\n\nuser_id:token\titem_id\n1\t2\n");
+        let err = read(d.path(), "x", &mut BadRecords::new(OnBadRecord::Error)).unwrap_err().to_string();
+        assert!(err.contains("x.inter:3: header field `item_id` is not `name:type`"), "{err}");
     }
 
     #[test]

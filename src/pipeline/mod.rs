@@ -185,8 +185,7 @@ pub fn evaluate(
             job.eval.batch_size,
             Some(&job.telemetry),
         )?;
-        let per_list = lists.first().map_or(0, |l| l.candidates.len());
-        let protocol = format!("{label} (1+{})", per_list.saturating_sub(1));
+        let protocol = format!("{label} ({})", data::candidates::sizes(&lists));
         inference.push((protocol.clone(), timer.elapsed().as_secs_f64() / lists.len().max(1) as f64));
         results.push(EvalResult {
             model: model.to_string(),
