@@ -127,6 +127,24 @@ fn a_run_that_stopped_early_resumes_to_nothing_more() {
 }
 
 #[test]
+fn a_resume_repoints_a_best_that_a_cut_short_commit_left_behind() {
+    let (_dir, mut job, store) = setup();
+    // The first validation (step 2) is the best for good: none beats it by 1.
+    job.train.illmrec.validate_every = Some(2);
+    job.train.illmrec.validation.min_delta = 1.0;
+    let stop = TrainOptions { stop_after: Some(2), ..TrainOptions::default() };
+    fit(&train_job(&job), &store, Variant::Image, stop, &mut single()).unwrap();
+    // A commit that moved LATEST and died before BEST.
+    store.delete("runs/tiny-illmrec/checkpoints/BEST").unwrap();
+    // The resume trains on to step 6; without BEST, `eval` would score LATEST (step 6).
+    let resumed = resume(&job, &store);
+    assert_eq!((resumed.resumed_from, resumed.last_step, resumed.best.map(|b| b.0)), (Some(2), 6, Some(2)));
+    assert!(store.get_string("runs/tiny-illmrec/checkpoints/BEST").unwrap().is_some(), "BEST is back");
+    let best = illmrec::train::runs::load(&store, "tiny-illmrec", Which::Best).unwrap().unwrap();
+    assert_eq!(best.step, 2);
+}
+
+#[test]
 fn bench_step_exports_the_inputs_and_losses_of_the_steps_training_takes() {
     let (dir, job, store) = setup();
     let trained = fit(&train_job(&job), &store, Variant::Image, TrainOptions::default(), &mut single()).unwrap();

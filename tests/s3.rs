@@ -420,6 +420,28 @@ fn the_final_checkpoint_is_retried_until_the_store_is_back() {
 }
 
 #[test]
+fn a_new_best_checkpoint_is_retried_until_the_store_is_back() {
+    let moto = Moto::start(false);
+    moto.create_bucket("illmrec-best");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The validation at step 2 is the first (a new best) and none after it beats it by 1: its
+    // checkpoint is the run's first upload and the only one BEST may name.
+    let retry = ", s3: {retries: 1, retry_timeout_secs: 2}";
+    let text = job("s3://illmrec-best/x", 6, retry)
+        .replace("checkpoint_every: 2}", "checkpoint_every: 100, validate_every: 2, validation: {min_delta: 1.0}}");
+    std::fs::write(d.join("s3.yaml"), text).unwrap();
+    let proxy = CutOffProxy::start(moto.port, "weights.safetensors");
+    prepare(d, Some(proxy.port), "s3.yaml", true);
+    let reported = train_through(d, &proxy, |line| line.contains("best checkpoint at step 2 failed (attempt 1 of 5)"));
+    assert!(reported.contains("(attempt 1 of 5), retrying in 2s"), "{reported}");
+    let store = open_s3(moto.port, "s3://illmrec-best/x");
+    let best = illmrec::train::runs::load(&store, "s3t-illmrec", illmrec::train::runs::Which::Best).unwrap().unwrap();
+    assert_eq!(best.step, 2);
+    assert_eq!(illmrec::train::runs::load_latest(&store, "s3t-illmrec").unwrap().unwrap().step, 6);
+}
+
+#[test]
 fn an_s3_root_without_keys_is_refused_rather_than_asking_a_metadata_service() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("s3.yaml"), job("s3://illmrec-nokeys/p", 2, "")).unwrap();

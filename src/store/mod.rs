@@ -49,6 +49,13 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Another writer moved a pointer this one was committing to: no retry can fix that.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Conflict { .. })
+    }
+}
+
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// The `storage` section of a job.

@@ -123,10 +123,18 @@ pub fn save(
     store.put_new(&key(&[&d, "state.json"]), state_bytes)?;
     store.put_pointer(&latest_key(run_id), &folder, seen.as_ref().map(|(_, v)| v))?;
     if best {
-        let seen_best = store.get_pointer(&best_key(run_id))?;
-        store.put_pointer(&best_key(run_id), &folder, seen_best.as_ref().map(|(_, v)| v))?;
+        point_best(store, run_id, &folder)?;
     }
     prune(store, run_id, &folder, keep)
+}
+
+/// Points BEST at a committed checkpoint folder, unless it names it already.
+pub fn point_best(store: &Store, run_id: &str, folder: &str) -> Result<()> {
+    let seen = store.get_pointer(&best_key(run_id))?;
+    if seen.as_ref().map(|(name, _)| name.as_str()) != Some(folder) {
+        store.put_pointer(&best_key(run_id), folder, seen.as_ref().map(|(_, v)| v))?;
+    }
+    Ok(())
 }
 
 /// Keeps the `keep` newest committed checkpoints up to `latest` and the one BEST names; deletes older
@@ -178,8 +186,12 @@ pub fn steps(store: &Store, run_id: &str) -> Result<Vec<u64>> {
     Ok(out)
 }
 
-/// Deletes every checkpoint of a run (a fresh start).
+/// Deletes every checkpoint of a run (a fresh start). The pointers go first: a clear cut short
+/// leaves folders nothing names, never a pointer to a deleted folder.
 pub fn clear(store: &Store, run_id: &str) -> Result<()> {
+    for pointer in [latest_key(run_id), best_key(run_id)] {
+        store.delete(&pointer)?;
+    }
     for k in store.list(&checkpoints_dir(run_id))? {
         store.delete(&k)?;
     }

@@ -111,7 +111,7 @@ pub enum Similarity {
 #[serde(rename_all = "snake_case")]
 pub enum RetrievalLoss {
     /// Binary cross-entropy: the target labelled 1, each negative 0 (the paper, with one negative);
-    /// the negatives' term is their mean.
+    /// per window the negatives' terms are summed, so each weighs as much as the target's.
     #[default]
     Bce,
     /// Cross-entropy of the target among itself and the negatives (a sampled softmax).

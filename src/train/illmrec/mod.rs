@@ -44,8 +44,9 @@ pub struct TrainOptions {
     pub from: Option<String>,
 }
 
-/// Attempts at the final checkpoint before the run gives up, with a doubling pause between them.
-const FINAL_SAVE_ATTEMPTS: u32 = 5;
+/// Attempts at a checkpoint that must land (the final one, and a new best's) before the run gives
+/// up, with a doubling pause between them.
+const MUST_SAVE_ATTEMPTS: u32 = 5;
 
 /// What a training call did, for the terminal and the run's report.
 #[derive(Debug, Clone, Serialize)]
@@ -116,6 +117,10 @@ pub fn fit(
         check_fingerprint(&ckpt.state["fingerprint"], &finger, &run_id)?;
         restore(&sess, &mut stepper, &ckpt, &run_id, tcfg)?;
         let early: EarlyStopping = serde_json::from_value(ckpt.state["early_stopping"].clone()).unwrap_or_default();
+        if lead && early.best.is_some_and(|(best, _)| best == ckpt.step) {
+            // LATEST is the best checkpoint: a commit cut short between LATEST and BEST left BEST behind.
+            runs::point_best(store, &run_id, &ckpt.name)?;
+        }
         (ckpt.step, read_log(store, &run_id, ckpt.step)?, early, Some(ckpt.step))
     } else {
         if let Some(from) = &opts.from {
@@ -174,17 +179,47 @@ pub fn fit(
     let step_timeout = std::time::Duration::from_secs(job.dist.timeout_secs);
     // A checkpoint makes a handful of requests, each allowed the store's whole retry budget.
     let save_budget = store.request_budget() * 6;
+    let pauses = std::time::Duration::from_secs((1u64 << MUST_SAVE_ATTEMPTS) - 2);
+    let must_save_budget = save_budget * MUST_SAVE_ATTEMPTS + pauses;
+    // A save that must land, retried MUST_SAVE_ATTEMPTS times with pauses of 2, 4, 8, ... seconds.
+    let save_retrying = |what: &str, step: u64, opt: &AdamW, log: &[StepLog], early: &EarlyStopping, best| {
+        let mut attempt = 1;
+        loop {
+            match save(step, opt, log, early, best) {
+                Err(TrainError::Store(e)) if attempt < MUST_SAVE_ATTEMPTS && !e.is_conflict() => {
+                    let pause = std::time::Duration::from_secs(1 << attempt);
+                    tracing::warn!(
+                        "{what} checkpoint at step {step} failed (attempt {attempt} of {MUST_SAVE_ATTEMPTS}), \
+                         retrying in {}s: {e}",
+                        pause.as_secs()
+                    );
+                    std::thread::sleep(pause);
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    };
     // A checkpoint taken mid-run: the other ranks wait for rank 0's save with the store's retry
     // budget added to their deadline, so a slow store does not look like a stalled rank (on a local
     // root the deadline stays the step's, and a stalled rank is still caught fast). Storage trouble
-    // costs this checkpoint, not the run: the previous one stays in force and the next one retries.
-    // Whether it committed (on rank 0; the others do not write and report false).
+    // costs a periodic checkpoint, not the run: the previous one stays in force and the next one
+    // retries. A conflict (another writer on this run's LATEST) ends the run at any save. A new best's checkpoint is retried instead: its weights are gone after the next step,
+    // and BEST must name what the report calls best. Whether it committed (on rank 0; the others do
+    // not write and report false).
     let checkpoint = |coll: &mut Guarded, step: u64, opt: &AdamW, log: &[StepLog], early: &EarlyStopping, best| {
-        coll.set_timeout(step_timeout + save_budget);
+        coll.set_timeout(step_timeout + if best { must_save_budget } else { save_budget });
         let mut committed = false;
         if lead {
-            match save(step, opt, log, early, best) {
-                Err(TrainError::Store(e)) => tracing::warn!("checkpoint at step {step} failed, training goes on: {e}"),
+            let saved = if best {
+                save_retrying("best", step, opt, log, early, best)
+            } else {
+                save(step, opt, log, early, best)
+            };
+            match saved {
+                Err(TrainError::Store(e)) if !best && !e.is_conflict() => {
+                    tracing::warn!("checkpoint at step {step} failed, training goes on: {e}")
+                }
                 other => {
                     other?;
                     committed = true;
@@ -272,30 +307,13 @@ pub fn fit(
     if let Some(p) = progress {
         p.finish();
     }
-    // The final save (unless the last validation just committed it) may retry FINAL_SAVE_ATTEMPTS
-    // times with pauses of 2, 4, 8, ... seconds; BEST moves with it when a validation of this very
-    // step improved and its own save failed.
-    let pauses = std::time::Duration::from_secs((1u64 << FINAL_SAVE_ATTEMPTS) - 2);
-    coll.set_timeout(step_timeout + save_budget * FINAL_SAVE_ATTEMPTS + pauses);
+    // The final save (unless the last validation just committed it) must land; BEST moves with it
+    // when a validation of this very step improved.
+    coll.set_timeout(step_timeout + must_save_budget);
     let resumed_at_end = resumed_from == Some(next_step);
     if lead && saved_at != Some(next_step) && !resumed_at_end {
         let best = early.history.last().is_some_and(|v| v.step == next_step && v.improved);
-        let mut attempt = 1;
-        loop {
-            match save(next_step, &stepper.opt, &log, &early, best) {
-                Err(TrainError::Store(e)) if attempt < FINAL_SAVE_ATTEMPTS => {
-                    let pause = std::time::Duration::from_secs(1 << attempt);
-                    tracing::warn!(
-                        "final checkpoint at step {next_step} failed (attempt {attempt} of {FINAL_SAVE_ATTEMPTS}), \
-                         retrying in {}s: {e}",
-                        pause.as_secs()
-                    );
-                    std::thread::sleep(pause);
-                    attempt += 1;
-                }
-                other => break other?,
-            }
-        }
+        save_retrying("final", next_step, &stepper.opt, &log, &early, best)?;
     }
     // Nobody leaves before the last checkpoint is committed: a launcher that restarts the job on
     // the first exit would otherwise resume from the one before.
