@@ -145,6 +145,21 @@ fn a_resume_repoints_a_best_that_a_cut_short_commit_left_behind() {
 }
 
 #[test]
+fn a_fresh_run_reports_its_own_validations_only() {
+    let (_dir, mut job, store) = setup();
+    job.train.illmrec.validate_every = Some(2);
+    let stop = || TrainOptions { stop_after: Some(2), ..TrainOptions::default() };
+    fit(&train_job(&job), &store, Variant::Image, stop(), &mut single()).unwrap();
+    let curve = || illmrec::train::illmrec::loss_curve(&store, "tiny-illmrec").unwrap();
+    assert_eq!(curve().validation.len(), 1);
+    // The same run started afresh without validation: no validation panel from the first one.
+    job.train.illmrec.validate_every = Some(0);
+    fit(&train_job(&job), &store, Variant::Image, stop(), &mut single()).unwrap();
+    assert!(curve().validation.is_empty(), "{:?}", curve().validation);
+    assert_eq!(curve().points.len(), 2);
+}
+
+#[test]
 fn bench_step_exports_the_inputs_and_losses_of_the_steps_training_takes() {
     let (dir, job, store) = setup();
     let trained = fit(&train_job(&job), &store, Variant::Image, TrainOptions::default(), &mut single()).unwrap();

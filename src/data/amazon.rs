@@ -75,7 +75,7 @@ pub fn read(reviews: &Path, meta: &Path, images: Option<&Path>, bad: &mut BadRec
         interactions.push(
             reviews,
             line,
-            RawInteraction { user: r.reviewerID, item: r.asin, timestamp: r.unixReviewTime },
+            RawInteraction { user: r.reviewerID, item: r.asin, timestamp: r.unixReviewTime as f64 },
             bad,
         )?;
     }
@@ -128,33 +128,27 @@ fn json_kind(e: &serde_json::Error) -> &'static str {
     }
 }
 
-/// Image files in `dir` by item id (file stem), sorted; the first extension in IMAGE_EXTENSIONS wins.
+/// Image files in `dir` by item id (file stem), sorted; the first extension in IMAGE_EXTENSIONS wins,
+/// and of two spellings of one extension (`a.jpg`, `a.JPG`) the smaller name, whatever order the
+/// folder lists them in.
 fn find_images(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     let entries = std::fs::read_dir(dir).map_err(|source| DataError::Io { file: dir.to_path_buf(), source })?;
     let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
     for entry in entries {
         let path = entry.map_err(|source| DataError::Io { file: dir.to_path_buf(), source })?.path();
-        let (Some(stem), Some(ext)) =
-            (path.file_stem().and_then(|s| s.to_str()), path.extension().and_then(|s| s.to_str()))
-        else {
-            continue;
-        };
-        let Some(rank) = IMAGE_EXTENSIONS.iter().position(|e| e.eq_ignore_ascii_case(ext)) else { continue };
-        let better = match found.get(stem) {
-            Some(old) => {
-                rank < old
-                    .extension()
-                    .and_then(|e| e.to_str())
-                    .and_then(|e| IMAGE_EXTENSIONS.iter().position(|x| x.eq_ignore_ascii_case(e)))
-                    .unwrap_or(usize::MAX)
-            }
-            None => true,
-        };
-        if better {
+        let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else { continue };
+        let Some(rank) = extension_rank(&path) else { continue };
+        if found.get(stem).is_none_or(|old| (rank, &path) < (extension_rank(old).unwrap_or(usize::MAX), old)) {
             found.insert(stem.to_string(), path);
         }
     }
     Ok(found)
+}
+
+/// Where a file's extension stands in IMAGE_EXTENSIONS (any case); None for other files.
+fn extension_rank(path: &Path) -> Option<usize> {
+    let ext = path.extension().and_then(|e| e.to_str())?;
+    IMAGE_EXTENSIONS.iter().position(|e| e.eq_ignore_ascii_case(ext))
 }
 
 #[cfg(test)]
@@ -192,5 +186,17 @@ mod tests {
         assert_eq!(raw.items["a2"].description, "plain");
         assert_eq!(raw.images.keys().collect::<Vec<_>>(), vec!["a1"]);
         assert_eq!(raw.sources.len(), 3);
+    }
+
+    #[test]
+    fn the_picture_of_an_item_does_not_depend_on_the_folders_listing_order() {
+        let d = tempfile::tempdir().unwrap();
+        for name in ["b1.png", "b1.jpeg", "a1.JPG", "a1.jpg", "a1.png"] {
+            std::fs::write(d.path().join(name), b"x").unwrap();
+        }
+        let found = find_images(d.path()).unwrap();
+        // `jpg` before `jpeg` before `png`; of `JPG` and `jpg`, the smaller name (upper case sorts first).
+        assert_eq!(found["a1"], d.path().join("a1.JPG"));
+        assert_eq!(found["b1"], d.path().join("b1.jpeg"));
     }
 }

@@ -16,7 +16,9 @@ use super::error::{DataError, Result};
 pub struct RawInteraction {
     pub user: String,
     pub item: String,
-    pub timestamp: i64,
+    /// Seconds (or any increasing unit: a sequences file's position). f64 keeps RecBole's float
+    /// timestamps whole: truncating 1.7 and 1.2 to 1 would order them by file line.
+    pub timestamp: f64,
 }
 
 /// Item metadata as read from a source file (any field may be empty).

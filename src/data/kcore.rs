@@ -49,7 +49,7 @@ mod tests {
     use super::*;
 
     fn it(u: &str, i: &str) -> RawInteraction {
-        RawInteraction { user: u.into(), item: i.into(), timestamp: 0 }
+        RawInteraction { user: u.into(), item: i.into(), timestamp: 0.0 }
     }
 
     #[test]

@@ -211,7 +211,7 @@ fn copy_images(
     Ok(())
 }
 
-type Indexed = (Vec<Item>, Vec<String>, Vec<Vec<u32>>, Vec<Vec<i64>>);
+type Indexed = (Vec<Item>, Vec<String>, Vec<Vec<u32>>, Vec<Vec<f64>>);
 
 /// Items get indices 1..=N in id order, users 0..U in id order; sequences are sorted by time, ties
 /// kept in file order.
@@ -234,7 +234,7 @@ fn index(
             Item { index, id: id.to_string(), meta: metas.get(*id).cloned().unwrap_or_default(), image }
         })
         .collect();
-    let mut per_user: BTreeMap<&str, Vec<(i64, u32)>> = BTreeMap::new();
+    let mut per_user: BTreeMap<&str, Vec<(f64, u32)>> = BTreeMap::new();
     for it in kept {
         per_user.entry(&it.user).or_default().push((it.timestamp, item_index[it.item.as_str()]));
     }
@@ -242,10 +242,25 @@ fn index(
     let mut sequences = Vec::new();
     let mut timestamps = Vec::new();
     for (user, mut events) in per_user {
-        events.sort_by_key(|e| e.0); // stable: equal timestamps keep file order
+        events.sort_by(|a, b| a.0.total_cmp(&b.0)); // stable: equal timestamps keep file order
         user_ids.push(user.to_string());
         timestamps.push(events.iter().map(|e| e.0).collect());
         sequences.push(events.iter().map(|e| e.1).collect());
     }
     (items, user_ids, sequences, timestamps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fractional_timestamps_order_a_users_events_and_ties_keep_file_order() {
+        let at = |item: &str, timestamp: f64| RawInteraction { user: "u".into(), item: item.into(), timestamp };
+        let kept = [at("10", 1.7), at("11", 1.2), at("12", 1.7)];
+        let (_, _, sequences, timestamps) = index(&kept, &BTreeMap::new(), &BTreeMap::new());
+        // Items are indexed by id (10 -> 1, 11 -> 2, 12 -> 3).
+        assert_eq!(sequences[0], [2, 1, 3]);
+        assert_eq!(timestamps[0], [1.2, 1.7, 1.7]);
+    }
 }

@@ -41,7 +41,7 @@ pub fn read(dir: &Path, name: &str, bad: &mut BadRecords) -> Result<RawData> {
             continue;
         }
         let timestamp = match fields[t].trim().parse::<f64>() {
-            Ok(v) if v.is_finite() => v as i64,
+            Ok(v) if v.is_finite() => v,
             _ => {
                 bad.bad(&inter_path, line, "malformed record", format!("timestamp `{}` is not a number", fields[t]))?;
                 continue;
@@ -143,7 +143,7 @@ mod tests {
         );
         let raw = read(d.path(), "x", &mut BadRecords::new(OnBadRecord::Error)).unwrap();
         assert_eq!(raw.interactions.len(), 2);
-        assert_eq!(raw.interactions[1].timestamp, 90);
+        assert_eq!(raw.interactions[1].timestamp, 90.0);
         assert_eq!(raw.items["10"].title, "Toy Story");
         assert_eq!(raw.items["10"].categories, vec!["Animation", "Comedy"]);
         assert_eq!(raw.sources.len(), 2);

@@ -35,7 +35,7 @@ pub fn read(sequences: &Path, item_table: &Path, images: Option<&Path>, bad: &mu
         }
         user_line.insert(user, line);
         for (position, item) in items.into_iter().enumerate() {
-            let it = RawInteraction { user: user.into(), item: item.into(), timestamp: position as i64 };
+            let it = RawInteraction { user: user.into(), item: item.into(), timestamp: position as f64 };
             interactions.push(sequences, line, it, bad)?;
         }
     }
@@ -105,9 +105,9 @@ mod tests {
     fn line_order_is_time_order_and_items_carry_their_metadata() {
         let (_d, s, i) = files("u1 3 1 2\nu2 2 3\n", "item_id\tasin\ttitle\timage\n1\tA1\tOne\t\n2\tA2\tTwo\tp.jpg\n");
         let raw = read(&s, &i, None, &mut BadRecords::new(OnBadRecord::Error)).unwrap();
-        let u1: Vec<(&str, i64)> =
+        let u1: Vec<(&str, f64)> =
             raw.interactions.iter().filter(|x| x.user == "u1").map(|x| (x.item.as_str(), x.timestamp)).collect();
-        assert_eq!(u1, [("3", 0), ("1", 1), ("2", 2)]);
+        assert_eq!(u1, [("3", 0.0), ("1", 1.0), ("2", 2.0)]);
         assert_eq!(raw.items["2"].title, "Two");
         assert!(!raw.items.contains_key("3"), "items missing from the table have no metadata");
         assert_eq!(raw.sources.len(), 2);

@@ -54,7 +54,7 @@ struct SequenceLine {
     user: usize,
     id: String,
     items: Vec<u32>,
-    timestamps: Vec<i64>,
+    timestamps: Vec<f64>,
 }
 
 pub fn dir(name: &str, snapshot_key: &str) -> String {
@@ -84,7 +84,7 @@ pub struct Contents<'a> {
     pub items: &'a [Item],
     pub user_ids: &'a [String],
     pub sequences: &'a [Vec<u32>],
-    pub timestamps: &'a [Vec<i64>],
+    pub timestamps: &'a [Vec<f64>],
     pub negatives: &'a Negatives,
     pub candidates: &'a [CandidateList],
 }

@@ -144,11 +144,9 @@ pub fn load_scorer<'d>(
 const LOG_FILE: &str = "train-log.jsonl";
 const VALID_FILE: &str = "valid-log.jsonl";
 
-/// Writes the run's validations, one JSON line each, beside the training log.
+/// Writes the run's validations, one JSON line each, beside the training log (an empty file for
+/// none, so a fresh run does not report an earlier run's).
 pub fn write_validations(store: &Store, run_id: &str, history: &[Validation]) -> Result<()> {
-    if history.is_empty() {
-        return Ok(());
-    }
     let mut out = Vec::new();
     for v in history {
         serde_json::to_writer(&mut out, v).map_err(|e| TrainError::Invalid(e.to_string()))?;

@@ -162,6 +162,10 @@ pub fn fit(
             "warm_start_from": opts.from,
             "early_stopping": early,
         });
+        // The logs go first: a process that dies after LATEST moved must not leave them behind it
+        // (a resume reads them up to its checkpoint's step, so steps past it are harmless).
+        write_log(store, &run_id, log)?;
+        write_validations(store, &run_id, &early.history)?;
         runs::save(
             store,
             &run_id,
@@ -170,9 +174,7 @@ pub fn fit(
             &state,
             tcfg.keep_checkpoints,
             best,
-        )?;
-        write_log(store, &run_id, log)?;
-        write_validations(store, &run_id, &early.history)
+        )
     };
     let first_step = next_step;
     let (mut comm, mut validation_seconds) = (0.0, 0.0);
