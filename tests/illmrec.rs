@@ -267,16 +267,15 @@ fn a_grown_catalog_reuses_features_warm_starts_and_is_scored_by_the_old_model() 
         assert!(a.file(file).unwrap() == b.file(file).unwrap(), "{file} was not carried over");
     }
     assert_eq!(b.state["warm_start_from"], "tiny-illmrec");
-    let trained = fit(
-        &train_job(&grown_job),
-        &store,
-        Variant::Image,
-        TrainOptions { from: Some("tiny-illmrec".into()), ..TrainOptions::default() },
-        &mut single(),
-    )
-    .unwrap();
-    assert_eq!((trained.first_step, trained.last_step), (0, 6));
+    let stop = TrainOptions { from: Some("tiny-illmrec".into()), stop_after: Some(2), ..TrainOptions::default() };
+    fit(&train_job(&grown_job), &store, Variant::Image, stop, &mut single()).unwrap();
+    // Requeued (`train --from RUN --auto-resume` again), the warm-started run resumes its own
+    // checkpoint and still names where it started.
+    let trained = resume(&grown_job, &store);
+    assert_eq!((trained.first_step, trained.last_step), (2, 6));
     assert!(trained.log.iter().all(|l| l.losses.loss.is_finite()));
+    let latest = illmrec::train::runs::load_latest(&store, "tiny-grown-illmrec").unwrap().unwrap();
+    assert_eq!(latest.state["warm_start_from"], "tiny-illmrec");
 }
 
 /// A catalog where the next item follows from the last one: 40 items in a ring, every user walks

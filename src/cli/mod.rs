@@ -63,9 +63,9 @@ enum Command {
         /// Continue the run from its LATEST checkpoint.
         #[arg(long, conflicts_with = "from")]
         resume: bool,
-        /// Continue from LATEST when the run has a checkpoint, start fresh otherwise: what a
-        /// scheduler that requeues the same command needs.
-        #[arg(long, conflicts_with_all = ["from", "resume"])]
+        /// Continue from LATEST when the run has a checkpoint, start fresh otherwise (with --from:
+        /// warm-start): what a scheduler that requeues the same command needs.
+        #[arg(long, conflicts_with = "resume")]
         auto_resume: bool,
         /// Warm-start from another run's LATEST checkpoint (trainable weights and optimizer state),
         /// e.g. `--from shop-5k-illmrec` after the catalog grew.
@@ -348,6 +348,8 @@ pub fn main() -> Result<i32> {
                 let store = open_store(&job)?;
                 let tj = pipeline::train_job(&job);
                 let resume = resume || (auto_resume && train::runs::has_checkpoint(&store, &tj.run_id(model))?);
+                // A run resumed after its warm start carries it in its own checkpoint.
+                let from = if resume { None } else { from };
                 let report = train::train(&tj, &store, model, TrainOptions { resume, stop_after, from }, &mut coll)?;
                 if coll.rank() == 0 {
                     println!("{} -> runs/{}", report.summary, report.run_id);

@@ -110,7 +110,7 @@ pub fn fit(
     let validate_every = tcfg.validate_every.unwrap_or(plan.steps_per_epoch).max(1);
     let due =
         |step: u64| tcfg.validates() && step > 0 && (step.is_multiple_of(validate_every) || step == plan.total_steps);
-    let (mut next_step, mut log, mut early, resumed_from) = if opts.resume {
+    let (mut next_step, mut log, mut early, resumed_from, warm_start_from) = if opts.resume {
         let ckpt = runs::load_latest(store, &run_id)?.ok_or_else(|| {
             TrainError::Invalid(format!("--resume: run {run_id} has no checkpoint under {}", store.url()))
         })?;
@@ -121,7 +121,8 @@ pub fn fit(
             // LATEST is the best checkpoint: a commit cut short between LATEST and BEST left BEST behind.
             runs::point_best(store, &run_id, &ckpt.name)?;
         }
-        (ckpt.step, read_log(store, &run_id, ckpt.step)?, early, Some(ckpt.step))
+        let warm_start_from = ckpt.state["warm_start_from"].as_str().map(str::to_string);
+        (ckpt.step, read_log(store, &run_id, ckpt.step)?, early, Some(ckpt.step), warm_start_from)
     } else {
         if let Some(from) = &opts.from {
             let ckpt = runs::load_latest(store, from)?.ok_or_else(|| {
@@ -133,7 +134,7 @@ pub fn fit(
         if lead {
             runs::clear(store, &run_id)?;
         }
-        (0, Vec::new(), EarlyStopping::default(), None)
+        (0, Vec::new(), EarlyStopping::default(), None, opts.from.clone())
     };
     // Every rank has loaded the model: from here a collective should return within a step.
     check_same(coll, "the starting parameters and step", &state_digest(&stepper.params, next_step))?;
@@ -159,7 +160,7 @@ pub fn fit(
             "world_size": world,
             "rng": "counter-based: every draw is keyed by (seed, epoch, user, window); the step is the whole state",
             "fingerprint": finger,
-            "warm_start_from": opts.from,
+            "warm_start_from": warm_start_from,
             "early_stopping": early,
         });
         // The logs go first: a process that dies after LATEST moved must not leave them behind it
