@@ -207,9 +207,10 @@ pub fn fit(
     // budget added to their deadline, so a slow store does not look like a stalled rank (on a local
     // root the deadline stays the step's, and a stalled rank is still caught fast). Storage trouble
     // costs a periodic checkpoint, not the run: the previous one stays in force and the next one
-    // retries. A conflict (another writer on this run's LATEST) ends the run at any save. A new best's checkpoint is retried instead: its weights are gone after the next step,
-    // and BEST must name what the report calls best. Whether it committed (on rank 0; the others do
-    // not write and report false).
+    // retries. A new best's checkpoint is retried instead: its weights are gone after the next step,
+    // and BEST must name what the report calls best. A conflict (another writer on this run's
+    // LATEST) ends the run at any save. Whether it committed (on rank 0; the others do not write and
+    // report false).
     let checkpoint = |coll: &mut Guarded, step: u64, opt: &AdamW, log: &[StepLog], early: &EarlyStopping, best| {
         coll.set_timeout(step_timeout + if best { must_save_budget } else { save_budget });
         let mut committed = false;
