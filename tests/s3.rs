@@ -6,6 +6,9 @@
 //! - the server cut off during a checkpoint upload: the run reports it and goes on, LATEST never names
 //!   the partial checkpoint, the next checkpoint commits once the server is back, and the final
 //!   weights equal an undisturbed run's;
+//! - the final and a new best checkpoint are retried until the server is back;
+//! - a fresh start cut short leaves no pointer to a half-deleted checkpoint;
+//! - another writer committing to the run's LATEST first ends the run at once, without retries;
 //! - wrong credentials: a clear error that does not print the secret.
 
 use std::io::{Read, Write};
@@ -57,30 +60,34 @@ impl Moto {
         assert!(reply.starts_with("HTTP/1.1 200"), "creating bucket {bucket}: {reply}");
     }
 
-    /// One unsigned request without a body; the reply's status line and headers. A server that
-    /// accepts connections before it is ready may reset the first ones: retried for 30 s.
+    /// One unsigned request without a body; the reply's status line and headers.
     fn request(&self, method: &str, path: &str) -> String {
-        let started = Instant::now();
-        loop {
-            let attempt = || -> std::io::Result<String> {
-                let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
-                write!(
-                    s,
-                    "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                    self.port
-                )?;
-                let mut reply = String::new();
-                s.read_to_string(&mut reply)?;
-                Ok(reply)
-            };
-            match attempt() {
-                Ok(reply) => break reply,
-                Err(e) if started.elapsed() < Duration::from_secs(30) => {
-                    eprintln!("{method} {path}: {e}, retrying");
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(e) => panic!("{method} {path}: {e}"),
+        unsigned_request(self.port, method, path)
+    }
+}
+
+/// One unsigned request without a body to the server on `port`; the reply's status line and headers.
+/// A server that accepts connections before it is ready may reset the first ones: retried for 30 s.
+fn unsigned_request(port: u16, method: &str, path: &str) -> String {
+    let started = Instant::now();
+    loop {
+        let attempt = || -> std::io::Result<String> {
+            let mut s = TcpStream::connect(("127.0.0.1", port))?;
+            write!(
+                s,
+                "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut reply = String::new();
+            s.read_to_string(&mut reply)?;
+            Ok(reply)
+        };
+        match attempt() {
+            Ok(reply) => break reply,
+            Err(e) if started.elapsed() < Duration::from_secs(30) => {
+                eprintln!("{method} {path}: {e}, retrying");
+                std::thread::sleep(Duration::from_millis(200));
             }
+            Err(e) => panic!("{method} {path}: {e}"),
         }
     }
 }
@@ -170,7 +177,7 @@ fn prepare(dir: &Path, port: Option<u16>, file: &str, synth: bool) {
 
 /// Trains `s3.yaml` in `d` through `proxy`, which cuts the server off; the server comes back when
 /// the run logs a line `back_on` accepts. Asserts the run succeeded; returns its log.
-fn train_through(d: &Path, proxy: &CutOffProxy, back_on: impl Fn(&str) -> bool) -> String {
+fn train_through(d: &Path, proxy: &FaultProxy, back_on: impl Fn(&str) -> bool) -> String {
     let mut cmd = Command::new(BIN);
     s3_env(&mut cmd, proxy.port);
     let mut child = cmd
@@ -268,21 +275,32 @@ fn walk(dir: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// A TCP proxy in front of the server that goes "down" (drops every open connection and refuses new
-/// ones) the first time it sees a request for `trigger`, and stays down until `up()`.
-struct CutOffProxy {
+/// What a [`FaultProxy`] does at the first request its trigger names.
+enum OnTrigger {
+    /// Goes "down": drops every open connection and refuses new ones until `up()`; the request is
+    /// not forwarded.
+    CutOff,
+    /// Runs this first (another writer's request, say), then forwards the request.
+    RunFirst(Box<dyn Fn() + Send + Sync>),
+}
+
+/// A TCP proxy in front of the server that injects one fault at the first `method` request that
+/// names `key_end`: a key ending so in its path, or in its body (S3's deletes are POSTs that list
+/// their keys in the body).
+struct FaultProxy {
     port: u16,
     down: Arc<AtomicBool>,
     tripped: Arc<AtomicBool>,
     generation: Arc<AtomicU64>,
 }
 
-impl CutOffProxy {
-    fn start(upstream: u16, trigger: &'static str) -> Self {
+impl FaultProxy {
+    fn start(upstream: u16, method: &str, key_end: &str, on: OnTrigger) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let proxy = CutOffProxy { port, down: Arc::default(), tripped: Arc::default(), generation: Arc::default() };
+        let proxy = FaultProxy { port, down: Arc::default(), tripped: Arc::default(), generation: Arc::default() };
         let (down, tripped, generation) = (proxy.down.clone(), proxy.tripped.clone(), proxy.generation.clone());
+        let trigger = Arc::new(Trigger { method: method.into(), key_end: key_end.into(), on });
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 if down.load(Ordering::SeqCst) {
@@ -294,7 +312,8 @@ impl CutOffProxy {
                 let st = Shared { down: down.clone(), tripped: tripped.clone(), generation: generation.clone(), gen };
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let st2 = st.clone();
-                std::thread::spawn(move || pump(client, server, Some(trigger), st));
+                let trigger = trigger.clone();
+                std::thread::spawn(move || pump(client, server, Some(&trigger), st));
                 std::thread::spawn(move || pump(s2, c2, None, st2));
             }
         });
@@ -303,6 +322,23 @@ impl CutOffProxy {
 
     fn up(&self) {
         self.down.store(false, Ordering::SeqCst);
+    }
+}
+
+struct Trigger {
+    method: String,
+    key_end: String,
+    on: OnTrigger,
+}
+
+impl Trigger {
+    /// Whether the chunk a client sent starts a request the trigger names (a small request's head
+    /// and body arrive in one chunk).
+    fn names(&self, chunk: &str) -> bool {
+        chunk.starts_with(&format!("{} ", self.method))
+            && [format!("{} HTTP/1.1", self.key_end), format!("{}</Key>", self.key_end)]
+                .iter()
+                .any(|end| chunk.contains(end.as_str()))
     }
 }
 
@@ -315,8 +351,8 @@ struct Shared {
 }
 
 /// Copies `from` to `to` until either side closes or the proxy goes down. On the client side, the
-/// first request line naming `trigger` is not forwarded: the proxy goes down instead.
-fn pump(mut from: TcpStream, mut to: TcpStream, trigger: Option<&str>, st: Shared) {
+/// first request `trigger` names gets its fault.
+fn pump(mut from: TcpStream, mut to: TcpStream, trigger: Option<&Trigger>, st: Shared) {
     from.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -330,11 +366,15 @@ fn pump(mut from: TcpStream, mut to: TcpStream, trigger: Option<&str>, st: Share
             Err(_) => break,
         };
         if let Some(t) = trigger {
-            let text = String::from_utf8_lossy(&buf[..n]);
-            if text.contains(&format!("{t} HTTP/1.1")) && !st.tripped.swap(true, Ordering::SeqCst) {
-                st.down.store(true, Ordering::SeqCst);
-                st.generation.fetch_add(1, Ordering::SeqCst);
-                break;
+            if t.names(&String::from_utf8_lossy(&buf[..n])) && !st.tripped.swap(true, Ordering::SeqCst) {
+                match &t.on {
+                    OnTrigger::CutOff => {
+                        st.down.store(true, Ordering::SeqCst);
+                        st.generation.fetch_add(1, Ordering::SeqCst);
+                        break;
+                    }
+                    OnTrigger::RunFirst(first) => first(),
+                }
             }
         }
         if to.write_all(&buf[..n]).is_err() {
@@ -359,7 +399,7 @@ fn server_cut_off_during_a_checkpoint_upload_costs_that_checkpoint_only() {
 
     // Prepare through the proxy while it is up, then train: the proxy goes down at the first
     // optimizer-state upload, after the weights of that checkpoint went up (a partial checkpoint).
-    let proxy = CutOffProxy::start(moto.port, "optimizer.safetensors");
+    let proxy = FaultProxy::start(moto.port, "PUT", "optimizer.safetensors", OnTrigger::CutOff);
     std::fs::write(d.join("s3.yaml"), job("s3://illmrec-cut/x", 30, retry)).unwrap();
     prepare(d, Some(proxy.port), "s3.yaml", false);
     // Bring the server back as soon as the run reports the failed checkpoint.
@@ -400,45 +440,106 @@ fn wrong_credentials_fail_clearly_without_printing_the_secret() {
     assert!(!err.contains(SECRET), "the secret is printed: {err}");
 }
 
-#[test]
-fn the_final_checkpoint_is_retried_until_the_store_is_back() {
+/// Trains 6 steps of `s3.yaml` into `bucket` with `checkpoints` as the job's checkpoint settings,
+/// through a proxy that cuts the server off at the run's first weights upload and brings it back
+/// when the run reports that `what` checkpoint's first attempt failed. Asserts that it was retried;
+/// returns the server and the store.
+fn retried_until_the_store_is_back(bucket: &str, checkpoints: &str, what: &str) -> (Moto, Store) {
     let moto = Moto::start(false);
-    moto.create_bucket("illmrec-fin");
+    moto.create_bucket(bucket);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // No checkpoint before the last step and no validation: the first upload is the final save's.
     let retry = ", s3: {retries: 1, retry_timeout_secs: 2}";
-    let text = job("s3://illmrec-fin/x", 6, retry)
-        .replace("checkpoint_every: 2}", "checkpoint_every: 100, validate_every: 0}");
+    let text = job(&format!("s3://{bucket}/x"), 6, retry).replace("checkpoint_every: 2}", checkpoints);
     std::fs::write(d.join("s3.yaml"), text).unwrap();
-    let proxy = CutOffProxy::start(moto.port, "weights.safetensors");
+    let proxy = FaultProxy::start(moto.port, "PUT", "weights.safetensors", OnTrigger::CutOff);
     prepare(d, Some(proxy.port), "s3.yaml", true);
-    let reported = train_through(d, &proxy, |line| line.contains("final checkpoint at step 6 failed (attempt 1 of 5)"));
+    let reported = train_through(d, &proxy, |line| line.contains(&format!("{what} failed (attempt 1 of 5)")));
     assert!(reported.contains("(attempt 1 of 5), retrying in 2s"), "{reported}");
-    let store = open_s3(moto.port, "s3://illmrec-fin/x");
+    let store = open_s3(moto.port, &format!("s3://{bucket}/x"));
+    (moto, store)
+}
+
+#[test]
+fn the_final_checkpoint_is_retried_until_the_store_is_back() {
+    // No checkpoint before the last step and no validation: the first upload is the final save's.
+    let (_moto, store) = retried_until_the_store_is_back(
+        "illmrec-fin",
+        "checkpoint_every: 100, validate_every: 0}",
+        "final checkpoint at step 6",
+    );
     assert_eq!(illmrec::train::runs::load_latest(&store, "s3t-illmrec").unwrap().unwrap().step, 6);
 }
 
 #[test]
 fn a_new_best_checkpoint_is_retried_until_the_store_is_back() {
-    let moto = Moto::start(false);
-    moto.create_bucket("illmrec-best");
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
     // The validation at step 2 is the first (a new best) and none after it beats it by 1: its
     // checkpoint is the run's first upload and the only one BEST may name.
-    let retry = ", s3: {retries: 1, retry_timeout_secs: 2}";
-    let text = job("s3://illmrec-best/x", 6, retry)
-        .replace("checkpoint_every: 2}", "checkpoint_every: 100, validate_every: 2, validation: {min_delta: 1.0}}");
-    std::fs::write(d.join("s3.yaml"), text).unwrap();
-    let proxy = CutOffProxy::start(moto.port, "weights.safetensors");
-    prepare(d, Some(proxy.port), "s3.yaml", true);
-    let reported = train_through(d, &proxy, |line| line.contains("best checkpoint at step 2 failed (attempt 1 of 5)"));
-    assert!(reported.contains("(attempt 1 of 5), retrying in 2s"), "{reported}");
-    let store = open_s3(moto.port, "s3://illmrec-best/x");
+    let (_moto, store) = retried_until_the_store_is_back(
+        "illmrec-best",
+        "checkpoint_every: 100, validate_every: 2, validation: {min_delta: 1.0}}",
+        "best checkpoint at step 2",
+    );
     let best = illmrec::train::runs::load(&store, "s3t-illmrec", illmrec::train::runs::Which::Best).unwrap().unwrap();
     assert_eq!(best.step, 2);
     assert_eq!(illmrec::train::runs::load_latest(&store, "s3t-illmrec").unwrap().unwrap().step, 6);
+}
+
+#[test]
+fn a_commit_another_writer_got_to_first_ends_the_run_without_retries() {
+    let moto = Moto::start(false);
+    moto.create_bucket("illmrec-conf");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let retry = ", s3: {retries: 1, retry_timeout_secs: 2}";
+    std::fs::write(d.join("s3.yaml"), job("s3://illmrec-conf/x", 6, retry)).unwrap();
+    prepare(d, Some(moto.port), "s3.yaml", true);
+    // Just before the run's first commit creates LATEST, another writer creates it: the server
+    // refuses the run's create-only put.
+    let port = moto.port;
+    let other_writer = move || {
+        let reply = unsigned_request(port, "PUT", "/illmrec-conf/x/runs/s3t-illmrec/checkpoints/LATEST");
+        assert!(reply.starts_with("HTTP/1.1 200"), "the other writer's put: {reply}");
+    };
+    let proxy = FaultProxy::start(moto.port, "PUT", "checkpoints/LATEST", OnTrigger::RunFirst(Box::new(other_writer)));
+    let out = illmrec(d, Some(proxy.port), &["train", "--job", "s3.yaml", "--model", "illmrec"]);
+    let reported = String::from_utf8_lossy(&out.stderr);
+    assert!(proxy.tripped.load(Ordering::SeqCst), "the run never committed:\n{reported}");
+    assert!(!out.status.success(), "the run went on over another writer's commit:\n{reported}");
+    assert!(reported.contains("changed while this run was committing to it"), "{reported}");
+    assert!(
+        !reported.contains("retrying") && !reported.contains("training goes on"),
+        "retried or tolerated:\n{reported}"
+    );
+    // LATEST is still the other writer's.
+    let store = open_s3(moto.port, "s3://illmrec-conf/x");
+    assert_eq!(store.get_string("runs/s3t-illmrec/checkpoints/LATEST").unwrap().as_deref(), Some(""));
+}
+
+#[test]
+fn a_fresh_start_cut_short_leaves_no_pointer_to_a_deleted_checkpoint() {
+    let moto = Moto::start(false);
+    moto.create_bucket("illmrec-clear");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let retry = ", s3: {retries: 1, retry_timeout_secs: 2}";
+    std::fs::write(d.join("s3.yaml"), job("s3://illmrec-clear/x", 4, retry)).unwrap();
+    prepare(d, Some(moto.port), "s3.yaml", true);
+    ok(d, Some(moto.port), &["train", "--job", "s3.yaml", "--model", "illmrec"]);
+    let store = open_s3(moto.port, "s3://illmrec-clear/x");
+    let latest = illmrec::train::runs::load_latest(&store, "s3t-illmrec").unwrap().unwrap();
+    // A fresh start of the same run deletes its checkpoints; the server goes away at the delete of
+    // LATEST's weights, after the files listed before them (the optimizer state) are gone.
+    let proxy =
+        FaultProxy::start(moto.port, "POST", &format!("{}/weights.safetensors", latest.name), OnTrigger::CutOff);
+    let out = illmrec(d, Some(proxy.port), &["train", "--job", "s3.yaml", "--model", "illmrec"]);
+    let reported = String::from_utf8_lossy(&out.stderr);
+    assert!(proxy.tripped.load(Ordering::SeqCst), "the server was never cut off:\n{reported}");
+    assert!(!out.status.success(), "{reported}");
+    // The pointers went first: the run has no checkpoint rather than one with files missing.
+    use illmrec::train::runs::{load, load_latest, Which};
+    assert!(load_latest(&store, "s3t-illmrec").unwrap().is_none());
+    assert!(load(&store, "s3t-illmrec", Which::Best).unwrap().is_none());
 }
 
 #[test]
