@@ -440,18 +440,26 @@ fn wrong_credentials_fail_clearly_without_printing_the_secret() {
     assert!(!err.contains(SECRET), "the secret is printed: {err}");
 }
 
+/// A moto server with `bucket`, and a folder holding `s3.yaml`: `steps` steps into `s3://{bucket}/x`
+/// with a short S3 retry budget (failures are reported quickly) and `checkpoints` as the job's
+/// checkpoint settings.
+fn short_retry_job(bucket: &str, steps: u64, checkpoints: &str) -> (Moto, tempfile::TempDir) {
+    let moto = Moto::start(false);
+    moto.create_bucket(bucket);
+    let dir = tempfile::tempdir().unwrap();
+    let retry = ", s3: {retries: 1, retry_timeout_secs: 2}";
+    let text = job(&format!("s3://{bucket}/x"), steps, retry).replace("checkpoint_every: 2}", checkpoints);
+    std::fs::write(dir.path().join("s3.yaml"), text).unwrap();
+    (moto, dir)
+}
+
 /// Trains 6 steps of `s3.yaml` into `bucket` with `checkpoints` as the job's checkpoint settings,
 /// through a proxy that cuts the server off at the run's first weights upload and brings it back
 /// when the run reports that `what` checkpoint's first attempt failed. Asserts that it was retried;
 /// returns the server and the store.
 fn retried_until_the_store_is_back(bucket: &str, checkpoints: &str, what: &str) -> (Moto, Store) {
-    let moto = Moto::start(false);
-    moto.create_bucket(bucket);
-    let dir = tempfile::tempdir().unwrap();
+    let (moto, dir) = short_retry_job(bucket, 6, checkpoints);
     let d = dir.path();
-    let retry = ", s3: {retries: 1, retry_timeout_secs: 2}";
-    let text = job(&format!("s3://{bucket}/x"), 6, retry).replace("checkpoint_every: 2}", checkpoints);
-    std::fs::write(d.join("s3.yaml"), text).unwrap();
     let proxy = FaultProxy::start(moto.port, "PUT", "weights.safetensors", OnTrigger::CutOff);
     prepare(d, Some(proxy.port), "s3.yaml", true);
     let reported = train_through(d, &proxy, |line| line.contains(&format!("{what} failed (attempt 1 of 5)")));
@@ -487,12 +495,8 @@ fn a_new_best_checkpoint_is_retried_until_the_store_is_back() {
 
 #[test]
 fn a_commit_another_writer_got_to_first_ends_the_run_without_retries() {
-    let moto = Moto::start(false);
-    moto.create_bucket("illmrec-conf");
-    let dir = tempfile::tempdir().unwrap();
+    let (moto, dir) = short_retry_job("illmrec-conf", 6, "checkpoint_every: 2}");
     let d = dir.path();
-    let retry = ", s3: {retries: 1, retry_timeout_secs: 2}";
-    std::fs::write(d.join("s3.yaml"), job("s3://illmrec-conf/x", 6, retry)).unwrap();
     prepare(d, Some(moto.port), "s3.yaml", true);
     // Just before the run's first commit creates LATEST, another writer creates it: the server
     // refuses the run's create-only put.
@@ -518,12 +522,8 @@ fn a_commit_another_writer_got_to_first_ends_the_run_without_retries() {
 
 #[test]
 fn a_fresh_start_cut_short_leaves_no_pointer_to_a_deleted_checkpoint() {
-    let moto = Moto::start(false);
-    moto.create_bucket("illmrec-clear");
-    let dir = tempfile::tempdir().unwrap();
+    let (moto, dir) = short_retry_job("illmrec-clear", 4, "checkpoint_every: 2}");
     let d = dir.path();
-    let retry = ", s3: {retries: 1, retry_timeout_secs: 2}";
-    std::fs::write(d.join("s3.yaml"), job("s3://illmrec-clear/x", 4, retry)).unwrap();
     prepare(d, Some(moto.port), "s3.yaml", true);
     ok(d, Some(moto.port), &["train", "--job", "s3.yaml", "--model", "illmrec"]);
     let store = open_s3(moto.port, "s3://illmrec-clear/x");
